@@ -1,0 +1,89 @@
+"""The contract every desktop backend (local, Slurm, SSH, DCV) fulfils.
+
+A backend knows how to start one account's desktop, how to tell whether it still runs, and how to
+stop it. Everything it needs to find the desktop again after a gateway restart is in a JSON-able
+state dict that the supervisor saves in the state database after ``start`` and hands back to
+``adopt``. Readiness is not the backend's call: the supervisor proves it with an RFB handshake
+to the endpoint the backend reports.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ..tokens import Account
+
+__all__ = ["Backend", "Status", "Endpoint", "PollResult", "BackendError", "DesktopState"]
+
+
+class Status(enum.Enum):
+    #: Accepted but not running yet (a queued Slurm job).
+    PENDING = "pending"
+    RUNNING = "running"
+    #: Positive evidence that it is gone (process exited, job ended). Only this clears state.
+    GONE = "gone"
+    #: Could not tell (a command failed or timed out). Never a reason to start a duplicate.
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """Where a desktop's VNC server listens, as seen from the gateway host."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class PollResult:
+    status: Status
+    #: Known once the desktop runs (a Slurm job's node is known only then).
+    endpoint: Endpoint | None = None
+    #: Why, in words an organiser understands (shown on the landing page when it failed).
+    reason: str = ""
+
+
+#: A backend's own record of one desktop; must round-trip through JSON.
+DesktopState = Mapping[str, Any]
+
+
+class BackendError(Exception):
+    """Starting or stopping failed in a way worth showing to the organiser (the message says why)."""
+
+
+class Backend(abc.ABC):
+    #: Stored with each desktop's state, so adopt() goes to the backend that wrote it.
+    name: str
+
+    @abc.abstractmethod
+    async def start(self, account: Account) -> DesktopState:
+        """Start ``account``'s desktop and return its state once it is launched (not yet ready).
+
+        Raises :class:`BackendError` when it cannot be started. Must not leave anything running
+        when it raises or is cancelled.
+        """
+
+    @abc.abstractmethod
+    async def poll(self, account: Account, state: DesktopState) -> PollResult:
+        """Say whether the desktop described by ``state`` runs. Called often; must be cheap."""
+
+    @abc.abstractmethod
+    async def stop(self, account: Account, state: DesktopState) -> None:
+        """Stop the desktop and everything started with it. Safe to call when it is already gone."""
+
+    async def adopt(self, account: Account, state: DesktopState) -> PollResult:
+        """Check a desktop recorded by an earlier gateway; RUNNING means it is kept as it is.
+
+        The default is :meth:`poll`; backends whose poll relies on in-memory handles override it.
+        """
+        return await self.poll(account, state)
+
+    async def close(self) -> None:
+        """Release shared resources (connections) when the gateway stops."""

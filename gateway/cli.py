@@ -1,0 +1,354 @@
+"""The `gateway` command: `up`, `down`, `tokens check|generate`, `apache-config`, `container build`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import errno
+import fcntl
+import logging
+import os
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import __version__
+from .config import Config, default_state_dir, load_config, parse_listen
+from .errors import InputError, UserError
+from .files import atomic_write, ensure_private_dir
+from .tokens import TokenFile, format_tokens, generate_tokens, load_tokens
+
+__all__ = ["main"]
+
+log = logging.getLogger("gateway")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except InputError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return exc.exit_status
+    except UserError as exc:
+        for line in str(exc).splitlines():
+            print(f"gateway: error: {line}", file=sys.stderr)
+        return exc.exit_status
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gateway", description="Browser desktops for hands-on workshops.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = commands.add_parser("up", help="start every desktop in TOKENS and serve the landing page")
+    up.add_argument("tokens", type=Path, help="token file: account vnchost websocketpath websocketport vncport vncpassword")
+    _common_options(up)
+    up.add_argument("--listen", help="HOST:PORT participants connect to (default from config: 127.0.0.1:8080)")
+    up.set_defaults(handler=cmd_up)
+
+    down = commands.add_parser("down", help="stop the gateway running with this state dir, and all it started")
+    down.add_argument("--state-dir", type=Path, help="state directory (default: %s)" % default_state_dir())
+    down.add_argument("--config", type=Path, help="gateway.yaml (for the backend settings)")
+    down.set_defaults(handler=cmd_down)
+
+    tokens = commands.add_parser("tokens", help="check or generate token files")
+    token_commands = tokens.add_subparsers(dest="tokens_command", required=True, metavar="ACTION")
+    check = token_commands.add_parser("check", help="validate a token file; exit 2 with PATH:LINE: messages if wrong")
+    check.add_argument("file", type=Path)
+    check.set_defaults(handler=cmd_tokens_check)
+    gen = token_commands.add_parser("generate", help="write a token file with random passwords (mode 0600)")
+    gen.add_argument("--count", type=int, required=True)
+    gen.add_argument("--host", default="localhost")
+    gen.add_argument("--prefix", default="ws")
+    gen.add_argument("--first-websocket-port", type=int, default=6001)
+    gen.add_argument("--first-vnc-port", type=int, default=5901)
+    gen.add_argument("-o", "--output", type=Path, help="file to write (default: standard output)")
+    gen.add_argument("--force", action="store_true", help="overwrite an existing file")
+    gen.set_defaults(handler=cmd_tokens_generate)
+
+    apache = commands.add_parser("apache-config", help="print the Apache rules for organisers who run Apache themselves")
+    apache.add_argument("tokens", type=Path)
+    apache.add_argument("--config", type=Path)
+    apache.add_argument("--web-port", type=int, default=8080, help="port the gateway's pages listen on (default 8080)")
+    apache.set_defaults(handler=cmd_apache_config)
+    return parser
+
+
+def _common_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="gateway.yaml (every key optional; see README)")
+    parser.add_argument("--state-dir", type=Path, help="state, logs and password files (default: %s)" % default_state_dir())
+
+
+# -- up ---------------------------------------------------------------------------------------------
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    setup_logging(args.verbose)
+    tokens, config = load_inputs(args.tokens, args.config)
+    listen = args.listen or config.listen
+    try:
+        parse_listen(listen)
+    except ValueError as exc:
+        raise UserError(f"--listen {exc}") from None
+    state_dir = resolve_state_dir(args.state_dir, config)
+    preflight(config)
+    for warning in tokens.warnings:
+        log.warning("%s", warning)
+    ensure_private_dir(state_dir)
+    add_log_file(state_dir / "logs" / "gateway.log")
+    with hold_lock(state_dir):
+        return asyncio.run(_run_gateway(tokens, config, state_dir, listen))
+
+
+async def _run_gateway(tokens: TokenFile, config: Config, state_dir: Path, listen: str) -> int:
+    from .supervisor import Gateway, GatewayOptions
+
+    use_pidfd_child_watcher()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    gateway = Gateway(tokens, config, GatewayOptions(state_dir=state_dir, listen=listen))
+    print(f"Starting {len(tokens.accounts)} desktops; state in {state_dir}", file=sys.stderr)
+    await gateway.run(stop, on_ready=lambda message: print(message, flush=True))
+    print("Stopped: every desktop, proxy and web server of this gateway has exited.", file=sys.stderr)
+    return 0
+
+
+def use_pidfd_child_watcher() -> None:
+    """Before Python 3.12 asyncio waits for each child in a thread of its own; pidfds need none."""
+    if sys.version_info < (3, 12) and hasattr(os, "pidfd_open"):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            watcher = asyncio.PidfdChildWatcher()
+            watcher.attach_loop(asyncio.get_running_loop())
+            asyncio.set_child_watcher(watcher)
+
+
+def load_inputs(tokens_path: Path, config_path: Path | None) -> tuple[TokenFile, Config]:
+    """Both inputs are read and every problem in either is reported together."""
+    problems = []
+    tokens = config = None
+    try:
+        tokens = load_tokens(tokens_path)
+    except InputError as exc:
+        problems += exc.problems
+    try:
+        config = load_config(config_path)
+    except InputError as exc:
+        problems += exc.problems
+    if problems:
+        raise InputError(problems)
+    assert tokens is not None and config is not None
+    return tokens, config
+
+
+def resolve_state_dir(option: Path | None, config: Config) -> Path:
+    if option is not None:
+        return option.resolve()
+    if config.state_dir:
+        return Path(config.state_dir).expanduser().resolve()
+    return default_state_dir()
+
+
+def preflight(config: Config) -> None:
+    """Everything that must exist before anything starts; one error listing all that is missing."""
+    missing = []
+    programs = ["Xvnc", "vncpasswd", config.desktop.session[0]]
+    if config.apache.mode == "private":
+        programs.append(config.apache.binary)
+    for program in programs:
+        if not _program_exists(program):
+            missing.append(f"program not found: {program}")
+    for key in ("cert", "key"):
+        value = getattr(config.tls, key)
+        if value and not os.access(value, os.R_OK):
+            missing.append(f"tls.{key}: cannot read {value}")
+    if missing:
+        hint = ("install them with: apt-get install tigervnc-standalone-server tigervnc-tools apache2 openbox xterm"
+                if any("not found" in m for m in missing) else "")
+        raise UserError("\n".join(missing + ([hint] if hint else [])))
+
+
+def _program_exists(program: str) -> bool:
+    if os.sep in program:
+        return os.access(program, os.X_OK)
+    return shutil.which(program) is not None
+
+
+class hold_lock:
+    """One gateway per state dir: an exclusive lock on ``gateway.pid`` for the whole run."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / "gateway.pid"
+        self.fd = -1
+
+    def __enter__(self) -> "hold_lock":
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(self.fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EACCES):
+                pid = _read_pid(self.path)
+                raise UserError(f"a gateway is already running with state dir {self.path.parent}"
+                                + (f" (pid {pid})" if pid else "") + "; stop it with `gateway down`") from None
+            raise
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, f"{os.getpid()}\n".encode())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.ftruncate(self.fd, 0)
+        os.close(self.fd)
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _lock_is_held(path: Path) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+# -- down -------------------------------------------------------------------------------------------
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    setup_logging(False)
+    config = load_config(args.config)
+    state_dir = resolve_state_dir(args.state_dir, config)
+    lock = state_dir / "gateway.pid"
+    if not state_dir.exists():
+        raise UserError(f"no gateway state in {state_dir}")
+    if _lock_is_held(lock):
+        pid = _read_pid(lock)
+        if pid is None:
+            raise UserError(f"a gateway holds {lock} but its pid is unknown")
+        os.kill(pid, signal.SIGTERM)
+        print(f"Asked the gateway (pid {pid}) to stop; waiting...", file=sys.stderr)
+        deadline = time.monotonic() + 60
+        while _lock_is_held(lock):
+            if time.monotonic() > deadline:
+                raise UserError(f"the gateway (pid {pid}) did not stop within 60 s")
+            time.sleep(0.2)
+        print("Stopped.", file=sys.stderr)
+        return 0
+    # No gateway runs (it crashed): stop what it recorded.
+    return asyncio.run(_clean_up_after_crash(state_dir, config))
+
+
+async def _clean_up_after_crash(state_dir: Path, config: Config) -> int:
+    from .backends.local import LocalBackend
+    from .proc import is_alive, terminate_group
+    from .state import StateStore
+    from .supervisor import _placeholder
+
+    use_pidfd_child_watcher()
+    store = StateStore(state_dir / "gateway.db")
+    backend = LocalBackend(config, state_dir)
+    stopped = 0
+    try:
+        for name, identity in store.services().items():
+            if is_alive(identity):
+                await terminate_group(identity, grace_s=3)
+                stopped += 1
+            store.forget_service(name)
+        for record in store.desktops().values():
+            await backend.stop(_placeholder(record.account), record.state)
+            store.forget_desktop(record.account)
+            stopped += 1
+    finally:
+        store.close()
+    print(f"No gateway was running; stopped {stopped} leftover desktops and services.", file=sys.stderr)
+    return 0
+
+
+# -- tokens ---------------------------------------------------------------------------------------
+
+
+def cmd_tokens_check(args: argparse.Namespace) -> int:
+    tokens = load_tokens(args.file)
+    for warning in tokens.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(f"{args.file}: {len(tokens.accounts)} accounts, no problems")
+    return 0
+
+
+def cmd_tokens_generate(args: argparse.Namespace) -> int:
+    try:
+        accounts = generate_tokens(
+            args.count, host=args.host, prefix=args.prefix,
+            first_websocket_port=args.first_websocket_port, first_vnc_port=args.first_vnc_port,
+        )
+    except (ValueError, InputError) as exc:
+        raise UserError(f"cannot generate: {exc}") from None
+    text = format_tokens(accounts)
+    if args.output is None:
+        sys.stdout.write(text)
+        return 0
+    if args.output.exists() and not args.force:
+        raise UserError(f"{args.output} exists; use --force to overwrite it")
+    atomic_write(args.output, text, mode=0o600)
+    print(f"Wrote {len(accounts)} accounts to {args.output} (mode 0600)", file=sys.stderr)
+    return 0
+
+
+# -- apache-config --------------------------------------------------------------------------------
+
+
+def cmd_apache_config(args: argparse.Namespace) -> int:
+    from .apache import render_apache_config
+    from .proxy import PerAccountWebsockify
+
+    tokens, config = load_inputs(args.tokens, args.config)
+    routes = PerAccountWebsockify(config, Path(".")).routes(tokens.accounts)
+    text = render_apache_config(config, routes, web_port=args.web_port, layout=None, listen=config.listen)
+    sys.stdout.write(text)
+    return 0
+
+
+# -- logging --------------------------------------------------------------------------------------
+
+_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=_LOG_FORMAT, stream=sys.stderr)
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def add_log_file(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter(_LOG_FORMAT))
+    logging.getLogger().addHandler(handler)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

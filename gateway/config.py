@@ -1,0 +1,338 @@
+"""The gateway's YAML configuration: a frozen dataclass tree, validated with ``PATH:LINE:`` errors.
+
+Every key has a default, so an empty or missing file is a valid configuration (the embedded
+local default). Unknown keys are errors: a typo must not silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .errors import InputError, Problem
+
+__all__ = [
+    "Config",
+    "DesktopConfig",
+    "ProxyConfig",
+    "ApacheConfig",
+    "TlsConfig",
+    "RestartConfig",
+    "EventConfig",
+    "load_config",
+    "parse_config",
+    "PROJECT_ROOT",
+    "default_state_dir",
+]
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def default_state_dir() -> Path:
+    """``$XDG_STATE_HOME/workshop-gateway``, or ``~/.local/state/workshop-gateway``."""
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "workshop-gateway"
+
+
+@dataclass(frozen=True, slots=True)
+class EventConfig:
+    #: Shown as the title of the landing page and the viewer.
+    title: str = "Workshop desktops"
+    #: A short text for the landing page (plain text; paragraphs separated by blank lines).
+    welcome: str = ""
+    #: URL of a logo shown on every page.
+    logo_url: str | None = None
+    #: CSS colours for the event's look, e.g. "#005a9c".
+    primary_color: str | None = None
+    accent_color: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DesktopConfig:
+    #: Screen size of each desktop.
+    geometry: str = "1280x800"
+    #: Colour depth (16 or 24).
+    depth: int = 24
+    #: The session started inside each desktop (argv; DISPLAY and HOME are set).
+    session: tuple[str, ...] = (str(PROJECT_ROOT / "containers" / "desktop-session"),)
+    #: Each account's workspace (its HOME in the desktop); {account} and {state_dir} are replaced.
+    workspace: str = "{state_dir}/workspaces/{account}"
+    #: Keyboard layout applied in the session with setxkbmap (e.g. "de"); empty: the server's default.
+    keyboard_layout: str = ""
+    #: How many desktops start at the same time.
+    start_concurrency: int = 8
+    #: How long a desktop may take until its RFB handshake succeeds.
+    start_timeout_s: float = 30.0
+    #: How often each desktop is checked.
+    poll_interval_s: float = 2.0
+    #: Largest clipboard text accepted from a viewer, in bytes.
+    max_cut_text: int = 262144
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyConfig:
+    #: per-account: one websockify process per account (the design of the original setup).
+    mode: Literal["per-account"] = "per-account"
+    #: websockify --heartbeat: pings that keep idle tunnels open through Apache and NAT.
+    heartbeat_s: int = 30
+
+
+@dataclass(frozen=True, slots=True)
+class RestartConfig:
+    #: A process that dies is restarted at most this many times within window_s...
+    max_attempts: int = 5
+    window_s: float = 300.0
+    #: ...after a jittered exponential delay between these bounds.
+    backoff_initial_s: float = 0.5
+    backoff_max_s: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    #: PEM certificate and key: the private Apache then serves HTTPS (wss:// for the desktops).
+    cert: str | None = None
+    key: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert is not None
+
+
+@dataclass(frozen=True, slots=True)
+class ApacheConfig:
+    #: private: the gateway runs its own Apache on `listen`; system: it writes an include file,
+    #: reloads the site's Apache, and serves its pages on `listen` for that Apache to proxy.
+    mode: Literal["private", "system"] = "private"
+    binary: str = "/usr/sbin/apache2"
+    modules_dir: str = "/usr/lib/apache2/modules"
+    mime_types: str = "/etc/mime.types"
+    #: User and group of the private Apache's workers when the gateway runs as root.
+    user: str = "www-data"
+    group: str = "www-data"
+    #: system mode: the include file written and the commands that test and reload the config.
+    system_include: str = "/etc/apache2/conf-enabled/workshop-gateway.conf"
+    configtest_command: tuple[str, ...] = ("apache2ctl", "configtest")
+    reload_command: tuple[str, ...] = ("apache2ctl", "graceful")
+    #: Longest silence on a desktop tunnel before Apache closes it (websockify heartbeats keep
+    #: live tunnels busy anyway).
+    tunnel_timeout_s: int = 86400
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    #: Where desktops run: local (Xvnc on this machine).
+    backend: Literal["local"] = "local"
+    #: Address the private Apache listens on (--listen wins).
+    listen: str = "127.0.0.1:8080"
+    #: Holds state, logs, password files and workspaces (--state-dir wins).
+    state_dir: str | None = None
+    #: URL participants use, printed at start (default: from listen).
+    public_url: str | None = None
+    #: Directory with noVNC's core/ and vendor/ (default: web/node_modules/@novnc/novnc,
+    #: then Debian's /usr/share/novnc).
+    novnc_path: str | None = None
+    event: EventConfig = field(default_factory=EventConfig)
+    desktop: DesktopConfig = field(default_factory=DesktopConfig)
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    restart: RestartConfig = field(default_factory=RestartConfig)
+    apache: ApacheConfig = field(default_factory=ApacheConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    #: Where the file came from, for messages.
+    source: str = "<defaults>"
+
+
+# -- loading -------------------------------------------------------------------------------------
+
+
+def load_config(path: str | os.PathLike[str] | None) -> Config:
+    """Read and validate a YAML config; None gives the defaults."""
+    if path is None:
+        return Config()
+    shown = os.fspath(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")
+    except OSError as exc:
+        raise InputError([Problem(shown, 0, f"cannot read config: {exc.strerror}")]) from None
+    except UnicodeDecodeError:
+        raise InputError([Problem(shown, 0, "config is not valid UTF-8 text")]) from None
+    return parse_config(text, shown)
+
+
+def parse_config(text: str, path: str = "<config>") -> Config:
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else 0
+        reason = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise InputError([Problem(path, line, f"invalid YAML: {reason}")]) from None
+    problems: list[Problem] = []
+    if node is None:
+        return Config(source=path)
+    reader = _Reader(path, problems)
+    values = reader.dataclass_values(Config, node, "")
+    if problems:
+        raise InputError(problems)
+    config = Config(**values, source=path)
+    problems.extend(_semantic_checks(config, path, reader.lines))
+    if problems:
+        raise InputError(problems)
+    return config
+
+
+class _Reader:
+    """Turns a composed YAML node tree into constructor arguments, following the dataclass fields.
+
+    Only fields declared on the dataclasses are read; anything else is reported, never set.
+    """
+
+    def __init__(self, path: str, problems: list[Problem]) -> None:
+        self.path = path
+        self.problems = problems
+        self.lines: dict[str, int] = {}
+
+    def bad(self, node: yaml.Node, message: str) -> None:
+        self.problems.append(Problem(self.path, node.start_mark.line + 1, message))
+
+    def dataclass_values(self, cls: type, node: yaml.Node, prefix: str) -> dict[str, Any]:
+        if not isinstance(node, yaml.MappingNode):
+            self.bad(node, f"{prefix or 'config'} must be a mapping of keys to values")
+            return {}
+        hints = typing.get_type_hints(cls)
+        known = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+        values: dict[str, Any] = {}
+        for key_node, value_node in node.value:
+            key = key_node.value
+            dotted = f"{prefix}{key}"
+            if key not in known:
+                self.bad(key_node, f"unknown key {dotted!r} (known: {', '.join(sorted(known))})")
+                continue
+            if key in values:
+                self.bad(key_node, f"{dotted} is given twice")
+                continue
+            self.lines[dotted] = key_node.start_mark.line + 1
+            value = self.value(hints[key], value_node, dotted)
+            if value is not _INVALID:
+                values[key] = value
+        return values
+
+    def value(self, hint: Any, node: yaml.Node, dotted: str) -> Any:
+        if dataclasses.is_dataclass(hint):
+            return hint(**self.dataclass_values(hint, node, dotted + "."))
+        origin = typing.get_origin(hint)
+        args = typing.get_args(hint)
+        if origin in (typing.Union, types.UnionType):
+            if _is_null(node) and type(None) in args:
+                return None
+            (inner,) = [a for a in args if a is not type(None)]
+            return self.value(inner, node, dotted)
+        if origin is Literal:
+            raw = self.scalar(node, dotted)
+            if raw is _INVALID or raw not in args:
+                self.bad(node, f"{dotted} must be one of: {', '.join(map(str, args))}")
+                return _INVALID
+            return raw
+        if origin is tuple:
+            return self.string_list(node, dotted)
+        return self.typed_scalar(hint, node, dotted)
+
+    def scalar(self, node: yaml.Node, dotted: str) -> Any:
+        if not isinstance(node, yaml.ScalarNode):
+            self.bad(node, f"{dotted} must be a single value")
+            return _INVALID
+        return yaml.safe_load(yaml.serialize(node))
+
+    def typed_scalar(self, hint: type, node: yaml.Node, dotted: str) -> Any:
+        raw = self.scalar(node, dotted)
+        if raw is _INVALID:
+            return _INVALID
+        if hint is float and isinstance(raw, int) and not isinstance(raw, bool):
+            raw = float(raw)
+        if hint is str and isinstance(raw, (int, float)) and not isinstance(raw, bool):
+            raw = str(raw)
+        if not isinstance(raw, hint) or (hint is int and isinstance(raw, bool)):
+            self.bad(node, f"{dotted} must be {_TYPE_WORDS.get(hint, hint.__name__)}, not {raw!r}")
+            return _INVALID
+        return raw
+
+    def string_list(self, node: yaml.Node, dotted: str) -> Any:
+        if isinstance(node, yaml.ScalarNode):
+            self.bad(node, f"{dotted} must be a list of strings, e.g. [program, --option]")
+            return _INVALID
+        if not isinstance(node, yaml.SequenceNode) or not node.value:
+            self.bad(node, f"{dotted} must be a non-empty list of strings")
+            return _INVALID
+        items = [self.typed_scalar(str, item, dotted) for item in node.value]
+        return _INVALID if _INVALID in items else tuple(items)
+
+
+_INVALID = object()
+_TYPE_WORDS = {int: "a whole number", float: "a number", str: "a string", bool: "true or false"}
+
+
+def _is_null(node: yaml.Node) -> bool:
+    return isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null"
+
+
+_GEOMETRY_RE = re.compile(r"([1-9][0-9]{2,4})x([1-9][0-9]{2,4})")
+_COLOR_RE = re.compile(r"#[0-9A-Fa-f]{3}(?:[0-9A-Fa-f]{3})?|[a-z]{3,20}")
+_LAYOUT_RE = re.compile(r"[a-z]{2,8}(?:\([A-Za-z0-9_-]+\))?(?:,[a-z]{2,8}(?:\([A-Za-z0-9_-]+\))?)*")
+
+
+def _semantic_checks(config: Config, path: str, lines: Mapping[str, int]) -> list[Problem]:
+    """Rules between and within values that types alone don't express."""
+    problems: list[Problem] = []
+
+    def check(ok: bool, key: str, message: str) -> None:
+        if not ok:
+            problems.append(Problem(path, lines.get(key, 0), f"{key}: {message}"))
+
+    d = config.desktop
+    check(bool(_GEOMETRY_RE.fullmatch(d.geometry)), "desktop.geometry", "use WIDTHxHEIGHT, e.g. 1280x800")
+    check(d.depth in (16, 24, 32), "desktop.depth", "must be 16, 24 or 32")
+    check(1 <= d.start_concurrency <= 256, "desktop.start_concurrency", "must be between 1 and 256")
+    check(d.start_timeout_s > 0, "desktop.start_timeout_s", "must be positive")
+    check(d.poll_interval_s > 0, "desktop.poll_interval_s", "must be positive")
+    check(1024 <= d.max_cut_text <= 16 * 1024 * 1024, "desktop.max_cut_text", "must be 1024 to 16777216")
+    check("{account}" in d.workspace, "desktop.workspace", "must contain {account}")
+    check(not d.keyboard_layout or bool(_LAYOUT_RE.fullmatch(d.keyboard_layout)),
+          "desktop.keyboard_layout", "use an XKB layout name such as us, de or fr(azerty)")
+    check(1 <= config.proxy.heartbeat_s <= 3600, "proxy.heartbeat_s", "must be 1 to 3600")
+    r = config.restart
+    check(r.max_attempts >= 1, "restart.max_attempts", "must be at least 1")
+    check(0 < r.backoff_initial_s <= r.backoff_max_s, "restart.backoff_initial_s",
+          "must be positive and at most restart.backoff_max_s")
+    check(r.window_s > 0, "restart.window_s", "must be positive")
+    check(config.apache.tunnel_timeout_s >= 60, "apache.tunnel_timeout_s", "must be at least 60")
+    check((config.tls.cert is None) == (config.tls.key is None), "tls", "give both tls.cert and tls.key")
+    for key in ("primary_color", "accent_color"):
+        value = getattr(config.event, key)
+        check(value is None or bool(_COLOR_RE.fullmatch(value)), f"event.{key}",
+              "use a CSS colour like #005a9c or a colour name")
+    try:
+        parse_listen(config.listen)
+    except ValueError as exc:
+        check(False, "listen", str(exc))
+    return problems
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) into its parts; ValueError with a clear reason."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"{value!r}: use HOST:PORT, e.g. 127.0.0.1:8080")
+    host = host.strip("[]")
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"{value!r}: the port must be 1-65535")
+    if not re.fullmatch(r"[A-Za-z0-9.:-]+", host):
+        raise ValueError(f"{value!r}: not a host name or address")
+    return host, int(port)

@@ -1,0 +1,44 @@
+"""What participants and organisers see about each desktop: the supervisor writes, pages read."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from .backends.base import Endpoint
+from .tokens import Account
+
+__all__ = ["Phase", "DesktopSlot"]
+
+
+class Phase(enum.Enum):
+    QUEUED = "queued"        # waiting for a start slot, or for the scheduler
+    STARTING = "starting"    # launched, waiting for its RFB handshake
+    READY = "ready"          # handshake succeeded and the proxy listens
+    FAILED = "failed"        # gave up after repeated failures; `reason` says why
+    STOPPED = "stopped"      # stopped on purpose
+
+
+@dataclass(slots=True, eq=False)
+class DesktopSlot:
+    """The live record of one account's desktop. Mutated only by the supervisor's task for it."""
+
+    account: Account
+    phase: Phase = Phase.QUEUED
+    reason: str = ""
+    endpoint: Endpoint | None = None
+    backend: str = ""
+    restarts: int = 0
+    ready_since: float | None = None
+    changed_at: float = field(default_factory=time.time)
+
+    def set(self, phase: Phase, reason: str = "") -> None:
+        self.phase = phase
+        self.reason = reason
+        self.changed_at = time.time()
+        self.ready_since = time.time() if phase is Phase.READY else None
+
+    def public(self) -> dict[str, object]:
+        """What anyone may see: never the password, host or port."""
+        return {"account": self.account.id, "state": self.phase.value, "reason": self.reason or None}

@@ -1,0 +1,436 @@
+"""The supervisor: brings up every account's desktop and proxy, watches them, and stops them.
+
+Structure: one :class:`asyncio.TaskGroup` holds a task per account (:class:`AccountWatcher`), one
+for the private Apache and one for the progress display. Each account's task owns its desktop and
+its proxy for their whole life and stops both in its ``finally``, so cancelling the group on
+SIGTERM takes everything down concurrently, and an error in one account never touches another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiohttp import web
+
+from . import rfb
+from .apache import ApacheLayout, PrivateApache, install_system_rules, novnc_dir, render_apache_config
+from .backends.base import Backend, BackendError, DesktopState, Endpoint, Status
+from .backends.local import LocalBackend
+from .config import Config, parse_listen
+from .errors import UserError
+from .files import ensure_private_dir
+from .proc import terminate_group, is_alive
+from .progress import Progress
+from .proxy import PerAccountWebsockify, ProxyMode, RunningProxy
+from .restart import RestartPolicy
+from .state import StateStore
+from .status import DesktopSlot, Phase
+from .tokens import Account, TokenFile
+from .webapp import make_app
+
+__all__ = ["Gateway", "GatewayOptions"]
+
+log = logging.getLogger("gateway")
+
+RFB_PROBE_TIMEOUT_S = 3.0
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayOptions:
+    state_dir: Path
+    listen: str
+
+
+class _Shutdown(Exception):
+    """Raised inside the task group to cancel every task when a stop is requested."""
+
+
+class Gateway:
+    def __init__(self, tokens: TokenFile, config: Config, options: GatewayOptions) -> None:
+        self.tokens = tokens
+        self.config = config
+        self.options = options
+        self.state_dir = options.state_dir
+        self.logs_dir = options.state_dir / "logs"
+        self.slots: dict[str, DesktopSlot] = {a.id: DesktopSlot(a, backend="local") for a in tokens.accounts}
+        self.backend: Backend = LocalBackend(config, options.state_dir)
+        self.proxy_mode: ProxyMode = PerAccountWebsockify(config, self.logs_dir)
+        self.start_limit = asyncio.Semaphore(config.desktop.start_concurrency)
+        self.changed = asyncio.Event()
+        self.store: StateStore | None = None
+        self.apache: PrivateApache | None = None
+        self.web_port: int | None = None
+
+    # -- the whole life -------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event, *, on_ready: Callable[[str], None] | None = None) -> None:
+        """Run until ``stop`` is set; everything started is stopped before this returns."""
+        ensure_private_dir(self.state_dir)
+        self.logs_dir.mkdir(exist_ok=True)
+        async with contextlib.AsyncExitStack() as stack:
+            self.store = StateStore(self.state_dir / "gateway.db")
+            stack.callback(self.store.close)
+            await self._clean_stale_services()
+            adopted = await self._adopt_desktops()
+            self._check_ports_free(adopted)
+            await self._start_web(stack)
+            await self._start_front(stack)
+            try:
+                async with asyncio.TaskGroup() as group:
+                    if self.apache is not None:
+                        group.create_task(self._keep_apache(), name="apache")
+                    for account in self.tokens.accounts:
+                        watcher = AccountWatcher(self, account, adopted.get(account.id))
+                        group.create_task(watcher.run(), name=f"desktop:{account.id}")
+                    group.create_task(self._report_progress(on_ready), name="progress")
+                    await stop.wait()
+                    log.info("stopping: %d desktops", len(self.slots))
+                    raise _Shutdown
+            except* _Shutdown:
+                pass
+
+    @property
+    def url(self) -> str:
+        if self.config.public_url:
+            return self.config.public_url
+        scheme = "https" if self.config.tls.enabled else "http"
+        host, port = parse_listen(self.options.listen)
+        host = f"[{host}]" if ":" in host else host
+        return f"{scheme}://{host}:{port}/"
+
+    # -- start-up steps -------------------------------------------------------------------------
+
+    async def _clean_stale_services(self) -> None:
+        """Stop proxies and Apache that a crashed gateway left behind; they are restartable."""
+        assert self.store is not None
+        for name, identity in self.store.services().items():
+            if is_alive(identity):
+                log.warning("stopping leftover service=%s pid=%d", name, identity.pid)
+                await terminate_group(identity, grace_s=3)
+            self.store.forget_service(name)
+
+    async def _adopt_desktops(self) -> dict[str, DesktopState]:
+        """Keep the desktops an earlier gateway left running; stop those no longer wanted."""
+        assert self.store is not None
+        accounts = self.tokens.by_id()
+        adopted: dict[str, DesktopState] = {}
+        for record in self.store.desktops().values():
+            account = accounts.get(record.account)
+            if account is None or record.backend != self.backend.name:
+                log.warning("desktop not in the token file any more, stopping account=%s", record.account)
+                with contextlib.suppress(Exception):
+                    await self.backend.stop(_placeholder(record.account), record.state)
+                self.store.forget_desktop(record.account)
+                continue
+            result = await self.backend.adopt(account, record.state)
+            if result.status in (Status.RUNNING, Status.PENDING):
+                log.info("desktop adopted account=%s", account.id)
+                self.store.record_event("adopted", account.id)
+                adopted[account.id] = record.state
+            else:
+                await self.backend.stop(account, record.state)
+                self.store.forget_desktop(account.id)
+        return adopted
+
+    def _check_ports_free(self, adopted: Mapping[str, DesktopState]) -> None:
+        """Refuse to start if a port the token file names is taken, before anything starts."""
+        problems = []
+        host, port = parse_listen(self.options.listen)
+        if not port_is_free(host, port):
+            problems.append(f"--listen {self.options.listen}: the port is already in use")
+        for account in self.tokens.accounts:
+            where = f"{self.tokens.path}:{account.line}"
+            if not port_is_free("127.0.0.1", account.websocket_port):
+                problems.append(f"{where}: websocketport {account.websocket_port} is already in use on this machine")
+            if account.id not in adopted and account.is_local and not port_is_free("127.0.0.1", account.vnc_port):
+                problems.append(f"{where}: vncport {account.vnc_port} is already in use on this machine")
+        if problems:
+            raise UserError("\n".join(problems))
+
+    async def _start_web(self, stack: contextlib.AsyncExitStack) -> None:
+        app = make_app(self.config, self.slots, novnc=novnc_dir(self.config))
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        stack.push_async_callback(runner.cleanup)
+        if self.config.apache.mode == "private":
+            site = web.TCPSite(runner, "127.0.0.1", 0)  # Apache is the front; any free port will do
+        else:
+            host, port = parse_listen(self.options.listen)
+            site = web.TCPSite(runner, host, port)
+        await site.start()
+        server = site._server  # aiohttp reports the bound port only through the server's sockets
+        assert server is not None and server.sockets
+        self.web_port = server.sockets[0].getsockname()[1]
+        log.info("web app listening port=%d", self.web_port)
+
+    async def _start_front(self, stack: contextlib.AsyncExitStack) -> None:
+        assert self.web_port is not None
+        routes = self.proxy_mode.routes(self.tokens.accounts)
+        if self.config.apache.mode == "system":
+            text = render_apache_config(self.config, routes, web_port=self.web_port, layout=None,
+                                        listen=self.options.listen)
+            await install_system_rules(self.config, text)
+            return
+        layout = ApacheLayout(self.state_dir / "apache")
+        apache = PrivateApache(self.config, layout)
+        text = render_apache_config(self.config, routes, web_port=self.web_port, layout=layout,
+                                    listen=self.options.listen)
+        await apache.write_config(text)
+        await self._launch_apache(apache)
+        self.apache = apache
+        stack.push_async_callback(self._stop_apache)
+
+    async def _launch_apache(self, apache: PrivateApache) -> None:
+        assert self.store is not None
+        _, identity = await apache.start(self.options.listen)
+        self.store.save_service("apache", identity)
+
+    async def _stop_apache(self) -> None:
+        if self.apache is not None:
+            await self.apache.stop()
+            assert self.store is not None
+            self.store.forget_service("apache")
+
+    async def _keep_apache(self) -> None:
+        """Restart the private Apache if it dies; participants' tunnels reconnect by themselves."""
+        assert self.apache is not None
+        policy = RestartPolicy(self.config.restart)
+        while True:
+            assert self.apache.process is not None
+            status = await self.apache.process.wait()
+            log.error("apache exited status=%s", status)
+            delay = policy.next_delay()
+            if delay is None:
+                log.error("apache keeps failing; giving up (see %s)", self.apache.layout.error_log)
+                return
+            await asyncio.sleep(delay)
+            await self._launch_apache(self.apache)
+
+    async def _report_progress(self, on_ready: Callable[[str], None] | None) -> None:
+        progress = Progress(len(self.slots))
+        started = time.monotonic()
+        announced = False
+        while True:
+            counts = {phase: 0 for phase in Phase}
+            for slot in self.slots.values():
+                counts[slot.phase] += 1
+            progress.update(counts[Phase.READY], counts[Phase.FAILED])
+            settled = counts[Phase.READY] + counts[Phase.FAILED] == len(self.slots)
+            if settled and not announced:
+                progress.finish()
+                elapsed = time.monotonic() - started
+                log.info("desktops settled ready=%d failed=%d seconds=%.1f",
+                         counts[Phase.READY], counts[Phase.FAILED], elapsed)
+                if on_ready is not None:
+                    on_ready(self._ready_message(counts, elapsed))
+                announced = True
+            self.changed.clear()
+            await self.changed.wait()
+
+    def _ready_message(self, counts: Mapping[Phase, int], elapsed: float) -> str:
+        failed = counts[Phase.FAILED]
+        lines = [f"{counts[Phase.READY]} of {len(self.slots)} desktops ready in {elapsed:.1f} s."]
+        if failed:
+            names = ", ".join(s.account.id for s in self.slots.values() if s.phase is Phase.FAILED)
+            lines.append(f"{failed} failed: {names} (reasons on the landing page and in {self.logs_dir})")
+        lines.append(f"Landing page: {self.url}")
+        return "\n".join(lines)
+
+    # -- used by the account watchers ----------------------------------------------------------
+
+    def publish(self, slot: DesktopSlot, phase: Phase, reason: str = "") -> None:
+        if slot.phase is not phase or slot.reason != reason:
+            slot.set(phase, reason)
+            self.changed.set()
+
+
+class AccountWatcher:
+    """Owns one account's desktop and proxy: start, prove ready, watch, restart, and stop."""
+
+    def __init__(self, gateway: Gateway, account: Account, adopted: DesktopState | None) -> None:
+        self.gateway = gateway
+        self.account = account
+        self.slot = gateway.slots[account.id]
+        self.backend = gateway.backend
+        self.state: DesktopState | None = adopted
+        self.endpoint: Endpoint | None = None
+        self.proxy: RunningProxy | None = None
+        self.desktop_policy = RestartPolicy(gateway.config.restart)
+        self.proxy_policy = RestartPolicy(gateway.config.restart)
+
+    @property
+    def store(self) -> StateStore:
+        assert self.gateway.store is not None
+        return self.gateway.store
+
+    async def run(self) -> None:
+        try:
+            await self._lifecycle()
+        except Exception as exc:
+            # A bug or an unexpected error fails this account only; the others carry on.
+            log.exception("desktop watcher crashed account=%s", self.account.id)
+            self.gateway.publish(self.slot, Phase.FAILED, f"internal error: {exc}")
+            await asyncio.Event().wait()  # stay failed (and visible) until the gateway stops
+        finally:
+            await self._teardown()
+
+    async def _lifecycle(self) -> None:
+        while True:
+            failure = await self._bring_up()
+            if failure is None:
+                failure = await self._watch()
+            delay = self.desktop_policy.next_delay()
+            log.warning("desktop down account=%s reason=%s", self.account.id, failure)
+            self.store.record_event("desktop-down", self.account.id, failure)
+            await self._stop_desktop()
+            if delay is None:
+                self.gateway.publish(self.slot, Phase.FAILED, failure)
+                log.error("desktop failed, giving up account=%s reason=%s", self.account.id, failure)
+                return
+            self.slot.restarts += 1
+            self.gateway.publish(self.slot, Phase.STARTING, f"restarting: {failure}")
+            await asyncio.sleep(delay)
+
+    async def _bring_up(self) -> str | None:
+        """Start (unless adopted), prove readiness, start the proxy. None on success, else why not."""
+        async with self.gateway.start_limit:
+            if self.state is None:
+                self.gateway.publish(self.slot, Phase.STARTING, self.slot.reason)
+                try:
+                    self.state = await self.backend.start(self.account)
+                except BackendError as exc:
+                    return str(exc)
+                except OSError as exc:
+                    log.exception("desktop start failed account=%s", self.account.id)
+                    return f"could not start: {exc}"
+                self.store.save_desktop(self.account.id, self.backend.name, self.state)
+            failure = await self._wait_ready()
+        if failure is not None:
+            return failure
+        failure = await self._ensure_proxy()
+        if failure is not None:
+            return failure
+        self.desktop_policy.record_healthy()
+        self.gateway.publish(self.slot, Phase.READY)
+        return None
+
+    async def _wait_ready(self) -> str | None:
+        """Ready means an RFB server answers with its banner at the desktop's endpoint; never a sleep."""
+        assert self.state is not None
+        timeout_s = self.gateway.config.desktop.start_timeout_s
+        deadline = time.monotonic() + timeout_s
+        delay = 0.05
+        last_error = "no answer"
+        while time.monotonic() < deadline:
+            result = await self.backend.poll(self.account, self.state)
+            if result.status is Status.GONE:
+                return result.reason or "the desktop exited while starting"
+            if result.status is Status.RUNNING and result.endpoint is not None:
+                self.endpoint = result.endpoint
+                try:
+                    await rfb.probe(result.endpoint.host, result.endpoint.port, timeout_s=RFB_PROBE_TIMEOUT_S)
+                    return None
+                except (OSError, TimeoutError, rfb.RfbError) as exc:
+                    last_error = str(exc) or type(exc).__name__
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, 0.5)
+        return f"no RFB handshake within {timeout_s:g} s ({last_error})"
+
+    async def _ensure_proxy(self) -> str | None:
+        assert self.endpoint is not None
+        if self.proxy is not None and self.proxy.process.returncode is None and self.proxy.endpoint == self.endpoint:
+            return None
+        await self._stop_proxy()
+        try:
+            self.proxy = await self.gateway.proxy_mode.start(self.account, self.endpoint)
+        except Exception as exc:  # a proxy that won't start is this account's failure, not the gateway's
+            return f"proxy did not start: {exc}"
+        self.store.save_service(f"proxy:{self.account.id}", self.proxy.identity)
+        return None
+
+    async def _watch(self) -> str:
+        """Watch desktop and proxy until the desktop is gone; returns why it went."""
+        interval = self.gateway.config.desktop.poll_interval_s
+        while True:
+            assert self.proxy is not None and self.state is not None
+            try:
+                async with asyncio.timeout(interval):
+                    status = await self.proxy.process.wait()
+            except TimeoutError:
+                pass
+            else:
+                failure = await self._restart_proxy(status)
+                if failure is not None:
+                    return failure
+                continue
+            result = await self.backend.poll(self.account, self.state)
+            if result.status is Status.GONE:
+                return result.reason or "the desktop exited"
+            await self._keep_session()
+
+    async def _restart_proxy(self, status: int) -> str | None:
+        log.warning("proxy exited account=%s status=%d", self.account.id, status)
+        self.store.record_event("proxy-down", self.account.id, f"status {status}")
+        self.proxy = None
+        delay = self.proxy_policy.next_delay()
+        if delay is None:
+            return "the proxy keeps exiting"
+        # The first restart is immediate: a participant is probably waiting on the other end.
+        if self.proxy_policy.restarts > 1:
+            await asyncio.sleep(delay)
+        failure = await self._ensure_proxy()
+        if failure is None:
+            self.proxy_policy.record_healthy()
+        return failure
+
+    async def _keep_session(self) -> None:
+        restart = getattr(self.backend, "restart_session_if_gone", None)
+        if restart is not None and self.state is not None:
+            new_state = await restart(self.account, self.state)
+            if new_state is not None:
+                self.state = new_state
+                self.store.save_desktop(self.account.id, self.backend.name, new_state)
+
+    async def _stop_proxy(self) -> None:
+        if self.proxy is not None:
+            await self.gateway.proxy_mode.stop(self.proxy)
+            self.proxy = None
+            self.store.forget_service(f"proxy:{self.account.id}")
+
+    async def _stop_desktop(self) -> None:
+        if self.state is not None:
+            await self.backend.stop(self.account, self.state)
+            self.state = None
+            self.store.forget_desktop(self.account.id)
+
+    async def _teardown(self) -> None:
+        for step in (self._stop_proxy, self._stop_desktop):
+            try:
+                await step()
+            except Exception:
+                log.exception("stopping failed account=%s step=%s", self.account.id, step.__name__)
+        self.slot.set(Phase.STOPPED)
+
+
+def _placeholder(account_id: str) -> Account:
+    """An account record for stopping a desktop whose line was removed from the token file."""
+    return Account(account_id, "localhost", f"/{account_id}", 1024, 1, "", 0)
+
+
+def port_is_free(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True

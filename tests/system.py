@@ -1,0 +1,43 @@
+"""Helpers for system tests that need real programs (Xvnc, websockify, Apache, Slurm...).
+
+A system test skips when a program it needs is missing, unless ``GATEWAY_REQUIRE_SYSTEM=1`` is set
+(as on the CI machine that has everything installed): then a missing program is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+
+import pytest
+
+__all__ = ["REQUIRE_SYSTEM_ENV", "system_required", "require_program", "free_port"]
+
+REQUIRE_SYSTEM_ENV = "GATEWAY_REQUIRE_SYSTEM"
+
+
+def system_required() -> bool:
+    """True when missing system components must fail tests instead of skipping them."""
+    return os.environ.get(REQUIRE_SYSTEM_ENV) == "1"
+
+
+def require_program(name: str) -> str:
+    """Return the path of program ``name`` (as found by shutil.which).
+
+    If it is missing, skip the calling test, or fail it when GATEWAY_REQUIRE_SYSTEM=1.
+    """
+    path = shutil.which(name)
+    if path is not None:
+        return path
+    message = f"{name} is not installed (not found on PATH)"
+    if system_required():
+        pytest.fail(f"{message}, and {REQUIRE_SYSTEM_ENV}=1 requires it", pytrace=False)
+    pytest.skip(message)
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that was free a moment ago (bound to port 0, then released)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
