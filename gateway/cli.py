@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--count", type=int, required=True)
     gen.add_argument("--host", default="localhost")
     gen.add_argument("--prefix", default="ws")
-    gen.add_argument("--first-websocket-port", type=int, default=6001)
+    gen.add_argument("--first-websocket-port", type=int,
+                     help="default: after the VNC ports, at 6001 at the earliest")
     gen.add_argument("--first-vnc-port", type=int, default=5901)
     gen.add_argument("-o", "--output", type=Path, help="file to write (default: standard output)")
     gen.add_argument("--force", action="store_true", help="overwrite an existing file")
@@ -264,15 +265,15 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 
 async def _clean_up_after_crash(state_dir: Path, config: Config) -> int:
-    from .backends.local import LocalBackend
+    from .backends import BackendError, make_backend
     from .proc import is_alive, terminate_group
     from .state import StateStore
     from .supervisor import _placeholder
 
     use_pidfd_child_watcher()
     store = StateStore(state_dir / "gateway.db")
-    backend = LocalBackend(config, state_dir)
     stopped = 0
+    backends = {}
     try:
         for name, identity in store.services().items():
             if is_alive(identity):
@@ -280,9 +281,16 @@ async def _clean_up_after_crash(state_dir: Path, config: Config) -> int:
                 stopped += 1
             store.forget_service(name)
         for record in store.desktops().values():
-            await backend.stop(_placeholder(record.account), record.state)
+            if record.backend not in backends:
+                try:
+                    backends[record.backend] = make_backend(record.backend, config, state_dir)
+                except BackendError as exc:
+                    raise UserError(f"cannot stop {record.account}: {exc}") from None
+            await backends[record.backend].stop(_placeholder(record.account), record.state)
             store.forget_desktop(record.account)
             stopped += 1
+        for backend in backends.values():
+            await backend.close(final=True)
     finally:
         store.close()
     print(f"No gateway was running; stopped {stopped} leftover desktops and services.", file=sys.stderr)
@@ -306,8 +314,11 @@ def cmd_tokens_generate(args: argparse.Namespace) -> int:
             args.count, host=args.host, prefix=args.prefix,
             first_websocket_port=args.first_websocket_port, first_vnc_port=args.first_vnc_port,
         )
-    except (ValueError, InputError) as exc:
+    except ValueError as exc:
         raise UserError(f"cannot generate: {exc}") from None
+    except InputError as exc:
+        reasons = "; ".join(p.message for p in exc.problems[:3])
+        raise UserError(f"cannot generate with these options: {reasons}") from None
     text = format_tokens(accounts)
     if args.output is None:
         sys.stdout.write(text)

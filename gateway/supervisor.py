@@ -22,8 +22,8 @@ from aiohttp import web
 
 from . import rfb
 from .apache import ApacheLayout, PrivateApache, install_system_rules, novnc_dir, render_apache_config
+from .backends import backend_name_for, make_backends
 from .backends.base import Backend, BackendError, DesktopState, Endpoint, Status
-from .backends.local import LocalBackend
 from .config import Config, parse_listen
 from .errors import UserError
 from .files import ensure_private_dir
@@ -60,8 +60,13 @@ class Gateway:
         self.options = options
         self.state_dir = options.state_dir
         self.logs_dir = options.state_dir / "logs"
-        self.slots: dict[str, DesktopSlot] = {a.id: DesktopSlot(a, backend="local") for a in tokens.accounts}
-        self.backend: Backend = LocalBackend(config, options.state_dir)
+        self.slots: dict[str, DesktopSlot] = {
+            a.id: DesktopSlot(a, backend=backend_name_for(a, config)) for a in tokens.accounts
+        }
+        try:
+            self.backends: dict[str, Backend] = make_backends(config, options.state_dir, tokens.accounts)
+        except BackendError as exc:
+            raise UserError(str(exc)) from None
         self.proxy_mode: ProxyMode = PerAccountWebsockify(config, self.logs_dir)
         self.start_limit = asyncio.Semaphore(config.desktop.start_concurrency)
         self.changed = asyncio.Event()
@@ -81,6 +86,7 @@ class Gateway:
             await self._clean_stale_services()
             adopted = await self._adopt_desktops()
             self._check_ports_free(adopted)
+            await self._open_backends(stack)
             await self._start_web(stack)
             await self._start_front(stack)
             try:
@@ -108,6 +114,19 @@ class Gateway:
 
     # -- start-up steps -------------------------------------------------------------------------
 
+    def backend_for(self, account: Account) -> Backend:
+        return self.backends[self.slots[account.id].backend]
+
+    async def _open_backends(self, stack: contextlib.AsyncExitStack) -> None:
+        for name, backend in self.backends.items():
+            accounts = [a for a in self.tokens.accounts if self.slots[a.id].backend == name]
+            try:
+                await backend.open(accounts)
+            except BackendError as exc:
+                raise UserError(f"backend {name}: {exc}") from None
+            # Runs after every account's task has stopped its desktop: the event is over.
+            stack.push_async_callback(backend.close, final=True)
+
     async def _clean_stale_services(self) -> None:
         """Stop proxies and Apache that a crashed gateway left behind; they are restartable."""
         assert self.store is not None
@@ -124,19 +143,29 @@ class Gateway:
         adopted: dict[str, DesktopState] = {}
         for record in self.store.desktops().values():
             account = accounts.get(record.account)
-            if account is None or record.backend != self.backend.name:
-                log.warning("desktop not in the token file any more, stopping account=%s", record.account)
+            backend = self.backends.get(record.backend)
+            if backend is None:
+                # Written by a backend this configuration no longer uses; leave it, and say so.
+                log.error("desktop of an unconfigured backend left alone account=%s backend=%s",
+                          record.account, record.backend)
+                continue
+            if account is None or self.slots[account.id].backend != record.backend:
+                log.warning("desktop no longer wanted, stopping account=%s", record.account)
                 with contextlib.suppress(Exception):
-                    await self.backend.stop(_placeholder(record.account), record.state)
+                    await backend.stop(account or _placeholder(record.account), record.state)
                 self.store.forget_desktop(record.account)
                 continue
-            result = await self.backend.adopt(account, record.state)
+            result = await backend.adopt(account, record.state)
             if result.status in (Status.RUNNING, Status.PENDING):
-                log.info("desktop adopted account=%s", account.id)
+                log.info("desktop adopted account=%s backend=%s", account.id, record.backend)
                 self.store.record_event("adopted", account.id)
                 adopted[account.id] = record.state
+            elif result.status is Status.UNKNOWN:
+                # Can't tell (scheduler or host unreachable): keep it and let the watcher find out.
+                log.warning("desktop state unknown, keeping account=%s reason=%s", account.id, result.reason)
+                adopted[account.id] = record.state
             else:
-                await self.backend.stop(account, record.state)
+                await backend.stop(account, record.state)
                 self.store.forget_desktop(account.id)
         return adopted
 
@@ -259,7 +288,7 @@ class AccountWatcher:
         self.gateway = gateway
         self.account = account
         self.slot = gateway.slots[account.id]
-        self.backend = gateway.backend
+        self.backend = gateway.backend_for(account)
         self.state: DesktopState | None = adopted
         self.endpoint: Endpoint | None = None
         self.proxy: RunningProxy | None = None
@@ -333,7 +362,13 @@ class AccountWatcher:
             result = await self.backend.poll(self.account, self.state)
             if result.status is Status.GONE:
                 return result.reason or "the desktop exited while starting"
-            if result.status is Status.RUNNING and result.endpoint is not None:
+            if result.status is Status.PENDING:
+                # Waiting in a scheduler's queue is not a slow start: the clock starts when it runs.
+                self.gateway.publish(self.slot, Phase.QUEUED, result.reason)
+                deadline = time.monotonic() + timeout_s
+            elif result.status is Status.RUNNING and result.endpoint is not None:
+                if self.slot.phase is Phase.QUEUED:
+                    self.gateway.publish(self.slot, Phase.STARTING)
                 self.endpoint = result.endpoint
                 try:
                     await rfb.probe(result.endpoint.host, result.endpoint.port, timeout_s=RFB_PROBE_TIMEOUT_S)
@@ -374,7 +409,7 @@ class AccountWatcher:
             result = await self.backend.poll(self.account, self.state)
             if result.status is Status.GONE:
                 return result.reason or "the desktop exited"
-            await self._keep_session()
+            await self._maintain()
 
     async def _restart_proxy(self, status: int) -> str | None:
         log.warning("proxy exited account=%s status=%d", self.account.id, status)
@@ -391,10 +426,9 @@ class AccountWatcher:
             self.proxy_policy.record_healthy()
         return failure
 
-    async def _keep_session(self) -> None:
-        restart = getattr(self.backend, "restart_session_if_gone", None)
-        if restart is not None and self.state is not None:
-            new_state = await restart(self.account, self.state)
+    async def _maintain(self) -> None:
+        if self.state is not None:
+            new_state = await self.backend.maintain(self.account, self.state)
             if new_state is not None:
                 self.state = new_state
                 self.store.save_desktop(self.account.id, self.backend.name, new_state)

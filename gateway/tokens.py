@@ -301,13 +301,19 @@ def generate_tokens(
     *,
     host: str = "localhost",
     prefix: str = "ws",
-    first_websocket_port: int = 6001,
+    first_websocket_port: int | None = None,
     first_vnc_port: int = 5901,
     path_prefix: str = "desktop",
 ) -> list[Account]:
-    """Make ``count`` valid accounts with random passwords."""
+    """Make ``count`` valid accounts with random passwords.
+
+    Websocket ports start, by default, right after the VNC port range and at 6001 at the earliest,
+    so the two ranges never overlap on the gateway host.
+    """
     if count < 1:
         raise ValueError("--count must be at least 1")
+    if first_websocket_port is None:
+        first_websocket_port = max(6001, first_vnc_port + count)
     width = max(2, len(str(count)))
     accounts = [
         Account(

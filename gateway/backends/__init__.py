@@ -1,5 +1,41 @@
-"""Desktop backends behind one small interface (see :mod:`gateway.backends.base`)."""
+"""Desktop backends behind one small interface (see :mod:`gateway.backends.base`).
 
+Which backend serves an account: its token line's ``backend=`` field if given, else the config's
+``backend``; accounts whose vnchost is the gateway itself (localhost, 127.0.0.1) always use
+``local``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..config import Config
+from ..tokens import Account
 from .base import Backend, BackendError, Endpoint, PollResult, Status
 
-__all__ = ["Backend", "BackendError", "Endpoint", "PollResult", "Status"]
+__all__ = ["Backend", "BackendError", "Endpoint", "PollResult", "Status", "backend_name_for", "make_backend", "make_backends"]
+
+
+def backend_name_for(account: Account, config: Config) -> str:
+    explicit = account.extra("backend")
+    if explicit is not None:
+        return explicit
+    if account.is_local:
+        return "local"
+    return config.backend
+
+
+def make_backend(name: str, config: Config, state_dir: Path) -> Backend:
+    """The backend called ``name``; BackendError if this version has none by that name."""
+    if name == "local":
+        from .local import LocalBackend
+
+        return LocalBackend(config, state_dir)
+    raise BackendError(f"backend {name!r} is not available in this version")
+
+
+def make_backends(config: Config, state_dir: Path, accounts: Sequence[Account]) -> dict[str, Backend]:
+    """One instance of each backend that these accounts need (plus ``local``, always)."""
+    wanted = {backend_name_for(a, config) for a in accounts} | {"local"}
+    return {name: make_backend(name, config, state_dir) for name in sorted(wanted)}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import abc
 import enum
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,5 +85,20 @@ class Backend(abc.ABC):
         """
         return await self.poll(account, state)
 
-    async def close(self) -> None:
-        """Release shared resources (connections) when the gateway stops."""
+    async def maintain(self, account: Account, state: DesktopState) -> DesktopState | None:
+        """Repair in place what needs no restart (a desktop's exited window manager, say).
+
+        Called after each poll that found the desktop running. Returns the new state if it
+        changed, else None. The default does nothing.
+        """
+        return None
+
+    async def open(self, accounts: Sequence[Account]) -> None:
+        """Prepare for these accounts before any start (create a reservation, open connections).
+
+        Raises :class:`BackendError` if the backend cannot serve at all.
+        """
+
+    async def close(self, *, final: bool) -> None:
+        """Release what :meth:`open` made. ``final`` is True when the event's desktops were all
+        stopped (`gateway down`, SIGTERM), False when only this gateway process goes away."""

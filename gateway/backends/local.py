@@ -177,11 +177,8 @@ class LocalBackend(Backend):
             return PollResult(Status.GONE, endpoint, "the X server exited")
         return PollResult(Status.RUNNING, endpoint)
 
-    async def restart_session_if_gone(self, account: Account, state: DesktopState) -> DesktopState | None:
-        """If the window manager session ended but the X server runs, start a new session.
-
-        Returns the new state, or None if nothing had to be done.
-        """
+    async def maintain(self, account: Account, state: DesktopState) -> DesktopState | None:
+        """If the window manager session ended but the X server runs, start a new session."""
         desktop = LocalDesktop.from_state(state)
         if desktop.session is None or is_alive(desktop.session) or not is_alive(desktop.xvnc):
             return None

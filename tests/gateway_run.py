@@ -1,0 +1,124 @@
+"""Run a real `gateway up` in a subprocess for tests, and check that it leaves nothing behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gateway.tokens import Account, format_tokens, generate_password
+from tests.system import free_port
+
+__all__ = ["GatewayRun", "make_accounts", "processes_mentioning", "port_is_listening"]
+
+
+def make_accounts(count: int, prefix: str = "ws") -> list[Account]:
+    """Accounts on free ports of this machine, with random passwords."""
+    accounts = []
+    for i in range(1, count + 1):
+        name = f"{prefix}{i:02d}"
+        accounts.append(Account(name, "localhost", f"/desktop/{name}", free_port(), free_port(), generate_password(), i))
+    return accounts
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Pids of processes whose command line or environment contains ``text`` (e.g. a state dir)."""
+    needle = text.encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if needle in (entry / "cmdline").read_bytes() or needle in (entry / "environ").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def port_is_listening(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+@dataclass
+class GatewayRun:
+    """One `gateway up` subprocess with its own token file, state dir and ports."""
+
+    tmp: Path
+    accounts: list[Account]
+    config_text: str = ""
+    listen_port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+
+    def __post_init__(self) -> None:
+        self.tokens = self.tmp / "tokens.txt"
+        self.tokens.write_text(format_tokens(self.accounts))
+        self.tokens.chmod(0o600)
+        self.state_dir = self.tmp / "state"
+        self.config = self.tmp / "gateway.yaml"
+        self.config.write_text(self.config_text)
+        self.output = self.tmp / "gateway.out"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.listen_port}/"
+
+    def ws_url(self, account: Account) -> str:
+        return f"ws://127.0.0.1:{self.listen_port}{account.websocket_path}"
+
+    def argv(self) -> list[str]:
+        return [sys.executable, "-m", "gateway", "up", str(self.tokens), "--config", str(self.config),
+                "--listen", f"127.0.0.1:{self.listen_port}", "--state-dir", str(self.state_dir)]
+
+    def start(self) -> None:
+        out = open(self.output, "ab")
+        self.process = subprocess.Popen(self.argv(), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        out.close()
+
+    def text(self) -> str:
+        return self.output.read_text(errors="replace") if self.output.exists() else ""
+
+    def wait_ready(self, timeout_s: float = 30) -> float:
+        """Wait for the 'Landing page:' announcement; returns the seconds it took."""
+        assert self.process is not None
+        started = time.monotonic()
+        while time.monotonic() - started < timeout_s:
+            if self.text().count("Landing page:") > self.announcements_before:
+                return time.monotonic() - started
+            if self.process.poll() is not None:
+                raise AssertionError(f"gateway exited with {self.process.returncode}:\n{self.text()}")
+            time.sleep(0.1)
+        raise AssertionError(f"gateway not ready within {timeout_s} s:\n{self.text()}")
+
+    announcements_before: int = 0
+
+    def up(self, timeout_s: float = 30) -> float:
+        self.announcements_before = self.text().count("Landing page:")
+        self.start()
+        return self.wait_ready(timeout_s)
+
+    def terminate(self, timeout_s: float = 10) -> int:
+        """SIGTERM and wait; returns the exit status."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        status = self.process.wait(timeout=timeout_s)
+        return status
+
+    def kill_everything(self) -> None:
+        """Last-resort cleanup: whatever still mentions our state dir is killed."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        for pid in processes_mentioning(str(self.state_dir)):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

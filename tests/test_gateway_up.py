@@ -1,0 +1,231 @@
+"""`gateway up` end to end on the local backend: real Xvnc, websockify, Apache; nothing mocked."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from gateway import rfb
+from gateway.proc import process_start_time
+from gateway.state import StateStore
+from tests.gateway_run import GatewayRun, make_accounts, port_is_listening, processes_mentioning
+
+pytestmark = pytest.mark.system
+
+
+def fetch(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.read().decode()
+
+
+async def handshake_until_ok(url: str, password: str, timeout_s: float = 20) -> rfb.RfbSession:
+    """Retry a full handshake until it succeeds (a restarted piece may take a moment)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return await rfb.connect_websocket(url, password, timeout_s=5)
+        except (OSError, rfb.RfbError, Exception) as exc:  # aiohttp errors while a proxy restarts
+            if isinstance(exc, rfb.RfbAuthFailed) or time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
+
+
+def recorded(run: GatewayRun) -> tuple[dict, dict]:
+    store = StateStore(run.state_dir / "gateway.db")
+    try:
+        return store.desktops(), store.services()
+    finally:
+        store.close()
+
+
+async def test_every_account_gets_a_desktop_through_apache_and_sigterm_cleans_up(gateway_factory) -> None:
+    run: GatewayRun = gateway_factory(count=3)
+    seconds = run.up(timeout_s=30)
+    assert seconds < 30
+
+    for account in run.accounts:
+        session = await rfb.connect_websocket(run.ws_url(account), account.password, timeout_s=10)
+        assert (session.width, session.height) == (1280, 800)
+        assert session.name == account.id
+        with pytest.raises(rfb.RfbAuthFailed):
+            await rfb.connect_websocket(run.ws_url(account), "wrong-pw", timeout_s=10)
+    # Wrong passwords don't lock the right one out (TigerVNC's blacklist is off).
+    for _ in range(6):
+        with pytest.raises(rfb.RfbAuthFailed):
+            await rfb.connect_websocket(run.ws_url(run.accounts[0]), "nopenope", timeout_s=10)
+    await rfb.connect_websocket(run.ws_url(run.accounts[0]), run.accounts[0].password, timeout_s=10)
+
+    landing = fetch(run.url)
+    for account in run.accounts:
+        assert f'data-account="{account.id}"' in landing
+        assert account.password not in landing
+    assert '"state": "ready"' in fetch(run.url + "api/desktops")
+
+    pids = processes_mentioning(str(run.state_dir))
+    assert len(pids) >= 3 * 3 + 1  # Xvnc, session, websockify per account, and Apache
+    _assert_no_secret_leaks(run, pids)
+
+    started = time.monotonic()
+    assert run.terminate(timeout_s=10) == 0
+    assert time.monotonic() - started < 10
+    deadline = time.monotonic() + 3
+    while processes_mentioning(str(run.state_dir)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert processes_mentioning(str(run.state_dir)) == []
+    for pid in pids:
+        assert process_start_time(pid) is None or not Path(f"/proc/{pid}").exists()
+    ports = [run.listen_port] + [a.websocket_port for a in run.accounts] + [a.vnc_port for a in run.accounts]
+    assert [p for p in ports if port_is_listening(p)] == []
+    desktops, services = recorded(run)
+    assert desktops == {} and services == {}
+
+
+def _assert_no_secret_leaks(run: GatewayRun, pids: list[int]) -> None:
+    passwords = [a.password.encode() for a in run.accounts]
+    for pid in pids:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        assert not any(p in cmdline for p in passwords), f"password in command line of {pid}"
+    for path in run.state_dir.rglob("*"):
+        if path.is_file() and path.suffix in (".log", ".conf", ".db", ".out"):
+            data = path.read_bytes()
+            assert not any(p in data for p in passwords), f"password in {path}"
+    assert not any(p in run.output.read_bytes() for p in passwords)
+    assert stat.S_IMODE(run.state_dir.stat().st_mode) == 0o700
+    for secret in (run.state_dir / "secrets").iterdir():
+        assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+
+
+async def test_killed_proxy_and_desktop_are_restarted(gateway_factory) -> None:
+    run: GatewayRun = gateway_factory(count=2)
+    run.up()
+    victim, bystander = run.accounts
+    desktops, services = recorded(run)
+
+    # A websockify killed with SIGKILL is back within seconds, at the same path.
+    proxy = services[f"proxy:{victim.id}"]
+    os.kill(proxy.pid, signal.SIGKILL)
+    started = time.monotonic()
+    await handshake_until_ok(run.ws_url(victim), victim.password)
+    proxy_back_s = time.monotonic() - started
+    assert proxy_back_s < 5, proxy_back_s
+    deadline = time.monotonic() + 5
+    while recorded(run)[1][f"proxy:{victim.id}"].pid == proxy.pid and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert recorded(run)[1][f"proxy:{victim.id}"].pid != proxy.pid
+
+    # Files in the workspace survive the X server being killed, and the desktop comes back.
+    workspace = run.state_dir / "workspaces" / victim.id
+    (workspace / "notes.txt").write_text("my work")
+    xvnc_pid = desktops[victim.id].state["xvnc"]["pid"]
+    bystander_pid = desktops[bystander.id].state["xvnc"]["pid"]
+    os.kill(xvnc_pid, signal.SIGKILL)
+    await asyncio.sleep(0.5)
+    await handshake_until_ok(run.ws_url(victim), victim.password, timeout_s=20)
+    desktops_after, _ = recorded(run)
+    assert desktops_after[victim.id].state["xvnc"]["pid"] != xvnc_pid
+    assert (workspace / "notes.txt").read_text() == "my work"
+    # The other participant never noticed.
+    assert desktops_after[bystander.id].state["xvnc"]["pid"] == bystander_pid
+    await rfb.connect_websocket(run.ws_url(bystander), bystander.password, timeout_s=5)
+    assert run.terminate() == 0
+
+
+async def test_gateway_killed_with_sigkill_readopts_desktops(gateway_factory) -> None:
+    run: GatewayRun = gateway_factory(count=2)
+    run.up()
+    before, _ = recorded(run)
+    assert run.process is not None
+    run.process.kill()
+    run.process.wait()
+    # The desktops outlive the gateway...
+    for account in run.accounts:
+        assert process_start_time(before[account.id].state["xvnc"]["pid"]) is not None
+    # ...and the next gateway keeps them, instead of starting new ones.
+    run.up()
+    after, _ = recorded(run)
+    for account in run.accounts:
+        assert after[account.id].state["xvnc"] == before[account.id].state["xvnc"]
+        await handshake_until_ok(run.ws_url(account), account.password)
+    assert "desktop adopted" in run.text()
+    assert run.terminate() == 0
+    assert processes_mentioning(str(run.state_dir)) == []
+
+
+def test_malformed_token_file_exits_2_and_starts_nothing(tmp_path: Path) -> None:
+    tokens = tmp_path / "bad.txt"
+    tokens.write_text("ws01 localhost /desktop/ws01 6001 5901 abcdefg\n"
+                      "ws02 localhost /desktop/ws01 6002 5902 abc\n")
+    state = tmp_path / "state"
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "gateway", "up", str(tokens), "--state-dir", str(state),
+                             "--listen", "127.0.0.1:1"], capture_output=True, text=True, timeout=30)
+    assert time.monotonic() - started < 10
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"{tokens}:2: vncpassword is too short (3 characters, at least 6)",
+    ] or all(line.startswith(f"{tokens}:2:") for line in result.stderr.splitlines())
+    assert "Traceback" not in result.stderr
+    assert not state.exists()
+    assert processes_mentioning(str(state)) == []
+
+
+def test_port_in_use_is_refused_before_anything_starts(tmp_path: Path, gateway_factory) -> None:
+    import socket
+
+    run: GatewayRun = gateway_factory(count=2)
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", run.accounts[1].vnc_port))
+    blocker.listen()
+    try:
+        result = subprocess.run(run.argv(), capture_output=True, text=True, timeout=30)
+    finally:
+        blocker.close()
+    assert result.returncode == 2, result.stderr
+    # Line 3: the generated file starts with a comment line.
+    assert f"{run.tokens}:3: vncport {run.accounts[1].vnc_port} is already in use" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert processes_mentioning(str(run.state_dir)) == []
+
+
+def test_second_gateway_on_the_same_state_dir_is_refused(gateway_factory) -> None:
+    run: GatewayRun = gateway_factory(count=1)
+    run.up()
+    result = subprocess.run(run.argv(), capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert "already running" in result.stderr
+    assert run.terminate() == 0
+
+
+def test_gateway_down_stops_a_running_gateway(gateway_factory) -> None:
+    run: GatewayRun = gateway_factory(count=1)
+    run.up()
+    result = subprocess.run([sys.executable, "-m", "gateway", "down", "--state-dir", str(run.state_dir)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert run.process is not None and run.process.wait(timeout=10) == 0
+    assert processes_mentioning(str(run.state_dir)) == []
+
+
+def test_gateway_down_after_a_crash_stops_the_leftovers(gateway_factory) -> None:
+    run: GatewayRun = gateway_factory(count=1)
+    run.up()
+    assert run.process is not None
+    run.process.kill()
+    run.process.wait()
+    assert processes_mentioning(str(run.state_dir))
+    result = subprocess.run([sys.executable, "-m", "gateway", "down", "--state-dir", str(run.state_dir)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert processes_mentioning(str(run.state_dir)) == []
