@@ -112,6 +112,7 @@ def render_apache_config(
     ordered = sorted(routes, key=lambda r: (-r.path.count("/"), r.path))
     context: dict[str, object] = {
         "routes": ordered,
+        "proxy_mode": config.proxy.mode,
         "prefix": "",
         "web_port": web_port,
         "tunnel_timeout_s": config.apache.tunnel_timeout_s,

@@ -28,6 +28,8 @@ __all__ = [
     "TlsConfig",
     "RestartConfig",
     "EventConfig",
+    "SlurmConfig",
+    "ContainerConfig",
     "load_config",
     "parse_config",
     "PROJECT_ROOT",
@@ -80,10 +82,16 @@ class DesktopConfig:
 
 @dataclass(frozen=True, slots=True)
 class ProxyConfig:
-    #: per-account: one websockify process per account (the design of the original setup).
-    mode: Literal["per-account"] = "per-account"
-    #: websockify --heartbeat: pings that keep idle tunnels open through Apache and NAT.
+    #: per-account: one websockify process per account (the design of the original setup);
+    #: shared: one websockify for every account, each account's route carrying a secret token;
+    #: builtin: the gateway's own web server relays each websocket to its desktop (no extra
+    #: process; needed for apache.mode none).
+    mode: Literal["per-account", "shared", "builtin"] = "per-account"
+    #: websockify --heartbeat, or the builtin relay's ping interval: keeps idle tunnels open
+    #: through Apache and NAT.
     heartbeat_s: int = 30
+    #: shared mode: the loopback port of the shared websockify (0: any free port at start).
+    shared_port: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +119,9 @@ class TlsConfig:
 class ApacheConfig:
     #: private: the gateway runs its own Apache on `listen`; system: it writes an include file,
     #: reloads the site's Apache, and serves its pages on `listen` for that Apache to proxy.
-    mode: Literal["private", "system"] = "private"
+    #: none: no Apache; the gateway serves pages and desktops on `listen` itself (https when
+    #: tls.cert and tls.key are set); needs proxy.mode builtin.
+    mode: Literal["private", "system", "none"] = "private"
     binary: str = "/usr/sbin/apache2"
     modules_dir: str = "/usr/lib/apache2/modules"
     mime_types: str = "/etc/mime.types"
@@ -128,9 +138,67 @@ class ApacheConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SlurmConfig:
+    """backend: slurm: one batch job per desktop, in an event reservation."""
+
+    #: Partition the reservation and the jobs use (null: the cluster's default partition).
+    partition: str | None = None
+    #: Name of an existing reservation to submit into; null: the gateway creates one at `up` and
+    #: deletes it at `down` (it never deletes a reservation it did not create).
+    reservation: str | None = None
+    #: The reservation the gateway creates: these nodes (a Slurm node list such as "node[01-04]")...
+    reservation_nodes: str | None = None
+    #: ...or, when reservation_nodes is null, this many nodes of the partition.
+    node_count: int = 1
+    #: When the event starts ("now", or a Slurm time such as 2026-11-23T09:00) and how long it lasts.
+    event_start: str = "now"
+    event_duration_s: float = 12 * 3600.0
+    #: sbatch --account and --qos (null: the user's defaults).
+    account: str | None = None
+    qos: str | None = None
+    #: Time limit of each desktop job (always passed as -t: a job without one never starts while a
+    #: reservation covers its node).
+    time_limit_s: int = 12 * 3600
+    #: Resources of each desktop job (--cpus-per-task, --mem, e.g. "2G").
+    cpus_per_desktop: int = 1
+    mem_per_desktop: str = "2G"
+    #: More sbatch options, one per entry, e.g. ["--gres=gpu:1"] (passed as separate arguments).
+    extra_sbatch_args: tuple[str, ...] = ()
+    #: Jobs are named PREFIX-ACCOUNT.
+    job_name_prefix: str = "desktop"
+    #: How many sbatch commands run at the same time.
+    submit_concurrency: int = 8
+    #: Longest time any Slurm command (sbatch, squeue, scancel, scontrol) may take.
+    command_timeout_s: float = 30.0
+    #: A directory that the gateway host and every node see at the same path: each account gets a
+    #: subdirectory with its job's output, its report (node, port, display) and its password secret
+    #: (0600). null: {state_dir}/slurm, which works only when the nodes share the gateway's disk
+    #: (e.g. the single-node test cluster).
+    shared_dir: str | None = None
+    #: gateway: every job runs as the gateway's user; account: each job runs as the OS user named
+    #: like the account (submitted through runuser as root, or `sudo -n -u` otherwise), so files land
+    #: in the user's home with the user's ownership.
+    run_as: Literal["gateway", "account"] = "gateway"
+    #: Address Xvnc listens on in the job; the gateway host must reach it (0.0.0.0: all).
+    interface: str = "0.0.0.0"
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerConfig:
+    """The desktop container that Slurm jobs run Xvnc and the session in."""
+
+    #: none: run Xvnc and the session directly on the node; singularity/apptainer: in `image`.
+    runtime: Literal["none", "singularity", "apptainer"] = "none"
+    #: Path of the .sif image on the nodes (required unless runtime is none).
+    image: str | None = None
+    #: Bind paths, "SRC[:DST[:ro|rw]]" each, e.g. ["/home", "/scratch", "/opt/modules:/opt/modules:ro"].
+    binds: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
-    #: Where desktops run: local (Xvnc on this machine).
-    backend: Literal["local"] = "local"
+    #: Where desktops run: local (Xvnc on this machine) or slurm (a batch job per desktop).
+    backend: Literal["local", "slurm"] = "local"
     #: Address the private Apache listens on (--listen wins).
     listen: str = "127.0.0.1:8080"
     #: Holds state, logs, password files and workspaces (--state-dir wins).
@@ -146,6 +214,8 @@ class Config:
     restart: RestartConfig = field(default_factory=RestartConfig)
     apache: ApacheConfig = field(default_factory=ApacheConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    container: ContainerConfig = field(default_factory=ContainerConfig)
     #: Where the file came from, for messages.
     source: str = "<defaults>"
 
@@ -307,6 +377,10 @@ def _semantic_checks(config: Config, path: str, lines: Mapping[str, int]) -> lis
     check(not d.keyboard_layout or bool(_LAYOUT_RE.fullmatch(d.keyboard_layout)),
           "desktop.keyboard_layout", "use an XKB layout name such as us, de or fr(azerty)")
     check(1 <= config.proxy.heartbeat_s <= 3600, "proxy.heartbeat_s", "must be 1 to 3600")
+    check(config.proxy.shared_port == 0 or 1024 <= config.proxy.shared_port <= 65535, "proxy.shared_port",
+          "must be 0 (any free port) or 1024 to 65535")
+    check(config.apache.mode != "none" or config.proxy.mode == "builtin", "apache.mode",
+          "none needs proxy.mode builtin (websockify listens on loopback only and needs Apache in front)")
     r = config.restart
     check(r.max_attempts >= 1, "restart.max_attempts", "must be at least 1")
     check(0 < r.backoff_initial_s <= r.backoff_max_s, "restart.backoff_initial_s",
@@ -322,7 +396,58 @@ def _semantic_checks(config: Config, path: str, lines: Mapping[str, int]) -> lis
         parse_listen(config.listen)
     except ValueError as exc:
         check(False, "listen", str(exc))
+    problems.extend(_slurm_checks(config, check))
     return problems
+
+
+_SLURM_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_SLURM_NODES_RE = re.compile(r"[A-Za-z0-9._\[\],-]{1,1024}")
+_SLURM_TIME_RE = re.compile(r"now(\+[0-9]+(minutes|hours|days)?)?|[0-9]{4}-[0-9]{2}-[0-9]{2}(T[0-9]{2}:[0-9]{2}(:[0-9]{2})?)?")
+_SLURM_MEM_RE = re.compile(r"[1-9][0-9]*[KMGT]?")
+_ADDRESS_RE = re.compile(r"[A-Za-z0-9.:-]{1,253}")
+
+
+def _slurm_checks(config: Config, check) -> list[Problem]:
+    """The slurm: and container: blocks (their values reach Slurm command lines and job scripts)."""
+    s = config.slurm
+    for key in ("partition", "reservation", "account", "qos"):
+        value = getattr(s, key)
+        check(value is None or bool(_SLURM_NAME_RE.fullmatch(value)), f"slurm.{key}",
+              "use 1-64 characters from A-Z a-z 0-9 . _ -")
+    check(s.reservation_nodes is None or bool(_SLURM_NODES_RE.fullmatch(s.reservation_nodes)),
+          "slurm.reservation_nodes", "use a Slurm node list such as node[01-04],gpu01")
+    check(s.node_count >= 1, "slurm.node_count", "must be at least 1")
+    check(bool(_SLURM_TIME_RE.fullmatch(s.event_start)), "slurm.event_start",
+          "use now, now+2hours or a time such as 2026-11-23T09:00")
+    check(s.event_duration_s >= 60, "slurm.event_duration_s", "must be at least 60")
+    check(s.time_limit_s >= 60, "slurm.time_limit_s", "must be at least 60")
+    check(s.cpus_per_desktop >= 1, "slurm.cpus_per_desktop", "must be at least 1")
+    check(bool(_SLURM_MEM_RE.fullmatch(s.mem_per_desktop)), "slurm.mem_per_desktop",
+          "use a size such as 2G or 4096M")
+    check(all(a.startswith("-") and "\n" not in a and "\0" not in a for a in s.extra_sbatch_args),
+          "slurm.extra_sbatch_args", "give options, one per entry, e.g. [\"--gres=gpu:1\"]")
+    check(bool(_SLURM_NAME_RE.fullmatch(s.job_name_prefix)), "slurm.job_name_prefix",
+          "use 1-64 characters from A-Z a-z 0-9 . _ -")
+    check(1 <= s.submit_concurrency <= 256, "slurm.submit_concurrency", "must be between 1 and 256")
+    check(s.command_timeout_s > 0, "slurm.command_timeout_s", "must be positive")
+    check(s.shared_dir is None or (s.shared_dir.startswith("/") and "\n" not in s.shared_dir),
+          "slurm.shared_dir", "must be an absolute path")
+    check(bool(_ADDRESS_RE.fullmatch(s.interface)), "slurm.interface", "must be an IP address or host name")
+    c = config.container
+    check(c.runtime == "none" or bool(c.image), "container.runtime",
+          f"{c.runtime} needs container.image (the path of the .sif image)")
+    for bind in c.binds:
+        try:
+            _validate_bind(bind)
+        except ValueError as exc:
+            check(False, "container.binds", str(exc))
+    return []
+
+
+def _validate_bind(bind: str) -> None:
+    from .container import validate_bind
+
+    validate_bind(bind)
 
 
 def parse_listen(value: str) -> tuple[str, int]:

@@ -22,7 +22,12 @@ class Phase(enum.Enum):
 
 @dataclass(slots=True, eq=False)
 class DesktopSlot:
-    """The live record of one account's desktop. Mutated only by the supervisor's task for it."""
+    """The live record of one account's desktop.
+
+    Mutated only by the supervisor's task for it, except ``viewers`` and ``last_input_at``, which
+    the builtin relay keeps (other proxy modes cannot see viewers: they stay 0 and None). Those
+    two are for organisers, never for :meth:`public`.
+    """
 
     account: Account
     phase: Phase = Phase.QUEUED
@@ -32,6 +37,10 @@ class DesktopSlot:
     restarts: int = 0
     ready_since: float | None = None
     changed_at: float = field(default_factory=time.time)
+    #: Websocket viewers connected now (builtin proxy mode only).
+    viewers: int = 0
+    #: When a viewer last sent keyboard or mouse input (time.time(); builtin proxy mode only).
+    last_input_at: float | None = None
 
     def set(self, phase: Phase, reason: str = "") -> None:
         self.phase = phase

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import socket
+import ssl
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from .errors import UserError
 from .files import ensure_private_dir
 from .proc import terminate_group, is_alive
 from .progress import Progress
-from .proxy import PerAccountWebsockify, ProxyMode, RunningProxy
+from .proxy import ProxyMode, RunningProxy, make_proxy_mode
 from .restart import RestartPolicy
 from .state import StateStore
 from .status import DesktopSlot, Phase
@@ -67,7 +68,8 @@ class Gateway:
             self.backends: dict[str, Backend] = make_backends(config, options.state_dir, tokens.accounts)
         except BackendError as exc:
             raise UserError(str(exc)) from None
-        self.proxy_mode: ProxyMode = PerAccountWebsockify(config, self.logs_dir)
+        self.proxy_mode: ProxyMode = make_proxy_mode(config, logs_dir=self.logs_dir, slots=self.slots,
+                                                     runtime_dir=options.state_dir / "proxy")
         self.start_limit = asyncio.Semaphore(config.desktop.start_concurrency)
         self.changed = asyncio.Event()
         self.store: StateStore | None = None
@@ -186,6 +188,7 @@ class Gateway:
 
     async def _start_web(self, stack: contextlib.AsyncExitStack) -> None:
         app = make_app(self.config, self.slots, novnc=novnc_dir(self.config))
+        app.router.add_routes(self.proxy_mode.web_routes(self.tokens.accounts))
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
@@ -193,15 +196,32 @@ class Gateway:
             site = web.TCPSite(runner, "127.0.0.1", 0)  # Apache is the front; any free port will do
         else:
             host, port = parse_listen(self.options.listen)
-            site = web.TCPSite(runner, host, port)
+            tls = self._tls_context() if self.config.apache.mode == "none" else None
+            site = web.TCPSite(runner, host, port, ssl_context=tls)
         await site.start()
         server = site._server  # aiohttp reports the bound port only through the server's sockets
         assert server is not None and server.sockets
         self.web_port = server.sockets[0].getsockname()[1]
         log.info("web app listening port=%d", self.web_port)
 
+    def _tls_context(self) -> ssl.SSLContext | None:
+        """Without Apache the gateway serves https itself when a certificate is configured."""
+        tls = self.config.tls
+        if not tls.enabled:
+            return None
+        assert tls.cert is not None and tls.key is not None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            context.load_cert_chain(tls.cert, tls.key)
+        except (OSError, ssl.SSLError) as exc:
+            raise UserError(f"tls.cert/tls.key: cannot load {tls.cert}: {exc}") from None
+        return context
+
     async def _start_front(self, stack: contextlib.AsyncExitStack) -> None:
         assert self.web_port is not None
+        if self.config.apache.mode == "none":
+            return  # the web app itself listens on --listen
         routes = self.proxy_mode.routes(self.tokens.accounts)
         if self.config.apache.mode == "system":
             text = render_apache_config(self.config, routes, web_port=self.web_port, layout=None,
@@ -381,14 +401,15 @@ class AccountWatcher:
 
     async def _ensure_proxy(self) -> str | None:
         assert self.endpoint is not None
-        if self.proxy is not None and self.proxy.process.returncode is None and self.proxy.endpoint == self.endpoint:
+        if self.proxy is not None and self.proxy.alive and self.proxy.endpoint == self.endpoint:
             return None
         await self._stop_proxy()
         try:
             self.proxy = await self.gateway.proxy_mode.start(self.account, self.endpoint)
         except Exception as exc:  # a proxy that won't start is this account's failure, not the gateway's
             return f"proxy did not start: {exc}"
-        self.store.save_service(f"proxy:{self.account.id}", self.proxy.identity)
+        if self.proxy.identity is not None:
+            self.store.save_service(f"proxy:{self.account.id}", self.proxy.identity)
         return None
 
     async def _watch(self) -> str:
@@ -398,7 +419,7 @@ class AccountWatcher:
             assert self.proxy is not None and self.state is not None
             try:
                 async with asyncio.timeout(interval):
-                    status = await self.proxy.process.wait()
+                    status = await self.proxy.wait()
             except TimeoutError:
                 pass
             else:

@@ -1,0 +1,252 @@
+"""``proxy.mode: builtin``: the gateway's own web server relays each account's websocket to its desktop.
+
+Each account's websocket path is a route of the gateway's aiohttp application. A request there is
+upgraded, a TCP connection is opened to that account's VNC endpoint (as the supervisor reported
+it; never a host or port from the request), and bytes are piped both ways as binary websocket
+messages until either side closes. No process is started per account or per connection.
+
+Because the relay sees every viewer, it records in the account's :class:`DesktopSlot` how many
+viewers are connected and when one last sent keyboard or mouse input.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Mapping, Sequence
+
+from aiohttp import WSMsgType, web
+
+from .backends.base import Endpoint
+from .config import Config
+from .proxy import ProxyMode, Route, RunningProxy
+from .status import DesktopSlot
+from .tokens import Account
+
+__all__ = ["BuiltinRelay", "InputScanner"]
+
+log = logging.getLogger("gateway.relay")
+
+CONNECT_TIMEOUT_S = 10.0
+READ_CHUNK = 256 * 1024
+MAX_CLIENT_MESSAGE = 4 * 1024 * 1024
+
+
+class BuiltinRelay(ProxyMode):
+    """Websocket-to-TCP relay inside the gateway's aiohttp server."""
+
+    name = "builtin"
+
+    def __init__(self, config: Config, slots: Mapping[str, DesktopSlot]) -> None:
+        self.heartbeat_s = config.proxy.heartbeat_s
+        self.slots = slots
+        self._targets: dict[str, Endpoint] = {}
+        self._connections: dict[str, set[asyncio.StreamWriter]] = {}
+
+    def routes(self, accounts: Sequence[Account]) -> list[Route]:
+        # Apache forwards the path unchanged to the gateway's web server.
+        return [Route(a.id, a.websocket_path, None, a.websocket_path) for a in accounts]
+
+    def web_routes(self, accounts: Sequence[Account]) -> list[web.RouteDef]:
+        """One GET route per account path, each bound to that account only."""
+        return [web.get(a.websocket_path, self._handler_for(a.id)) for a in accounts]
+
+    async def start(self, account: Account, endpoint: Endpoint) -> RunningProxy:
+        self._targets[account.id] = endpoint
+        log.info("relay ready account=%s target=%s", account.id, endpoint)
+        return RunningProxy(account.id, endpoint)
+
+    async def stop(self, proxy: RunningProxy) -> None:
+        if self._targets.get(proxy.account) == proxy.endpoint:
+            del self._targets[proxy.account]
+            # Viewers of a desktop that is stopped or moved are disconnected; noVNC reconnects.
+            for writer in list(self._connections.get(proxy.account, ())):
+                writer.close()
+        proxy.mark_stopped()
+
+    def _handler_for(self, account_id: str):  # type: ignore[no-untyped-def]
+        async def handler(request: web.Request) -> web.StreamResponse:
+            return await self._relay(request, account_id)
+
+        return handler
+
+    async def _relay(self, request: web.Request, account_id: str) -> web.StreamResponse:
+        target = self._targets.get(account_id)
+        if target is None:
+            raise web.HTTPServiceUnavailable(text="This desktop is not ready yet.")
+        ws = web.WebSocketResponse(protocols=("binary",), heartbeat=self.heartbeat_s,
+                                   max_msg_size=MAX_CLIENT_MESSAGE)
+        if not ws.can_prepare(request).ok:
+            raise web.HTTPBadRequest(text="Expected a websocket upgrade.")
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                reader, writer = await asyncio.open_connection(target.host, target.port)
+        except (OSError, TimeoutError) as exc:
+            log.warning("relay cannot reach desktop account=%s error=%s", account_id, exc)
+            raise web.HTTPBadGateway(text="The desktop does not answer.") from None
+        slot = self.slots[account_id]
+        connections = self._connections.setdefault(account_id, set())
+        connections.add(writer)
+        slot.viewers += 1
+        try:
+            await ws.prepare(request)
+            try:
+                async with asyncio.TaskGroup() as group:
+                    group.create_task(self._to_desktop(ws, writer, slot))
+                    group.create_task(self._to_viewer(reader, ws))
+            except* _Closed:
+                pass
+        finally:
+            slot.viewers -= 1
+            connections.discard(writer)
+            writer.close()
+            with contextlib.suppress(OSError, TimeoutError):
+                async with asyncio.timeout(2):
+                    await writer.wait_closed()
+            with contextlib.suppress(OSError, TimeoutError, RuntimeError):
+                async with asyncio.timeout(2):
+                    await ws.close()
+        return ws
+
+    @staticmethod
+    async def _to_desktop(ws: web.WebSocketResponse, writer: asyncio.StreamWriter, slot: DesktopSlot) -> None:
+        scanner = InputScanner()
+        try:
+            async for msg in ws:
+                if msg.type is WSMsgType.BINARY:
+                    if scanner.feed(msg.data):
+                        slot.last_input_at = time.time()
+                    writer.write(msg.data)
+                    await writer.drain()
+                elif msg.type is WSMsgType.TEXT:
+                    await ws.close(code=1003, message=b"binary frames only")
+                    break
+                # CLOSE/ERROR end the iteration; PING/PONG are handled by aiohttp.
+        except (ConnectionError, OSError):
+            pass
+        raise _Closed
+
+    @staticmethod
+    async def _to_viewer(reader: asyncio.StreamReader, ws: web.WebSocketResponse) -> None:
+        try:
+            while data := await reader.read(READ_CHUNK):
+                await ws.send_bytes(data)
+        except (ConnectionError, OSError):
+            pass
+        raise _Closed
+
+
+class _Closed(Exception):
+    """One direction of a relayed connection ended; the other is cancelled."""
+
+
+class InputScanner:
+    """Follows the client-to-server half of an RFB stream and spots keyboard and mouse events.
+
+    It steps over the client's part of the handshake (version, security type, a VncAuth answer,
+    ClientInit) and then over whole client messages. On anything it does not know (another
+    security type, an unknown message) it gives up and reports all further data as input, which
+    errs towards "the participant is active".
+    """
+
+    __slots__ = ("_buffer", "_stage", "_lost")
+
+    _FIXED = {0: 20, 3: 10, 4: 8, 5: 6, 150: 10, 250: 4}
+    _INPUT = frozenset({4, 5, 6})
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._stage = "version"
+        self._lost = False
+
+    def feed(self, data: bytes) -> bool:
+        """Take the next client bytes; True if they complete at least one input event."""
+        if self._lost:
+            return True
+        self._buffer += data
+        found = False
+        while True:
+            step = self._step()
+            if step is None:
+                return found or self._lost
+            found = found or step
+
+    def _take(self, n: int) -> bytes | None:
+        if len(self._buffer) < n:
+            return None
+        chunk = bytes(self._buffer[:n])
+        del self._buffer[:n]
+        return chunk
+
+    def _give_up(self) -> None:
+        self._lost = True
+        self._buffer.clear()
+
+    def _step(self) -> bool | None:
+        """Consume one unit; False/True for a non-input/input unit, None if more data is needed."""
+        if self._lost:
+            return None
+        buf = self._buffer
+        if self._stage == "version":
+            version = self._take(12)
+            if version is None:
+                return None
+            if version not in (b"RFB 003.008\n", b"RFB 003.007\n"):
+                self._give_up()
+                return None
+            self._stage = "security"
+            return False
+        if self._stage == "security":
+            chosen = self._take(1)
+            if chosen is None:
+                return None
+            if chosen == b"\x02":
+                self._stage = "auth"
+            elif chosen == b"\x01":
+                self._stage = "init"
+            else:
+                self._give_up()
+                return None
+            return False
+        if self._stage == "auth":
+            if self._take(16) is None:
+                return None
+            self._stage = "init"
+            return False
+        if self._stage == "init":
+            if self._take(1) is None:
+                return None
+            self._stage = "messages"
+            return False
+        if not buf:
+            return None
+        kind = buf[0]
+        if kind in self._FIXED:
+            size = self._FIXED[kind]
+        elif kind == 2:  # SetEncodings: 4-byte header, U16 count of 4-byte encodings
+            if len(buf) < 4:
+                return None
+            size = 4 + 4 * int.from_bytes(buf[2:4], "big")
+        elif kind == 6:  # ClientCutText: 8-byte header, S32 length (negative: extended format)
+            if len(buf) < 8:
+                return None
+            size = 8 + abs(int.from_bytes(buf[4:8], "big", signed=True))
+        elif kind == 248:  # ClientFence: 9-byte header, U8 payload length
+            if len(buf) < 9:
+                return None
+            size = 9 + buf[8]
+        elif kind == 251:  # SetDesktopSize: 8-byte header, U8 count of 16-byte screens
+            if len(buf) < 8:
+                return None
+            size = 8 + 16 * buf[6]
+        else:
+            self._give_up()
+            return None
+        if size > MAX_CLIENT_MESSAGE:
+            self._give_up()
+            return None
+        if self._take(size) is None:
+            return None
+        return kind in self._INPUT
