@@ -253,9 +253,11 @@ class Gateway:
         assert self.apache is not None
         policy = RestartPolicy(self.config.restart)
         while True:
-            assert self.apache.process is not None
+            assert self.apache.process is not None and self.apache.identity is not None
             status = await self.apache.process.wait()
             log.error("apache exited status=%s", status)
+            # Its workers may outlive it for a moment, still holding the listening socket.
+            await terminate_group(self.apache.identity, proc=self.apache.process, grace_s=2)
             delay = policy.next_delay()
             if delay is None:
                 log.error("apache keeps failing; giving up (see %s)", self.apache.layout.error_log)

@@ -229,3 +229,16 @@ def test_gateway_down_after_a_crash_stops_the_leftovers(gateway_factory) -> None
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert processes_mentioning(str(run.state_dir)) == []
+
+
+async def test_private_apache_is_restarted(gateway_factory) -> None:
+    run: GatewayRun = gateway_factory(count=1)
+    run.up()
+    (account,) = run.accounts
+    _, services = recorded(run)
+    os.kill(services["apache"].pid, signal.SIGKILL)
+    await handshake_until_ok(run.ws_url(account), account.password, timeout_s=20)
+    _, after = recorded(run)
+    assert after["apache"].pid != services["apache"].pid
+    assert "apache exited" in run.text()
+    assert run.terminate() == 0
