@@ -14,7 +14,7 @@ from typing import Any
 
 import jinja2
 
-__all__ = ["render", "apache_quote", "shell_quote", "UnsafeValue"]
+__all__ = ["render", "register_filter", "apache_quote", "shell_quote", "UnsafeValue"]
 
 TEMPLATE_DIR = Path(__file__).with_name("templates")
 
@@ -52,6 +52,11 @@ _environment = jinja2.Environment(
 )
 _environment.filters["apache_quote"] = apache_quote
 _environment.filters["shell_quote"] = shell_quote
+
+
+def register_filter(name: str, function: Any) -> None:
+    """Add a quoting or validating filter for templates of one kind (unit files, job scripts)."""
+    _environment.filters[name] = function
 
 
 def render(template: str, **context: Any) -> str:
