@@ -76,11 +76,21 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--force", action="store_true", help="overwrite an existing file")
     gen.set_defaults(handler=cmd_tokens_generate)
 
+    systemd = commands.add_parser("systemd", help="run the gateway as a systemd service")
+    systemd_commands = systemd.add_subparsers(dest="systemd_command", required=True, metavar="ACTION")
+    install = systemd_commands.add_parser("install", help="write the unit file for this token file and config")
+    install.add_argument("tokens", type=Path)
+    install.add_argument("--config", type=Path)
+    install.add_argument("--listen", default="127.0.0.1:8080")
+    install.add_argument("--unit-dir", type=Path, default=Path("/etc/systemd/system"))
+    install.set_defaults(handler=cmd_systemd_install)
+
     apache = commands.add_parser("apache-config", help="print the Apache rules for organisers who run Apache themselves")
     apache.add_argument("tokens", type=Path)
     apache.add_argument("--config", type=Path)
     apache.add_argument("--web-port", type=int, default=8080, help="port the gateway's pages listen on (default 8080)")
     apache.set_defaults(handler=cmd_apache_config)
+    _add_participant_commands(commands)
     return parser
 
 
@@ -101,7 +111,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UserError(f"--listen {exc}") from None
     state_dir = resolve_state_dir(args.state_dir, config)
-    preflight(config)
+    preflight(config, tokens)
     for warning in tokens.warnings:
         log.warning("%s", warning)
     ensure_private_dir(state_dir)
@@ -163,10 +173,17 @@ def resolve_state_dir(option: Path | None, config: Config) -> Path:
     return default_state_dir()
 
 
-def preflight(config: Config) -> None:
+def preflight(config: Config, tokens: TokenFile | None = None) -> None:
     """Everything that must exist before anything starts; one error listing all that is missing."""
+    from .backends import backend_name_for
+
     missing = []
-    programs = ["Xvnc", "vncpasswd", config.desktop.session[0]]
+    needed = {"local"} if tokens is None else {backend_name_for(a, config) for a in tokens.accounts}
+    programs = []
+    if "local" in needed:  # Xvnc and the session run here only for local desktops
+        programs += ["Xvnc", "vncpasswd", config.desktop.session[0]]
+    if "slurm" in needed:
+        programs += ["sbatch", "squeue", "scancel", "scontrol", "sinfo"]
     if config.apache.mode == "private":
         programs.append(config.apache.binary)
     for program in programs:
@@ -176,9 +193,16 @@ def preflight(config: Config) -> None:
         value = getattr(config.tls, key)
         if value and not os.access(value, os.R_OK):
             missing.append(f"tls.{key}: cannot read {value}")
+    if "ssh" in needed:  # the key that logs in to the VNC hosts, and their host keys
+        for key in ("private_key", "known_hosts"):
+            path = os.path.expanduser(getattr(config.ssh, key))
+            if not os.access(path, os.R_OK):
+                missing.append(f"ssh.{key}: cannot read {path}")
     if missing:
         hint = ("install them with: apt-get install tigervnc-standalone-server tigervnc-tools apache2 openbox xterm"
                 if any("not found" in m for m in missing) else "")
+        if any(m.endswith(("sbatch", "squeue", "scancel", "scontrol", "sinfo")) for m in missing):
+            hint += "\nthe Slurm client commands come with: apt-get install slurm-client (and a munge key)"
         raise UserError("\n".join(missing + ([hint] if hint else [])))
 
 
@@ -265,7 +289,7 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 
 async def _clean_up_after_crash(state_dir: Path, config: Config) -> int:
-    from .backends import BackendError, make_backend
+    from .backends import BackendError, backends_with_leftovers, make_backend
     from .proc import is_alive, terminate_group
     from .state import StateStore
     from .supervisor import _placeholder
@@ -289,6 +313,9 @@ async def _clean_up_after_crash(state_dir: Path, config: Config) -> int:
             await backends[record.backend].stop(_placeholder(record.account), record.state)
             store.forget_desktop(record.account)
             stopped += 1
+        for name in backends_with_leftovers(state_dir):  # e.g. the event reservation it created
+            if name not in backends:
+                backends[name] = make_backend(name, config, state_dir)
         for backend in backends.values():
             await backend.close(final=True)
     finally:
@@ -330,18 +357,165 @@ def cmd_tokens_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- systemd --------------------------------------------------------------------------------------
+
+
+def cmd_systemd_install(args: argparse.Namespace) -> int:
+    from .systemd import ServiceSpec, install_service
+
+    tokens, config = load_inputs(args.tokens, args.config)  # refuse to install a service that can't start
+    del tokens, config
+    spec = ServiceSpec(tokens=args.tokens.resolve(), config=args.config.resolve() if args.config else None,
+                       listen=args.listen)
+    unit = install_service(spec, args.unit_dir)
+    print(f"Wrote {unit}. Start it with: systemctl daemon-reload && systemctl enable --now {unit.name}")
+    print(f"State, logs and workspaces: {spec.state_dir}; stop with: systemctl stop {unit.name}")
+    return 0
+
+
 # -- apache-config --------------------------------------------------------------------------------
 
 
 def cmd_apache_config(args: argparse.Namespace) -> int:
     from .apache import render_apache_config
     from .proxy import PerAccountWebsockify
+    from .relay import BuiltinRelay
 
     tokens, config = load_inputs(args.tokens, args.config)
-    routes = PerAccountWebsockify(config, Path(".")).routes(tokens.accounts)
+    if config.proxy.mode == "shared":
+        # The shared mode's route tokens are secrets made fresh by each `gateway up`.
+        raise UserError("proxy.mode shared: use apache.mode system, which installs the rules at each start")
+    mode = BuiltinRelay(config, {}) if config.proxy.mode == "builtin" else PerAccountWebsockify(config, Path("."))
+    routes = mode.routes(tokens.accounts)
     text = render_apache_config(config, routes, web_port=args.web_port, layout=None, listen=config.listen)
     sys.stdout.write(text)
     return 0
+
+
+# -- accounts, archive (participants' sign-up and post-event archives) ---------------------------
+
+
+def _add_participant_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    accounts = commands.add_parser("accounts", help="see and manage the accounts participants signed up for")
+    actions = accounts.add_subparsers(dest="accounts_command", required=True, metavar="ACTION")
+    listing = actions.add_parser("list", help="every claimed account: e-mail, name, when, what was accepted")
+    release = actions.add_parser("release", help="free an account for the next sign-up (acceptances stay on record)")
+    release.add_argument("account")
+    export = actions.add_parser("export", help="write the claims as CSV (mode 0600 when written to a file)")
+    export.add_argument("--csv", action="store_true", required=True, help="CSV format (the only one)")
+    export.add_argument("-o", "--output", type=Path, help="file to write (default: standard output)")
+    for parser, handler in ((listing, cmd_accounts_list), (release, cmd_accounts_release), (export, cmd_accounts_export)):
+        _common_options(parser)
+        parser.set_defaults(handler=handler)
+
+    archive = commands.add_parser("archive", help="pack each account's workspace for download after the event")
+    archive.add_argument("tokens", type=Path)
+    archive.add_argument("--accounts", help="comma-separated accounts (default: every account in TOKENS)")
+    archive.add_argument("--format", choices=("tar.gz", "zip"), help="default from config: archive.format")
+    _common_options(archive)
+    archive.set_defaults(handler=cmd_archive)
+
+
+def _open_store(args: argparse.Namespace) -> tuple["StateStore", Config, Path]:
+    from .state import StateStore
+
+    config = load_config(args.config)
+    state_dir = resolve_state_dir(args.state_dir, config)
+    if not (state_dir / "gateway.db").exists():
+        raise UserError(f"no gateway state in {state_dir} (use --state-dir)")
+    return StateStore(state_dir / "gateway.db"), config, state_dir
+
+
+def cmd_accounts_list(args: argparse.Namespace) -> int:
+    from .accounts import acceptances, claims
+
+    store, _, _ = _open_store(args)
+    try:
+        found = claims(store)
+        accepted = acceptances(store)
+    finally:
+        store.close()
+    print(f"{'ACCOUNT':<12} {'CLAIMED':<19} {'ACCEPTED':>8}  {'E-MAIL':<32} NAME")
+    for c in found:
+        count = len({a.document for a in accepted if a.account == c.account and a.email == c.email})
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(c.claimed_at))
+        print(f"{c.account:<12} {when:<19} {count:>8}  {c.email:<32} {c.name}")
+    print(f"{len(found)} accounts claimed", file=sys.stderr)
+    return 0
+
+
+def cmd_accounts_release(args: argparse.Namespace) -> int:
+    from .accounts import release
+
+    store, _, _ = _open_store(args)
+    try:
+        released = release(store, args.account)
+    finally:
+        store.close()
+    if released is None:
+        raise UserError(f"{args.account} is not claimed")
+    print(f"Released {released.account} (was {released.email}); the next sign-up may get it.", file=sys.stderr)
+    return 0
+
+
+def cmd_accounts_export(args: argparse.Namespace) -> int:
+    from .accounts import export_csv
+
+    store, _, _ = _open_store(args)
+    try:
+        text = export_csv(store)
+    finally:
+        store.close()
+    if args.output is None:
+        sys.stdout.write(text)
+    else:
+        atomic_write(args.output, text, mode=0o600)  # names and e-mail addresses
+        print(f"Wrote {args.output} (mode 0600)", file=sys.stderr)
+    return 0
+
+
+def cmd_archive(args: argparse.Namespace) -> int:
+    from .archive import PackResult, pack_accounts
+    from .backends import backend_name_for
+    from .state import StateStore
+
+    setup_logging(args.verbose)
+    tokens, config = load_inputs(args.tokens, args.config)
+    state_dir = resolve_state_dir(args.state_dir, config)
+    by_id = tokens.by_id()
+    wanted = [a.strip() for a in args.accounts.split(",") if a.strip()] if args.accounts else list(by_id)
+    unknown = [a for a in wanted if a not in by_id]
+    if unknown:
+        raise UserError(f"not in {args.tokens}: {', '.join(unknown)}")
+    fmt = args.format or config.archive.format
+    jobs, results = [], {}
+    for name in wanted:
+        if backend_name_for(by_id[name], config) == "ssh":
+            results[name] = f"its workspace is on {by_id[name].vnc_host}; remote workspaces are not packed yet"
+        else:
+            jobs.append((name, Path(config.desktop.workspace.format(account=name, state_dir=state_dir))))
+    ensure_private_dir(state_dir)
+    store = StateStore(state_dir / "gateway.db")
+    try:
+        started = time.monotonic()
+        results.update(asyncio.run(pack_accounts(store, jobs, state_dir=state_dir, fmt=fmt,
+                                                 level=config.archive.compress_level,
+                                                 concurrency=config.archive.concurrency)))
+        elapsed = time.monotonic() - started
+    finally:
+        store.close()
+    packed = 0
+    for name in wanted:
+        result = results[name]
+        if isinstance(result, PackResult):
+            packed += 1
+            print(f"{name}: {result.path} {result.size} bytes, {result.files} files, sha256 {result.sha256}")
+            for item in result.skipped:
+                print(f"  skipped {item}")
+        else:
+            print(f"{name}: no archive: {result}", file=sys.stderr)
+    print(f"{packed} of {len(wanted)} archives written in {elapsed:.1f} s", file=sys.stderr)
+    return 0 if packed == len(wanted) else 1
 
 
 # -- logging --------------------------------------------------------------------------------------
@@ -352,6 +526,8 @@ _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 def setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=_LOG_FORMAT, stream=sys.stderr)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # asyncssh logs every channel (each remote command of backend: ssh) at INFO.
+    logging.getLogger("asyncssh").setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
 def add_log_file(path: Path) -> None:

@@ -7,6 +7,7 @@ local default). Unknown keys are errors: a typo must not silently fall back to a
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import os
 import re
 import types
@@ -30,6 +31,9 @@ __all__ = [
     "EventConfig",
     "SlurmConfig",
     "ContainerConfig",
+    "SshConfig",
+    "RegistrationConfig",
+    "ArchiveConfig",
     "load_config",
     "parse_config",
     "PROJECT_ROOT",
@@ -159,9 +163,10 @@ class SlurmConfig:
     #: Time limit of each desktop job (always passed as -t: a job without one never starts while a
     #: reservation covers its node).
     time_limit_s: int = 12 * 3600
-    #: Resources of each desktop job (--cpus-per-task, --mem, e.g. "2G").
+    #: Resources of each desktop job: --cpus-per-task, and --mem such as "2G" (null: the
+    #: partition's default memory; nodes must declare RealMemory for --mem to be accepted).
     cpus_per_desktop: int = 1
-    mem_per_desktop: str = "2G"
+    mem_per_desktop: str | None = None
     #: More sbatch options, one per entry, e.g. ["--gres=gpu:1"] (passed as separate arguments).
     extra_sbatch_args: tuple[str, ...] = ()
     #: Jobs are named PREFIX-ACCOUNT.
@@ -196,9 +201,87 @@ class ContainerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SshConfig:
+    """backend: ssh: desktops on named VNC hosts that the gateway reaches over SSH (asyncssh)."""
+
+    #: User the gateway logs in as on every VNC host (null: the user running the gateway).
+    user: str | None = None
+    #: Private key of that user (OpenSSH or PEM format, without a passphrase).
+    private_key: str = "~/.ssh/id_ed25519"
+    #: SSH port of the VNC hosts.
+    port: int = 22
+    #: The hosts' keys, in OpenSSH known_hosts format; a host that is missing, or shows another
+    #: key, is refused (add keys after checking them, e.g. with ssh-keyscan).
+    known_hosts: str = "~/.ssh/known_hosts"
+    #: Longest wait for a connection (each attempt; an attempt is repeated with backoff).
+    connect_timeout_s: float = 10.0
+    connect_attempts: int = 3
+    #: Longest time one remote command may take.
+    command_timeout_s: float = 20.0
+    #: Remote commands running at once over each host's single connection (sshd's MaxSessions,
+    #: 10 by default, caps this).
+    max_sessions_per_host: int = 8
+    #: Xvnc and vncpasswd on the hosts.
+    xvnc: str = "Xvnc"
+    vncpasswd: str = "vncpasswd"
+    #: Address each host's Xvnc listens on; the gateway connects to vnchost:vncport, so it must
+    #: be reachable from the gateway (0.0.0.0: every address of the host).
+    interface: str = "0.0.0.0"
+    #: Password files, logs, pid files and workspaces on each host (relative: in the user's home).
+    #: desktop.workspace is applied with {state_dir} meaning this directory.
+    state_dir: str = "workshop-gateway"
+    #: The session started on the host (argv; DISPLAY and HOME are set); null: desktop.session,
+    #: which must then exist at the same path on the host.
+    session: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RegistrationConfig:
+    """The participants' sign-up form (/signup) and sign-in (/login, /me); see gateway/participant.py."""
+
+    #: Offer the sign-up form: it hands the next free account of the token file to each e-mail.
+    #: (Sign-in with account id and password, and the personal page, work either way.)
+    enabled: bool = False
+    #: Terms to accept before signing up: Markdown files (relative: to this config file), each
+    #: shown on the form with a checkbox; its first "# heading" is its title.
+    documents: tuple[str, ...] = ()
+    #: A code announced at the event that the form asks for (null: no code).
+    event_code: str | None = None
+    #: The same e-mail signing up again gets its account again. show: with its password;
+    #: hide: only told that it has one (organisers look it up with `gateway accounts list`).
+    repeat: Literal["show", "hide"] = "hide"
+    #: Sign-up requests accepted from one client address within signup_window_s.
+    signup_attempts: int = 30
+    signup_window_s: float = 600.0
+    #: Failed sign-ins accepted from one client address within signin_window_s.
+    signin_failures: int = 10
+    signin_window_s: float = 300.0
+    #: How long a sign-in lasts.
+    session_lifetime_s: float = 12 * 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class ArchiveConfig:
+    """Post-event archives of each workspace (`gateway archive`) and their download (/archive/ACCOUNT)."""
+
+    #: Let participants download their archive from their page or with `curl -u ACCOUNT`.
+    enabled: bool = False
+    #: Format `gateway archive` writes unless --format says otherwise.
+    format: Literal["tar.gz", "zip"] = "tar.gz"
+    #: Archives packed at the same time, and the compression level (1 fast ... 9 small).
+    concurrency: int = 4
+    compress_level: int = 6
+    #: Downloads are offered from this time until that one: ISO 8601 such as
+    #: "2026-11-27T18:00:00+01:00" (without a zone: the gateway's local time); null: no limit.
+    available_from: str | None = None
+    expires: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
-    #: Where desktops run: local (Xvnc on this machine) or slurm (a batch job per desktop).
-    backend: Literal["local", "slurm"] = "local"
+    #: Where desktops run: local (Xvnc on this machine), slurm (a batch job per desktop) or ssh
+    #: (Xvnc started over SSH on each token line's vnchost; see ssh:).
+    backend: Literal["local", "slurm", "ssh"] = "local"
     #: Address the private Apache listens on (--listen wins).
     listen: str = "127.0.0.1:8080"
     #: Holds state, logs, password files and workspaces (--state-dir wins).
@@ -216,6 +299,9 @@ class Config:
     tls: TlsConfig = field(default_factory=TlsConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     container: ContainerConfig = field(default_factory=ContainerConfig)
+    ssh: SshConfig = field(default_factory=SshConfig)
+    registration: RegistrationConfig = field(default_factory=RegistrationConfig)
+    archive: ArchiveConfig = field(default_factory=ArchiveConfig)
     #: Where the file came from, for messages.
     source: str = "<defaults>"
 
@@ -319,7 +405,7 @@ class _Reader:
         if not isinstance(node, yaml.ScalarNode):
             self.bad(node, f"{dotted} must be a single value")
             return _INVALID
-        return yaml.safe_load(yaml.serialize(node))
+        return yaml.constructor.SafeConstructor().construct_object(node, deep=True)
 
     def typed_scalar(self, hint: type, node: yaml.Node, dotted: str) -> Any:
         raw = self.scalar(node, dotted)
@@ -329,6 +415,8 @@ class _Reader:
             raw = float(raw)
         if hint is str and isinstance(raw, (int, float)) and not isinstance(raw, bool):
             raw = str(raw)
+        if hint is str and isinstance(raw, datetime.date):  # an unquoted YAML timestamp
+            raw = raw.isoformat()
         if not isinstance(raw, hint) or (hint is int and isinstance(raw, bool)):
             self.bad(node, f"{dotted} must be {_TYPE_WORDS.get(hint, hint.__name__)}, not {raw!r}")
             return _INVALID
@@ -397,6 +485,8 @@ def _semantic_checks(config: Config, path: str, lines: Mapping[str, int]) -> lis
     except ValueError as exc:
         check(False, "listen", str(exc))
     problems.extend(_slurm_checks(config, check))
+    _ssh_checks(config.ssh, check)
+    _participant_checks(config, check)
     return problems
 
 
@@ -422,7 +512,7 @@ def _slurm_checks(config: Config, check) -> list[Problem]:
     check(s.event_duration_s >= 60, "slurm.event_duration_s", "must be at least 60")
     check(s.time_limit_s >= 60, "slurm.time_limit_s", "must be at least 60")
     check(s.cpus_per_desktop >= 1, "slurm.cpus_per_desktop", "must be at least 1")
-    check(bool(_SLURM_MEM_RE.fullmatch(s.mem_per_desktop)), "slurm.mem_per_desktop",
+    check(s.mem_per_desktop is None or bool(_SLURM_MEM_RE.fullmatch(s.mem_per_desktop)), "slurm.mem_per_desktop",
           "use a size such as 2G or 4096M")
     check(all(a.startswith("-") and "\n" not in a and "\0" not in a for a in s.extra_sbatch_args),
           "slurm.extra_sbatch_args", "give options, one per entry, e.g. [\"--gres=gpu:1\"]")
@@ -448,6 +538,55 @@ def _validate_bind(bind: str) -> None:
     from .container import validate_bind
 
     validate_bind(bind)
+
+
+_SSH_USER_RE = re.compile(r"[A-Za-z0-9._][A-Za-z0-9._-]{0,31}")
+
+
+def _ssh_checks(s: SshConfig, check) -> None:
+    """The ssh: block (its values reach remote command lines, always quoted)."""
+    check(s.user is None or bool(_SSH_USER_RE.fullmatch(s.user)), "ssh.user", "not a valid user name")
+    check(1 <= s.port <= 65535, "ssh.port", "must be 1 to 65535")
+    check(s.connect_timeout_s > 0, "ssh.connect_timeout_s", "must be positive")
+    check(1 <= s.connect_attempts <= 20, "ssh.connect_attempts", "must be 1 to 20")
+    check(s.command_timeout_s > 0, "ssh.command_timeout_s", "must be positive")
+    check(1 <= s.max_sessions_per_host <= 64, "ssh.max_sessions_per_host", "must be 1 to 64")
+    check(bool(_ADDRESS_RE.fullmatch(s.interface)), "ssh.interface", "must be an IP address or host name")
+    check(bool(s.state_dir) and not any(c in s.state_dir for c in "\n\0"), "ssh.state_dir",
+          "must be a path without newlines")
+    for key in ("private_key", "known_hosts"):
+        check(bool(getattr(s, key)), f"ssh.{key}", "must be a file path")
+
+
+def _participant_checks(config: Config, check) -> None:
+    """The registration: and archive: blocks."""
+    r = config.registration
+    check(r.event_code is None or 1 <= len(r.event_code) <= 200, "registration.event_code",
+          "must be 1 to 200 characters")
+    for key in ("signup_attempts", "signin_failures"):
+        check(getattr(r, key) >= 1, f"registration.{key}", "must be at least 1")
+    for key in ("signup_window_s", "signin_window_s", "session_lifetime_s"):
+        check(getattr(r, key) > 0, f"registration.{key}", "must be positive")
+    a = config.archive
+    check(1 <= a.concurrency <= 64, "archive.concurrency", "must be 1 to 64")
+    check(1 <= a.compress_level <= 9, "archive.compress_level", "must be 1 to 9")
+    moments = {}
+    for key in ("available_from", "expires"):
+        value = getattr(a, key)
+        if value is not None:
+            try:
+                moments[key] = parse_moment(value)
+            except ValueError:
+                check(False, f"archive.{key}", "use an ISO 8601 time such as 2026-11-27T18:00:00+01:00")
+    if len(moments) == 2:
+        check(moments["available_from"] < moments["expires"], "archive.expires",
+              "must be later than archive.available_from")
+
+
+def parse_moment(value: str) -> datetime.datetime:
+    """An ISO 8601 time as an aware datetime (without a zone: this machine's local time)."""
+    moment = datetime.datetime.fromisoformat(value)
+    return moment if moment.tzinfo is not None else moment.astimezone()
 
 
 def parse_listen(value: str) -> tuple[str, int]:

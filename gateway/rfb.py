@@ -331,6 +331,36 @@ async def connect_tcp(host: str, port: int, password: str | None, *, timeout_s: 
         await _close_writer(writer)
 
 
+@dataclass(slots=True)
+class RfbClient:
+    """An open, authenticated RFB connection that can send input (used by tests and instructor tools)."""
+
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    session: RfbSession
+
+    async def pointer_event(self, x: int, y: int, buttons: int = 0) -> None:
+        await _send(self.writer, struct.pack(">BBHH", 5, buttons, x, y))
+
+    async def key_event(self, keysym: int, down: bool) -> None:
+        await _send(self.writer, struct.pack(">BBxxI", 4, 1 if down else 0, keysym))
+
+
+@contextlib.asynccontextmanager
+async def open_tcp(host: str, port: int, password: str | None, *, timeout_s: float):  # type: ignore[no-untyped-def]
+    """Connect and authenticate like :func:`connect_tcp`, but keep the connection open as an
+    :class:`RfbClient` for the body of the ``async with``; it is closed afterwards."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    async with asyncio.timeout_at(deadline):
+        reader, writer = await asyncio.open_connection(host, port)
+    try:
+        async with asyncio.timeout_at(deadline):
+            session = await handshake(reader, writer, password)
+        yield RfbClient(reader, writer, session)
+    finally:
+        await _close_writer(writer)
+
+
 # --- websocket -----------------------------------------------------------------------------------
 
 

@@ -8,6 +8,7 @@ an older database is upgraded in place, never discarded.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import time
@@ -43,6 +44,35 @@ MIGRATIONS: tuple[str, ...] = (
         account     TEXT,
         kind        TEXT NOT NULL,
         detail      TEXT NOT NULL DEFAULT ''
+    );
+    """,
+    # 2: participants' sign-up (gateway/accounts.py) and post-event archives (gateway/archive.py).
+    """
+    CREATE TABLE claims (
+        account     TEXT PRIMARY KEY,
+        email       TEXT NOT NULL UNIQUE,   -- normalised: trimmed, lower case
+        name        TEXT NOT NULL,
+        address     TEXT NOT NULL,          -- the client address the form came from
+        claimed_at  REAL NOT NULL
+    );
+    CREATE TABLE acceptances (
+        id          INTEGER PRIMARY KEY AUTOINCREMENT,
+        account     TEXT NOT NULL,
+        email       TEXT NOT NULL,
+        document    TEXT NOT NULL,          -- the terms document's title
+        sha256      TEXT NOT NULL,          -- of the document's text as shown
+        accepted_at REAL NOT NULL
+    );
+    CREATE INDEX acceptances_by_account ON acceptances(account);
+    CREATE TABLE archives (
+        account     TEXT PRIMARY KEY,
+        format      TEXT NOT NULL,          -- "tar.gz" or "zip"
+        filename    TEXT NOT NULL,          -- in {state_dir}/archives
+        size        INTEGER NOT NULL,
+        sha256      TEXT NOT NULL,
+        files       INTEGER NOT NULL,
+        skipped     TEXT NOT NULL,          -- JSON list of "path: reason"
+        created_at  REAL NOT NULL
     );
     """,
 )
@@ -93,6 +123,10 @@ class StateStore:
             )
         for version in range(current, len(MIGRATIONS)):
             with self._transaction() as db:
+                # Another process (`gateway archive` beside `gateway up`) may have migrated since
+                # we looked; the write lock of this transaction makes this second look reliable.
+                if self.schema_version > version:
+                    continue
                 for statement in MIGRATIONS[version].split(";"):
                     if statement.strip():
                         db.execute(statement)
@@ -135,6 +169,16 @@ class StateStore:
     def services(self) -> dict[str, ProcessIdentity]:
         rows = self._db.execute("SELECT name, pid, pgid, start_time FROM services").fetchall()
         return {name: ProcessIdentity(pid, pgid, st) for name, pid, pgid, st in rows}
+
+    # -- for feature modules with tables of their own (accounts, archives) -----------------------
+
+    def transaction(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        """One write transaction (BEGIN IMMEDIATE ... COMMIT, ROLLBACK on error)."""
+        return self._transaction()
+
+    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """Rows of one read-only statement."""
+        return list(self._db.execute(sql, params).fetchall())
 
     # -- events -------------------------------------------------------------------------------------
 

@@ -37,6 +37,12 @@ class DesktopSlot:
     restarts: int = 0
     ready_since: float | None = None
     changed_at: float = field(default_factory=time.time)
+    #: The protocol the participant gets ("vnc"; "dcv" on GPU nodes with NICE DCV).
+    protocol: str = "vnc"
+    #: The endpoint's IP address (endpoint.host may be a node name), for counting connections.
+    endpoint_ip: str | None = None
+    #: Backend facts worth showing to organisers, e.g. {"job_id": "123"}.
+    detail: dict[str, str] = field(default_factory=dict)
     #: Websocket viewers connected now (builtin proxy mode only).
     viewers: int = 0
     #: When a viewer last sent keyboard or mouse input (time.time(); builtin proxy mode only).

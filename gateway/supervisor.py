@@ -187,7 +187,8 @@ class Gateway:
             raise UserError("\n".join(problems))
 
     async def _start_web(self, stack: contextlib.AsyncExitStack) -> None:
-        app = make_app(self.config, self.slots, novnc=novnc_dir(self.config))
+        app = make_app(self.config, self.slots, novnc=novnc_dir(self.config), store=self.store,
+                       state_dir=self.state_dir)
         app.router.add_routes(self.proxy_mode.web_routes(self.tokens.accounts))
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
@@ -325,6 +326,8 @@ class AccountWatcher:
     async def run(self) -> None:
         try:
             await self._lifecycle()
+            # It gave up: stay failed (and visible, with the reason) until the gateway stops.
+            await asyncio.Event().wait()
         except Exception as exc:
             # A bug or an unexpected error fails this account only; the others carry on.
             log.exception("desktop watcher crashed account=%s", self.account.id)

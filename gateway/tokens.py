@@ -256,7 +256,9 @@ def _cross_check(accounts: list[Account], path: str) -> list[Problem]:
     problems += _duplicates(accounts, path, lambda a: a.id.lower(), "account {} already on line {}")
     problems += _duplicates(accounts, path, lambda a: a.websocket_path, "websocketpath {} already on line {}")
     problems += _duplicates(accounts, path, lambda a: a.websocket_port, "websocketport {} already on line {}")
-    problems += _duplicates(accounts, path, _vnc_endpoint_key, "vncport {} on this host already on line {}")
+    problems += _duplicates([a for a in accounts if a.vnc_host != AUTO_HOST], path, _vnc_endpoint_key,
+                            "vncport {} on this host already on line {}")
+    problems += _auto_port_clashes(accounts, path)
     # websockify listens on the gateway host; a local VNC server on the same port would clash.
     local_vnc = {a.vnc_port: a for a in accounts if a.is_local}
     for account in accounts:
@@ -264,6 +266,37 @@ def _cross_check(accounts: list[Account], path: str) -> list[Problem]:
         if clash is not None:
             problems.append(Problem(path, account.line, f"websocketport {account.websocket_port} "
                                     f"is the VNC port of local account {clash.id} (line {clash.line})"))
+    return problems
+
+
+def _auto_port_clashes(accounts: list[Account], path: str) -> list[Problem]:
+    """An ``auto`` desktop may land on any reserved node, next to any other ``auto`` desktop (checked
+    by the per-host rule) and next to the desktops pinned to that node: its VNC port must differ
+    from theirs too. Pinned means a named cluster host served by Slurm (no ``backend=``, or
+    ``backend=slurm``)."""
+    problems: list[Problem] = []
+    first_auto: dict[int, Account] = {}
+    for account in accounts:
+        if account.vnc_host != AUTO_HOST:
+            continue
+        earlier = first_auto.setdefault(account.vnc_port, account)
+        if earlier is not account:
+            problems.append(Problem(path, account.line, f"vncport {account.vnc_port} is also used by "
+                                    f"{earlier.id} on line {earlier.line}: desktops with vnchost auto may "
+                                    f"share a node, so their VNC ports must differ"))
+    pinned = [a for a in accounts
+              if a.vnc_host != AUTO_HOST and not a.is_local and a.extra("backend") in (None, "slurm")]
+    seen_pinned: dict[int, Account] = {}
+    for account in pinned:
+        seen_pinned.setdefault(account.vnc_port, account)
+    for port, auto in first_auto.items():
+        other = seen_pinned.get(port)
+        if other is None:
+            continue
+        later, earlier = (auto, other) if auto.line > other.line else (other, auto)
+        problems.append(Problem(path, later.line, f"vncport {port} is also used by {earlier.id} on line "
+                                f"{earlier.line}: desktops with vnchost auto may land on any node, so their "
+                                f"VNC ports must differ from every auto and pinned desktop's"))
     return problems
 
 

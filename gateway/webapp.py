@@ -15,6 +15,7 @@ from aiohttp import web
 
 from .apache import STATIC_DIR
 from .config import PROJECT_ROOT, Config
+from .state import StateStore
 from .status import DesktopSlot
 
 __all__ = ["make_app", "SLOTS", "CONFIG"]
@@ -37,7 +38,8 @@ _SECURITY_HEADERS = {
 }
 
 
-def make_app(config: Config, slots: Mapping[str, DesktopSlot], *, novnc: Path) -> web.Application:
+def make_app(config: Config, slots: Mapping[str, DesktopSlot], *, novnc: Path,
+             store: StateStore | None = None, state_dir: Path | None = None) -> web.Application:
     app = web.Application(middlewares=[_security_headers])
     app[SLOTS] = slots
     app[CONFIG] = config
@@ -50,6 +52,10 @@ def make_app(config: Config, slots: Mapping[str, DesktopSlot], *, novnc: Path) -
     app.router.add_get("/view/{account}", viewer)
     app.router.add_get("/api/desktops", api_desktops)
     app.router.add_get("/healthz", healthz)
+    if store is not None and state_dir is not None:  # sign-up, sign-in, personal page, archives
+        from . import participant
+
+        participant.add_routes(app, config=config, store=store, state_dir=state_dir)
     # Apache serves these itself; the routes are here for running without it (tests, system mode).
     app.router.add_static("/static/", STATIC_DIR, follow_symlinks=False)
     app.router.add_static("/novnc/", novnc, follow_symlinks=False)

@@ -130,3 +130,35 @@ def test_check_command_exits_2_with_path_line(tmp_path) -> None:
     assert result.returncode == 2
     assert result.stderr.strip() == f"{path}:2: websocketport 'notaport' is not a number"
     assert "Traceback" not in result.stderr
+
+
+def test_auto_vnc_ports_unique_among_auto_and_pinned_slurm_accounts() -> None:
+    text = (
+        "a1 auto   /d/a1 6001 5901 abcdefg\n"                 # 1
+        "a2 auto   /d/a2 6002 5901 abcdefg\n"                 # 2: same port as auto a1
+        "p1 node01 /d/p1 6003 5902 abcdefg\n"                 # 3: pinned
+        "a3 auto   /d/a3 6004 5902 abcdefg\n"                 # 4: same port as pinned p1
+        "p2 node02 /d/p2 6005 5903 abcdefg backend=slurm\n"   # 5: pinned (explicit)
+        "a4 auto   /d/a4 6006 5903 abcdefg\n"                 # 6: same port as pinned p2
+        "s1 node03 /d/s1 6007 5904 abcdefg backend=ssh\n"     # 7: not a Slurm node
+        "a5 auto   /d/a5 6008 5904 abcdefg\n"                 # 8: fine
+        "l1 localhost /d/l1 6009 5905 abcdefg\n"              # 9: the gateway host
+        "a6 auto   /d/a6 6010 5905 abcdefg\n"                 # 10: fine
+        "p3 node01 /d/p3 6011 5906 abcdefg\n"                 # 11
+        "p4 node04 /d/p4 6012 5906 abcdefg\n"                 # 12: pinned on other nodes may share
+    )
+    found = problems(text)
+    assert [f.split(":")[1] for f in found] == ["2", "4", "6"]
+    assert found[0].startswith("t.txt:2: vncport 5901 is also used by a1 on line 1")
+    assert found[1].startswith("t.txt:4: vncport 5902 is also used by p1 on line 3")
+    assert found[2].startswith("t.txt:6: vncport 5903 is also used by p2 on line 5")
+
+
+def test_pinned_before_or_after_auto_reports_the_later_line() -> None:
+    found = problems("p1 node01 /d/p1 6001 5901 abcdefg\n"
+                     "x1 node02 /d/x1 6002 5999 abcdefg\n"
+                     "a1 auto   /d/a1 6003 5999 abcdefg\n")
+    assert found == [f for f in found if f.startswith("t.txt:3: vncport 5999 is also used by x1 on line 2")]
+    assert len(found) == 1
+    tokens = parse_tokens("a1 auto /d/a1 6001 5901 abcdefg\na2 auto /d/a2 6002 5902 abcdefg\n", "t.txt")
+    assert [a.vnc_host for a in tokens.accounts] == ["auto", "auto"]

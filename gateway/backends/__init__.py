@@ -14,7 +14,8 @@ from ..config import Config
 from ..tokens import Account
 from .base import Backend, BackendError, Endpoint, PollResult, Status
 
-__all__ = ["Backend", "BackendError", "Endpoint", "PollResult", "Status", "backend_name_for", "make_backend", "make_backends"]
+__all__ = ["Backend", "BackendError", "Endpoint", "PollResult", "Status", "backend_name_for", "make_backend", "make_backends",
+           "backends_with_leftovers"]
 
 
 def backend_name_for(account: Account, config: Config) -> str:
@@ -32,6 +33,14 @@ def make_backend(name: str, config: Config, state_dir: Path) -> Backend:
         from .local import LocalBackend
 
         return LocalBackend(config, state_dir)
+    if name == "slurm":
+        from .slurm import SlurmBackend
+
+        return SlurmBackend(config, state_dir)
+    if name == "ssh":
+        from .ssh import SshBackend
+
+        return SshBackend(config, state_dir)
     raise BackendError(f"backend {name!r} is not available in this version")
 
 
@@ -39,3 +48,10 @@ def make_backends(config: Config, state_dir: Path, accounts: Sequence[Account]) 
     """One instance of each backend that these accounts need (plus ``local``, always)."""
     wanted = {backend_name_for(a, config) for a in accounts} | {"local"}
     return {name: make_backend(name, config, state_dir) for name in sorted(wanted)}
+
+
+def backends_with_leftovers(state_dir: Path) -> list[str]:
+    """Backends that left something besides desktops (a Slurm reservation) for `gateway down` to remove."""
+    from .slurm import SlurmBackend
+
+    return ["slurm"] if SlurmBackend.has_leftovers(state_dir) else []

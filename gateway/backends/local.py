@@ -18,6 +18,7 @@ from ..config import Config
 from ..files import atomic_write, ensure_private_dir
 from ..proc import ProcessIdentity, is_alive, run, spawn, terminate_group
 from ..tokens import Account
+from ..viewonly import view_only_password, vncpasswd_input
 from .base import Backend, BackendError, DesktopState, Endpoint, PollResult, Status
 
 __all__ = ["LocalBackend", "xvnc_argv", "vnc_password_file_bytes"]
@@ -27,9 +28,10 @@ log = logging.getLogger("gateway.local")
 DISPLAYFD_TIMEOUT_S = 15.0
 
 
-async def vnc_password_file_bytes(password: str, *, vncpasswd: str = "vncpasswd") -> bytes:
+async def vnc_password_file_bytes(password: str, *, view_only: str | None = None,
+                                  vncpasswd: str = "vncpasswd") -> bytes:
     """The obfuscated password file TigerVNC reads, made by ``vncpasswd -f`` from stdin."""
-    result = await run([vncpasswd, "-f"], input=password.encode() + b"\n", timeout_s=10)
+    result = await run([vncpasswd, "-f"], input=vncpasswd_input(password, view_only), timeout_s=10)
     if not result.ok or len(result.stdout) < 8:
         raise BackendError(f"vncpasswd -f failed (status {result.returncode})")
     return result.stdout
@@ -114,8 +116,9 @@ class LocalBackend(Backend):
     async def start(self, account: Account) -> DesktopState:
         ensure_private_dir(self.secrets_dir)
         password_file = self.secrets_dir / f"{account.id}.vncpasswd"
-        atomic_write(password_file, await vnc_password_file_bytes(account.password, vncpasswd=self.vncpasswd),
-                     mode=0o600)
+        view_only = view_only_password(self.state_dir, account.id)
+        file_bytes = await vnc_password_file_bytes(account.password, view_only=view_only, vncpasswd=self.vncpasswd)
+        atomic_write(password_file, file_bytes, mode=0o600)
         xvnc_proc, xvnc_id, display = await self._start_xvnc(account, password_file)
         try:
             session = await self._start_session(account, display)

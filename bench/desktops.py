@@ -1,0 +1,195 @@
+"""Time to ready and gateway memory, measured on real `gateway up` runs with local Xvnc desktops."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import aiohttp
+
+from gateway import rfb
+from gateway.tokens import Account, format_tokens, generate_password
+
+from .common import cmdline, descendants, free_port, percentile, pss_mb
+
+__all__ = ["GatewayUp"]
+
+MODE_CONFIG = {
+    "per-account": "",
+    "shared": "proxy:\n  mode: shared\n",
+    "builtin": "proxy:\n  mode: builtin\n",
+}
+
+
+class _WsStream:
+    """An aiohttp websocket as the reader/writer pair gateway.rfb.handshake expects."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self.ws = ws
+        self.buffer = bytearray()
+        self.pending = bytearray()
+
+    async def readexactly(self, n: int) -> bytes:
+        while len(self.buffer) < n:
+            msg = await self.ws.receive()
+            if msg.type is aiohttp.WSMsgType.BINARY:
+                self.buffer += msg.data
+            elif msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+                raise asyncio.IncompleteReadError(bytes(self.buffer), n)
+        data = bytes(self.buffer[:n])
+        del self.buffer[:n]
+        return data
+
+    def write(self, data: bytes) -> None:
+        self.pending += data
+
+    async def drain(self) -> None:
+        data, self.pending = bytes(self.pending), bytearray()
+        await self.ws.send_bytes(data)
+
+
+class GatewayUp:
+    """One real `gateway up` subprocess with N local desktops, its own ports and state dir."""
+
+    def __init__(self, count: int, mode: str, *, concurrency: int | None = None) -> None:
+        self.tmp = Path(tempfile.mkdtemp(prefix=f"bench-{mode}-{count}-"))
+        self.accounts = [Account(f"b{i:03d}", "localhost", f"/desktop/b{i:03d}", free_port(), free_port(),
+                                 generate_password(), i) for i in range(1, count + 1)]
+        self.tokens = self.tmp / "tokens.txt"
+        self.tokens.write_text(format_tokens(self.accounts))
+        self.tokens.chmod(0o600)
+        config = MODE_CONFIG[mode]
+        if concurrency is not None:
+            config += f"desktop:\n  start_concurrency: {concurrency}\n"
+        (self.tmp / "gateway.yaml").write_text(config)
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def url(self, account: Account) -> str:
+        return f"ws://127.0.0.1:{self.port}{account.websocket_path}"
+
+    async def start_and_wait_ready(self, timeout_s: float) -> dict[str, object]:
+        """Start `gateway up`; return when every desktop completed an RFB handshake through Apache."""
+        argv = [sys.executable, "-m", "gateway", "up", str(self.tokens), "--config", str(self.tmp / "gateway.yaml"),
+                "--listen", f"127.0.0.1:{self.port}", "--state-dir", str(self.tmp / "state")]
+        started = time.monotonic()
+        with open(self.tmp / "gateway.out", "wb") as out:
+            self.process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        ready_at: dict[str, float] = {}
+        deadline = started + timeout_s
+        # Poll the status API (one cheap request), then prove each desktop that says ready with a
+        # real handshake through Apache: a few requests per desktop instead of a storm of retries.
+        async with aiohttp.ClientSession() as http:
+            async def prove(account: Account) -> None:
+                while time.monotonic() < deadline:
+                    try:
+                        await rfb.connect_websocket(self.url(account), account.password, timeout_s=5)
+                        ready_at[account.id] = time.monotonic() - started
+                        return
+                    except (OSError, rfb.RfbError, aiohttp.ClientError, TimeoutError):
+                        await asyncio.sleep(0.1)
+
+            proving: dict[str, asyncio.Task[None]] = {}
+            while len(ready_at) < len(self.accounts) and time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"gateway exited {self.process.returncode}; see {self.tmp}/gateway.out")
+                try:
+                    async with http.get(f"http://127.0.0.1:{self.port}/api/desktops", timeout=aiohttp.ClientTimeout(total=5)) as r:
+                        states = {d["account"]: d["state"] for d in (await r.json())["desktops"]}
+                except (OSError, aiohttp.ClientError, TimeoutError, ValueError):
+                    states = {}
+                for account in self.accounts:
+                    if states.get(account.id) == "ready" and account.id not in proving:
+                        proving[account.id] = asyncio.ensure_future(prove(account))
+                await asyncio.sleep(0.1)
+            await asyncio.gather(*proving.values())
+        times = sorted(ready_at.values())
+        return {
+            "seconds": round(max(times), 2) if len(times) == len(self.accounts) else None,
+            "ready": len(times),
+            "desktop_p50_s": _round(percentile(times, 50)),
+            "desktop_p99_s": _round(percentile(times, 99)),
+        }
+
+    def gateway_pids(self) -> dict[str, list[int]]:
+        """The gateway's own processes on this host, by role; desktops (Xvnc, session) left out."""
+        assert self.process is not None
+        roles: dict[str, list[int]] = {"supervisor": [self.process.pid], "proxies": [], "apache": []}
+        for pid in descendants(self.process.pid)[1:]:
+            line = cmdline(pid)
+            if b"websockify" in line:
+                roles["proxies"].append(pid)
+            elif b"apache2" in line:
+                roles["apache"].append(pid)
+        return roles
+
+    def memory_mb(self) -> dict[str, float]:
+        roles = self.gateway_pids()
+        result = {role: round(pss_mb(pids), 1) for role, pids in roles.items()}
+        result["total"] = round(sum(result.values()), 1)
+        return result
+
+    async def hold_connections(self, settle_s: float = 2.0) -> tuple[dict[str, float], int]:
+        """Open one viewer per desktop (full RFB handshake), measure memory, close them."""
+        held: list[aiohttp.ClientWebSocketResponse] = []
+        failed = 0
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
+            async def open_one(account: Account) -> None:
+                nonlocal failed
+                try:
+                    async with asyncio.timeout(30):
+                        ws = await http.ws_connect(self.url(account), protocols=("binary",))
+                        stream = _WsStream(ws)
+                        await rfb.handshake(stream, stream, account.password)
+                        held.append(ws)
+                except (OSError, rfb.RfbError, aiohttp.ClientError, TimeoutError):
+                    failed += 1
+
+            await asyncio.gather(*(open_one(a) for a in self.accounts))
+            await asyncio.sleep(settle_s)
+            memory = self.memory_mb()
+            for ws in held:
+                await ws.close()
+        return memory, failed
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        shutil.rmtree(self.tmp, ignore_errors=True)  # token file, state dir, logs
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)
+
+
+async def measure_gateway(count: int, mode: str, *, concurrency: int | None = None, memory: bool,
+                          timeout_s: float) -> dict[str, object]:
+    run = GatewayUp(count, mode, concurrency=concurrency)
+    try:
+        result: dict[str, object] = {"ready": await run.start_and_wait_ready(timeout_s)}
+        if memory:
+            await asyncio.sleep(2)  # let start-up garbage settle
+            idle = run.memory_mb()
+            connected, failed = await run.hold_connections()
+            result["memory"] = {
+                "idle_mb_per_account": round(idle["total"] / count, 2),
+                "connected_mb_per_account": round(connected["total"] / count, 2),
+                "idle_total_mb": idle, "connected_total_mb": connected, "failed_connects": failed,
+            }
+        return result
+    finally:
+        run.stop()

@@ -1,0 +1,620 @@
+"""Desktops as Slurm batch jobs: one job per account, in an event reservation.
+
+Each job runs Xvnc and the desktop session (in the desktop container unless the runtime is
+``none``) from the job script ``templates/desktop-job.sh.j2``, and writes a small report (node,
+port, display) into the account's directory under ``slurm.shared_dir``. The gateway learns the
+endpoint from that report and Slurm's node address; readiness is still the supervisor's RFB
+handshake.
+
+How the password reaches the job (never argv, never the script): the gateway writes it to a 0600
+file, owned by the job's user, in the account's directory of the shared dir, and the job feeds
+that file to ``vncpasswd -f`` on stdin. Not stdin of sbatch: sbatch's stdin is the job script
+itself, and the job starts later, on another machine, with no pipe back to the gateway; and a job
+that Slurm requeues runs the script again and needs the secret again. The shared dir is needed
+anyway for the report. ``stop`` deletes the secret.
+
+State is ``{"job_id", "user", "workdir"}``. Status comes from one ``squeue`` snapshot per second
+shared by every account (:class:`JobQueue`); a job missing from it is GONE only when ``scontrol
+show job`` says it ended or that Slurm does not know it. A failing command is UNKNOWN, never GONE.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import pwd
+import secrets
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import Config, RestartConfig
+from ..container import ContainerSpec, exec_argv
+from ..files import atomic_write, ensure_private_dir
+from ..proc import CommandResult, CommandTimeout, run
+from ..render import render, shell_quote
+from ..restart import RestartPolicy
+from ..slurm_parse import (
+    SQUEUE_FORMAT,
+    JobInfo,
+    JobState,
+    is_invalid_job_id,
+    job_state,
+    parse_job_id,
+    parse_scontrol_job,
+    parse_squeue,
+)
+from ..tokens import AUTO_HOST, Account
+from .base import Backend, BackendError, DesktopState, Endpoint, PollResult, Status
+from .local import xvnc_argv
+
+__all__ = ["SlurmBackend", "JobQueue", "render_job_script", "sbatch_argv", "RESERVATION_RECORD"]
+
+log = logging.getLogger("gateway.slurm")
+
+#: In the state dir: the reservation this gateway created (so only that one is ever deleted).
+RESERVATION_RECORD = "slurm-reservation.json"
+#: How long one squeue snapshot serves every account's poll.
+QUEUE_TTL_S = 1.0
+#: How long stop() waits for a cancelled job to leave the node.
+STOP_WAIT_S = 45.0
+_PASSWORD_MARK = "\0password-file\0"
+
+# Failures worth retrying: slurmctld restarting, unreachable, or busy.
+_TRANSIENT = (
+    "Unable to contact slurm controller",
+    "Socket timed out",
+    "Connection refused",
+    "Zero Bytes were transmitted",
+    "Resource temporarily unavailable",
+    "try again",
+    "Transport endpoint",
+    "slurm_persist_conn",
+    "Communication connection failure",
+    "Reservation request busy",
+    "Job(s) active",
+)
+
+
+# -- pure pieces: the job script and the sbatch command line --------------------------------------
+
+
+def _shell_line(argv: Sequence[str]) -> str:
+    """``argv`` as one shell command line: each word quoted, the password file left to the script."""
+    return " ".join('"$passwd_file"' if word == _PASSWORD_MARK else shell_quote(word) for word in argv)
+
+
+def container_spec(config: Config) -> ContainerSpec:
+    c = config.container
+    return ContainerSpec(runtime=c.runtime, image=c.image, binds=tuple(c.binds))
+
+
+def render_job_script(config: Config, account: Account, *, home: str, workdir: str, secret_file: str) -> str:
+    """The batch script of ``account``'s desktop job. Every value is quoted; the password is not in it."""
+    spec = container_spec(config)
+    d = config.desktop
+    xvnc = xvnc_argv(
+        xvnc="Xvnc", displayfd=3, rfb_port=account.vnc_port, password_file=Path(_PASSWORD_MARK),
+        geometry=d.geometry, depth=d.depth, desktop_name=account.id, max_cut_text=d.max_cut_text,
+        interface=config.slurm.interface,
+    )
+    return render(
+        "desktop-job.sh.j2",
+        account=account.id,
+        runtime=spec.runtime,
+        home=home,
+        workdir=workdir,
+        secret_file=secret_file,
+        port=account.vnc_port,
+        keyboard_layout=d.keyboard_layout,
+        vncpasswd_line=_shell_line(exec_argv(spec, ["vncpasswd"])),
+        xvnc_line=_shell_line(exec_argv(spec, xvnc)),
+        session_line=_shell_line(exec_argv(spec, list(d.session))),
+    )
+
+
+def slurm_duration(seconds: float) -> str:
+    """Seconds as Slurm's ``D-HH:MM:SS``."""
+    total = int(seconds)
+    days, rest = divmod(total, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{days}-{hours:02d}:{minutes:02d}:{secs:02d}"
+
+
+def job_name(config: Config, account: Account) -> str:
+    return f"{config.slurm.job_name_prefix}-{account.id}"
+
+
+def sbatch_argv(config: Config, account: Account, *, reservation: str | None, workdir: str) -> list[str]:
+    """``sbatch`` with every option as its own argument; the script goes on stdin."""
+    s = config.slurm
+    argv = [
+        "sbatch", "--parsable",
+        f"--job-name={job_name(config, account)}",
+        f"--time={slurm_duration(s.time_limit_s)}",
+        "--nodes=1", "--ntasks=1",
+        f"--cpus-per-task={s.cpus_per_desktop}",
+        f"--chdir={workdir}",
+        f"--output={workdir}/job-%j.out",
+        # The job sets its own environment; the gateway's must not leak into a participant's desktop.
+        "--export=NONE",
+    ]
+    if s.mem_per_desktop:
+        argv.append(f"--mem={s.mem_per_desktop}")
+    if reservation:
+        argv.append(f"--reservation={reservation}")
+    if s.partition:
+        argv.append(f"--partition={s.partition}")
+    if s.account:
+        argv.append(f"--account={s.account}")
+    if s.qos:
+        argv.append(f"--qos={s.qos}")
+    if account.vnc_host != AUTO_HOST:
+        argv.append(f"--nodelist={account.vnc_host}")  # a named host pins the desktop to that node
+    argv += list(s.extra_sbatch_args)
+    return argv
+
+
+def parse_report(text: str) -> dict[str, str]:
+    """The job's report: ``key=value`` lines (job, node, host, port, display)."""
+    fields = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            fields[key.strip()] = value.strip()
+    return fields
+
+
+# -- talking to Slurm ----------------------------------------------------------------------------
+
+
+class SlurmUnavailable(Exception):
+    """A Slurm command failed or timed out: the answer is "don't know"."""
+
+
+def _last_line(result: CommandResult) -> str:
+    lines = (result.stderr or result.stdout).decode(errors="replace").strip().splitlines()
+    return lines[-1] if lines else f"status {result.returncode}"
+
+
+def is_transient(result: CommandResult) -> bool:
+    text = result.stderr.decode(errors="replace")
+    return any(marker in text for marker in _TRANSIENT)
+
+
+class JobQueue:
+    """One ``squeue`` snapshot of all jobs, shared by every account's poll for ``ttl_s``.
+
+    Callers that arrive while a snapshot is being taken wait for it instead of starting another,
+    so N watchers cost one squeue per second, not N. A failure is cached for the same time.
+    """
+
+    def __init__(self, *, timeout_s: float, ttl_s: float = QUEUE_TTL_S) -> None:
+        self.timeout_s = timeout_s
+        self.ttl_s = ttl_s
+        self.calls = 0
+        self._lock = asyncio.Lock()
+        self._taken_at: float | None = None
+        self._jobs: dict[int, JobInfo] = {}
+        self._error: str | None = None
+
+    def invalidate(self) -> None:
+        self._taken_at = None
+
+    async def jobs(self) -> dict[int, JobInfo]:
+        """Every job slurmctld still lists (also those that ended less than MinJobAge ago)."""
+        async with self._lock:
+            if self._taken_at is None or time.monotonic() - self._taken_at >= self.ttl_s:
+                await self._refresh()
+            if self._error is not None:
+                raise SlurmUnavailable(self._error)
+            return self._jobs
+
+    async def _refresh(self) -> None:
+        self.calls += 1
+        # squeue --json ignores -j/-u/-t in 22.05; plain squeue lists everything and we filter here.
+        argv = ["squeue", "--noheader", "--states=all", f"--format={SQUEUE_FORMAT}"]
+        try:
+            result = await run(argv, timeout_s=self.timeout_s)
+            if not result.ok:
+                raise SlurmUnavailable(f"squeue failed: {_last_line(result)}")
+            self._jobs = parse_squeue(result.stdout.decode(errors="replace"))
+            self._error = None
+        except (SlurmUnavailable, CommandTimeout, ValueError, OSError) as exc:
+            self._error = str(exc)
+        self._taken_at = time.monotonic()
+
+
+@dataclass(frozen=True, slots=True)
+class SlurmDesktop:
+    job_id: int
+    user: str | None  # the OS user the job runs as with run_as: account, else None
+    workdir: str
+
+    def to_state(self) -> DesktopState:
+        return {"job_id": self.job_id, "user": self.user, "workdir": self.workdir}
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, object]) -> "SlurmDesktop":
+        return cls(int(state["job_id"]), state.get("user") or None, str(state.get("workdir") or ""))  # type: ignore[arg-type]
+
+
+class SlurmBackend(Backend):
+    name = "slurm"
+
+    def __init__(self, config: Config, state_dir: Path) -> None:
+        self.config = config
+        self.settings = config.slurm
+        self.state_dir = state_dir
+        self.shared_dir = Path(self.settings.shared_dir) if self.settings.shared_dir else state_dir / "slurm"
+        self.queue = JobQueue(timeout_s=self.settings.command_timeout_s)
+        self.submit_limit = asyncio.Semaphore(self.settings.submit_concurrency)
+        self.reservation: str | None = self.settings.reservation
+        self._node_addresses: dict[str, str] = {}
+        self._node_addresses_at = 0.0
+        self._node_lock = asyncio.Lock()
+
+    # -- commands ------------------------------------------------------------------------------
+
+    def _as_user(self, user: str | None) -> list[str]:
+        """The prefix that runs a Slurm command as ``user`` (argv, never a shell string)."""
+        if user is None or (os.geteuid() != 0 and pwd.getpwuid(os.geteuid()).pw_name == user):
+            return []
+        if os.geteuid() == 0:
+            return ["runuser", "-u", user, "--"]
+        return ["sudo", "-n", "-u", user, "--"]
+
+    async def _command(self, what: str, argv: Sequence[str], *, input: bytes | None = None,
+                       attempts: int = 5) -> CommandResult:
+        """Run a Slurm command; transient failures (slurmctld away) are retried with backoff.
+
+        Returns the last result (which may have failed for a lasting reason); raises
+        :class:`SlurmUnavailable` when it kept failing transiently.
+        """
+        policy = RestartPolicy(RestartConfig(max_attempts=attempts, window_s=3600.0,
+                                             backoff_initial_s=0.5, backoff_max_s=5.0))
+        while True:
+            try:
+                result = await run(argv, timeout_s=self.settings.command_timeout_s, input=input)
+            except CommandTimeout as exc:
+                why = str(exc)
+            else:
+                if result.ok or not is_transient(result):
+                    return result
+                why = _last_line(result)
+            delay = policy.next_delay()
+            if delay is None:
+                raise SlurmUnavailable(f"{what}: {why}")
+            log.warning("slurm command failed, retrying what=%s in_s=%.1f reason=%s", what, delay, why)
+            await asyncio.sleep(delay)
+
+    # -- open / close: the reservation ---------------------------------------------------------
+
+    @property
+    def _record_path(self) -> Path:
+        return self.state_dir / RESERVATION_RECORD
+
+    @staticmethod
+    def has_leftovers(state_dir: Path) -> bool:
+        """Whether a gateway that crashed left a reservation it created."""
+        return (state_dir / RESERVATION_RECORD).exists()
+
+    def _users(self, accounts: Sequence[Account]) -> list[str]:
+        gateway_user = pwd.getpwuid(os.geteuid()).pw_name
+        users = [gateway_user]
+        if self.settings.run_as == "account":
+            users += [a.id for a in accounts if a.id != gateway_user]
+        return users
+
+    async def open(self, accounts: Sequence[Account]) -> None:
+        if self.settings.run_as == "account":
+            if self.settings.shared_dir is None:
+                raise BackendError("run_as: account needs slurm.shared_dir (a directory every node and every "
+                                   "participant's user can reach; the state dir is private)")
+            missing = [a.id for a in accounts if not _user_exists(a.id)]
+            if missing:
+                raise BackendError(f"run_as: account, but these accounts are not OS users here: {', '.join(missing)}")
+        self.shared_dir.mkdir(parents=True, exist_ok=True)
+        # Traversable (not listable) when participants' users need their own subdirectory.
+        os.chmod(self.shared_dir, 0o711 if self.settings.run_as == "account" else 0o700)
+        if self.settings.reservation is not None:
+            result = await self._command("scontrol show reservation",
+                                         ["scontrol", "show", "reservation", "-o", self.settings.reservation])
+            if not result.ok or f"ReservationName={self.settings.reservation} " not in result.stdout.decode():
+                raise BackendError(f"reservation {self.settings.reservation} does not exist: {_last_line(result)}")
+            self.reservation = self.settings.reservation
+            return
+        self.reservation = await self._ensure_own_reservation(accounts)
+
+    async def _ensure_own_reservation(self, accounts: Sequence[Account]) -> str:
+        recorded = self._read_record()
+        if recorded is not None and await self._reservation_exists(recorded):
+            log.info("reusing the event reservation this gateway created name=%s", recorded)
+            return recorded
+        name = f"{self.settings.job_name_prefix}-event-{secrets.token_hex(4)}"
+        s = self.settings
+        argv = ["scontrol", "create", "reservation", f"ReservationName={name}",
+                f"StartTime={s.event_start}", f"Duration={max(1, round(s.event_duration_s / 60))}",
+                f"Users={','.join(self._users(accounts))}",
+                # Running jobs on the nodes don't block creating it; they just keep their cores.
+                "Flags=IGNORE_JOBS"]
+        argv.append(f"Nodes={s.reservation_nodes}" if s.reservation_nodes else f"NodeCnt={s.node_count}")
+        if s.partition:
+            argv.append(f"PartitionName={s.partition}")
+        # Recorded before it exists: a crash right after creating it must not leave it unknown.
+        atomic_write(self._record_path, json.dumps({"name": name, "created_at": time.time()}) + "\n", mode=0o600)
+        try:
+            result = await self._command("scontrol create reservation", argv)
+        except SlurmUnavailable as exc:
+            self._record_path.unlink(missing_ok=True)
+            raise BackendError(f"cannot create the event reservation: {exc}") from None
+        if not result.ok:
+            self._record_path.unlink(missing_ok=True)
+            raise BackendError(f"cannot create the event reservation: {_last_line(result)}")
+        log.info("event reservation created name=%s", name)
+        return name
+
+    def _read_record(self) -> str | None:
+        try:
+            data = json.loads(self._record_path.read_text())
+            return str(data["name"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    async def _reservation_exists(self, name: str) -> bool:
+        result = await self._command("scontrol show reservation", ["scontrol", "show", "reservation", "-o", name])
+        return result.ok and f"ReservationName={name} " in result.stdout.decode()
+
+    async def close(self, *, final: bool) -> None:
+        if not final:
+            return
+        name = self._read_record()
+        if name is None:
+            return
+        if await self._reservation_exists(name):
+            try:
+                result = await self._command("scontrol delete reservation",
+                                             ["scontrol", "delete", "reservation", name], attempts=8)
+            except SlurmUnavailable as exc:
+                log.error("event reservation not deleted name=%s reason=%s", name, exc)
+                return
+            if not result.ok:
+                log.error("event reservation not deleted name=%s reason=%s", name, _last_line(result))
+                return
+            log.info("event reservation deleted name=%s", name)
+        self._record_path.unlink(missing_ok=True)
+
+    # -- start ---------------------------------------------------------------------------------
+
+    def _paths(self, account: Account) -> tuple[Path, Path, str]:
+        """The account's work directory, its secret file, and the desktop's HOME."""
+        workdir = self.shared_dir / account.id
+        if self.settings.run_as == "account":
+            home = pwd.getpwnam(account.id).pw_dir
+        else:
+            home = str(workdir / "home")
+        return workdir, workdir / ".vnc-secret", home
+
+    async def start(self, account: Account) -> DesktopState:
+        user = account.id if self.settings.run_as == "account" else None
+        workdir, secret_file, home = self._paths(account)
+        owner = pwd.getpwnam(user) if user else None
+        try:
+            _private_dir(workdir, owner)
+            _write_secret(secret_file, account.password.encode() + b"\n", owner)
+        except OSError as exc:
+            raise BackendError(f"cannot prepare {workdir}: {exc.strerror or exc}") from None
+        script = render_job_script(self.config, account, home=home, workdir=str(workdir),
+                                   secret_file=str(secret_file))
+        argv = self._as_user(user) + sbatch_argv(self.config, account, reservation=self.reservation,
+                                                 workdir=str(workdir))
+        async with self.submit_limit:
+            job_id = await self._submit(account, argv, script.encode(), user)
+        self.queue.invalidate()
+        log.info("desktop job submitted account=%s job=%d reservation=%s", account.id, job_id, self.reservation)
+        return SlurmDesktop(job_id, user, str(workdir)).to_state()
+
+    async def _submit(self, account: Account, argv: list[str], script: bytes, user: str | None) -> int:
+        policy = RestartPolicy(RestartConfig(max_attempts=5, window_s=3600.0, backoff_initial_s=0.5,
+                                             backoff_max_s=5.0))
+        while True:
+            try:
+                result = await run(argv, timeout_s=self.settings.command_timeout_s, input=script)
+            except CommandTimeout as exc:
+                # sbatch may have submitted before it timed out: look before submitting again.
+                why = str(exc)
+                found = await self._find_live_job(job_name(self.config, account), user)
+                if found is not None:
+                    return found
+            else:
+                if result.ok:
+                    try:
+                        return parse_job_id(result.stdout.decode(errors="replace"))
+                    except ValueError as exc:
+                        raise BackendError(f"sbatch answered something unexpected: {exc}") from None
+                why = _last_line(result)
+                if not is_transient(result):
+                    raise BackendError(f"sbatch refused the desktop job: {why}")
+            delay = policy.next_delay()
+            if delay is None:
+                raise BackendError(f"sbatch kept failing: {why}")
+            log.warning("sbatch failed, retrying account=%s in_s=%.1f reason=%s", account.id, delay, why)
+            await asyncio.sleep(delay)
+
+    async def _find_live_job(self, name: str, user: str | None) -> int | None:
+        self.queue.invalidate()
+        try:
+            jobs = await self.queue.jobs()
+        except SlurmUnavailable:
+            return None
+        wanted_user = user or pwd.getpwuid(os.geteuid()).pw_name
+        for info in sorted(jobs.values(), key=lambda j: j.job_id, reverse=True):
+            if info.name == name and info.user == wanted_user and info.state in (JobState.PENDING, JobState.RUNNING):
+                return info.job_id
+        return None
+
+    # -- poll ----------------------------------------------------------------------------------
+
+    async def job_status(self, job_id: int) -> tuple[JobState, JobInfo | None, str]:
+        """The job's state from the shared snapshot, or from scontrol when the snapshot lacks it.
+
+        Raises :class:`SlurmUnavailable` when Slurm cannot say. ``JobState.ENDED`` also stands for
+        "Slurm no longer knows this job".
+        """
+        jobs = await self.queue.jobs()
+        info = jobs.get(job_id)
+        if info is not None:
+            return info.state, info, info.raw_state
+        # Not listed: submitted after the snapshot, or forgotten (MinJobAge). Ask about this one.
+        try:
+            result = await run(["scontrol", "show", "job", "-o", str(job_id)], timeout_s=self.settings.command_timeout_s)
+        except CommandTimeout as exc:
+            raise SlurmUnavailable(str(exc)) from None
+        if not result.ok:
+            if is_invalid_job_id(result.stderr.decode(errors="replace")):
+                return JobState.ENDED, None, "no longer known to Slurm"
+            raise SlurmUnavailable(f"scontrol show job failed: {_last_line(result)}")
+        try:
+            fields = parse_scontrol_job(result.stdout.decode(errors="replace"))
+        except ValueError as exc:
+            raise SlurmUnavailable(str(exc)) from None
+        raw = fields.get("JobState", "")
+        state = job_state(raw)
+        nodes = fields.get("NodeList", "")
+        info = JobInfo(job_id, state, "" if nodes == "(null)" else nodes, fields.get("Reason", ""),
+                       fields.get("JobName", ""), fields.get("UserId", "").split("(")[0], raw)
+        return state, info, raw
+
+    async def poll(self, account: Account, state: DesktopState) -> PollResult:
+        desktop = SlurmDesktop.from_state(state)
+        try:
+            job_state_, info, raw = await self.job_status(desktop.job_id)
+        except SlurmUnavailable as exc:
+            return PollResult(Status.UNKNOWN, reason=f"Slurm does not answer: {exc}")
+        if job_state_ is JobState.PENDING:
+            why = info.reason if info is not None and info.reason not in ("", "None") else "waiting"
+            return PollResult(Status.PENDING, reason=f"job {desktop.job_id} queued ({why})")
+        if job_state_ in (JobState.ENDED, JobState.COMPLETING):
+            return PollResult(Status.GONE, reason=f"job {desktop.job_id} ended ({raw})")
+        if job_state_ is JobState.UNKNOWN:
+            return PollResult(Status.UNKNOWN, reason=f"job {desktop.job_id} is in state {raw}")
+        report = self._read_report(desktop)
+        if report is None:
+            where = info.nodes if info is not None else "?"
+            return PollResult(Status.RUNNING, None, f"job {desktop.job_id} runs on {where}; its desktop is starting")
+        node = report.get("node") or (info.nodes if info is not None else "") or report.get("host", "")
+        try:
+            port = int(report.get("port", ""))
+        except ValueError:
+            port = account.vnc_port
+        host = await self._node_address(node)
+        return PollResult(Status.RUNNING, Endpoint(host, port))
+
+    def _read_report(self, desktop: SlurmDesktop) -> dict[str, str] | None:
+        path = Path(desktop.workdir) / f"report-{desktop.job_id}"
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            return None
+        with os.fdopen(fd, "rb") as handle:
+            report = parse_report(handle.read(4096).decode(errors="replace"))
+        return report if report.get("job") == str(desktop.job_id) else None
+
+    async def _node_address(self, node: str) -> str:
+        """The address Slurm reaches ``node`` at (its NodeAddr), which the gateway uses too."""
+        async with self._node_lock:
+            if node not in self._node_addresses and time.monotonic() - self._node_addresses_at > 5:
+                await self._load_node_addresses()
+        return self._node_addresses.get(node, node)
+
+    async def _load_node_addresses(self) -> None:
+        self._node_addresses_at = time.monotonic()
+        with contextlib.suppress(CommandTimeout, OSError):
+            result = await run(["sinfo", "--noheader", "--Node", "--format=%N|%o"],
+                               timeout_s=self.settings.command_timeout_s)
+            if result.ok:
+                for line in result.stdout.decode(errors="replace").splitlines():
+                    name, sep, address = line.strip().partition("|")
+                    if sep and name and address:
+                        self._node_addresses[name] = address
+
+    # -- stop ----------------------------------------------------------------------------------
+
+    async def stop(self, account: Account, state: DesktopState) -> None:
+        desktop = SlurmDesktop.from_state(state)
+        try:
+            await self._cancel(desktop)
+        finally:
+            if desktop.workdir:
+                workdir = Path(desktop.workdir)
+                (workdir / ".vnc-secret").unlink(missing_ok=True)
+                (workdir / f"report-{desktop.job_id}").unlink(missing_ok=True)
+
+    async def _cancel(self, desktop: SlurmDesktop) -> None:
+        argv = self._as_user(desktop.user) + ["scancel", str(desktop.job_id)]
+        try:
+            result = await self._command("scancel", argv)
+        except SlurmUnavailable as exc:
+            raise BackendError(f"could not cancel job {desktop.job_id}: {exc}") from None
+        if not result.ok and not is_invalid_job_id(result.stderr.decode(errors="replace")):
+            raise BackendError(f"could not cancel job {desktop.job_id}: {_last_line(result)}")
+        self.queue.invalidate()
+        deadline = time.monotonic() + STOP_WAIT_S
+        while time.monotonic() < deadline:
+            with contextlib.suppress(SlurmUnavailable):
+                state, _, _ = await self.job_status(desktop.job_id)
+                if state is JobState.ENDED:
+                    log.info("desktop job ended job=%d", desktop.job_id)
+                    return
+            await asyncio.sleep(0.5)
+        log.warning("desktop job still ending after %g s job=%d", STOP_WAIT_S, desktop.job_id)
+
+
+def _user_exists(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
+
+
+def _private_dir(path: Path, owner: pwd.struct_passwd | None) -> None:
+    """Create ``path`` (0700), owned by ``owner`` if given; refuse a symlink planted in its place."""
+    if owner is None:
+        ensure_private_dir(path)
+        return
+    try:
+        path.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    info = os.lstat(path)
+    if not os.path.isdir(path) or os.path.islink(path):
+        raise OSError(f"{path} is not a directory")
+    if info.st_uid != owner.pw_uid or info.st_gid != owner.pw_gid:
+        os.chown(path, owner.pw_uid, owner.pw_gid, follow_symlinks=False)
+    os.chmod(path, 0o700)
+
+
+def _write_secret(path: Path, data: bytes, owner: pwd.struct_passwd | None) -> None:
+    """Write a 0600 file atomically, owned by ``owner``; the temporary file is never followed as a link."""
+    if owner is None:
+        atomic_write(path, data, mode=0o600)
+        return
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            os.fchmod(out.fileno(), 0o600)
+            os.fchown(out.fileno(), owner.pw_uid, owner.pw_gid)
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -1,0 +1,490 @@
+"""Participants' own pages: the sign-up form, sign-in, the personal page and archive downloads.
+
+Routes (all relative to the gateway root, like every other page):
+
+- ``GET|POST /signup``: terms documents with a checkbox each, name, e-mail, optional event code;
+  hands out the next free account and shows its id, password and desktop link once.
+- ``GET|POST /login``, ``POST /logout``: sign-in with account id and password (a session cookie).
+- ``GET /me``: the participant's desktop link and state, and their archive when it is offered.
+- ``GET /archive/<account>``: the archive, for the session's account or HTTP Basic credentials
+  (``curl -u ws01 -C - -O``); streamed from disk, with Range support and the SHA-256 in headers.
+
+Every form carries a CSRF token tied to a random cookie (double submit, HMAC-signed with the
+gateway's secret). Cookies are HttpOnly and SameSite=Strict, Secure when the gateway is served
+over https. Sign-up requests and failed sign-ins are rate-limited per client address (behind the
+gateway's Apache: the address Apache appended to X-Forwarded-For). Passwords are compared with
+``hmac.compare_digest`` and never logged or stored; they come from the token file.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import collections
+import hashlib
+import hmac
+import logging
+import re
+import secrets
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiohttp import web
+from markdown_it import MarkdownIt
+
+from .accounts import claim_account
+from .archive import FORMATS, ArchiveRecord, archive_record, archives_dir
+from .config import Config, parse_moment
+from .errors import UserError
+from .files import atomic_write, ensure_private_dir
+from .state import StateStore
+from .status import DesktopSlot
+from .webapp import CONFIG, SLOTS, _page
+
+__all__ = ["add_routes", "PARTICIPANTS", "TermsDocument", "load_documents", "render_markdown", "RateLimit"]
+
+log = logging.getLogger("gateway.participant")
+
+SESSION_COOKIE = "gw_session"
+CSRF_COOKIE = "gw_csrf"
+CSRF_LIFETIME_S = 4 * 3600
+MAX_FORM_BYTES = 32 * 1024
+MAX_NAME = 200
+MAX_EMAIL = 254
+MAX_PASSWORD = 256
+_ACCOUNT_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
+_EMAIL_RE = re.compile(r"[^@\s<>\"',;]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?\.[A-Za-z]{2,63}")
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+_ARCHIVE_TYPES = {"tar.gz": "application/gzip", "zip": "application/zip"}
+
+
+# -- terms documents --------------------------------------------------------------------------------
+
+_MARKDOWN = MarkdownIt("commonmark", {"html": False})  # raw HTML in a document is shown as text
+
+
+def render_markdown(text: str) -> str:
+    """Markdown as safe HTML: HTML in the source is escaped, unsafe link schemes are dropped."""
+    return _MARKDOWN.render(text)
+
+
+@dataclass(frozen=True, slots=True)
+class TermsDocument:
+    title: str
+    html: str
+    sha256: str
+
+
+def load_documents(config: Config) -> tuple[TermsDocument, ...]:
+    """Read registration.documents (relative paths: beside the config file). UserError if unreadable."""
+    base = Path(config.source).parent if not config.source.startswith("<") else Path.cwd()
+    documents = []
+    for name in config.registration.documents:
+        path = Path(name).expanduser()
+        path = path if path.is_absolute() else base / path
+        try:
+            text = path.read_text(encoding="utf-8-sig")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UserError(f"registration.documents: cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
+        heading = next((line[2:].strip() for line in text.splitlines() if line.startswith("# ")), "")
+        documents.append(TermsDocument(heading or path.stem, render_markdown(text),
+                                       hashlib.sha256(text.encode()).hexdigest()))
+    return tuple(documents)
+
+
+# -- rate limits --------------------------------------------------------------------------------------
+
+
+class RateLimit:
+    """At most ``limit`` events per key within ``window_s`` (a sliding window, in memory)."""
+
+    def __init__(self, limit: int, window_s: float) -> None:
+        self.limit = limit
+        self.window_s = window_s
+        self._events: dict[str, collections.deque[float]] = {}
+
+    def _recent(self, key: str, now: float) -> collections.deque[float]:
+        if len(self._events) > 10_000:  # forget idle keys so the table stays small
+            self._events = {k: v for k, v in self._events.items() if v and v[-1] > now - self.window_s}
+        events = self._events.setdefault(key, collections.deque())
+        while events and events[0] <= now - self.window_s:
+            events.popleft()
+        return events
+
+    def blocked(self, key: str) -> float:
+        """Seconds until ``key`` may try again (0: now)."""
+        now = time.monotonic()
+        events = self._recent(key, now)
+        return events[0] + self.window_s - now if len(events) >= self.limit else 0.0
+
+    def add(self, key: str) -> None:
+        self._recent(key, time.monotonic()).append(time.monotonic())
+
+
+# -- the routes' shared state ---------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Participants:
+    config: Config
+    store: StateStore
+    state_dir: Path
+    secret: bytes
+    documents: tuple[TermsDocument, ...]
+    signups: RateLimit
+    signin_failures: RateLimit
+
+    @property
+    def secure(self) -> bool:
+        return self.config.tls.enabled or (self.config.public_url or "").startswith("https://")
+
+    def sign(self, *parts: str) -> str:
+        mac = hmac.new(self.secret, "|".join(parts).encode(), hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(mac).decode().rstrip("=")
+
+
+PARTICIPANTS = web.AppKey("participants", _Participants)
+
+
+def add_routes(app: web.Application, *, config: Config, store: StateStore, state_dir: Path) -> None:
+    """Add the participants' routes to the gateway's web app (see the module docstring)."""
+    r = config.registration
+    app[PARTICIPANTS] = _Participants(
+        config=config, store=store, state_dir=state_dir, secret=_load_secret(state_dir),
+        documents=load_documents(config) if r.enabled else (),
+        signups=RateLimit(r.signup_attempts, r.signup_window_s),
+        signin_failures=RateLimit(r.signin_failures, r.signin_window_s),
+    )
+    app.router.add_get("/signup", signup_form)
+    app.router.add_post("/signup", signup)
+    app.router.add_get("/login", signin_form)
+    app.router.add_post("/login", signin)
+    app.router.add_post("/logout", signout)
+    app.router.add_get("/me", me)
+    app.router.add_get("/archive/{account}", download_archive)
+
+
+def _load_secret(state_dir: Path) -> bytes:
+    """The key that signs cookies and form tokens: random, 0600, kept across restarts."""
+    path = ensure_private_dir(state_dir / "secrets") / "web-session.key"
+    try:
+        secret = path.read_bytes()
+        if len(secret) >= 32:
+            return secret
+    except FileNotFoundError:
+        pass
+    secret = secrets.token_bytes(32)
+    atomic_write(path, secret, mode=0o600)
+    return secret
+
+
+def _client_address(request: web.Request, config: Config) -> str:
+    if config.apache.mode != "none":
+        # Apache appends the address it saw; anything before it came from the client.
+        forwarded = request.headers.get("X-Forwarded-For", "").rsplit(",", 1)[-1].strip()
+        if forwarded:
+            return forwarded
+    return request.remote or "unknown"
+
+
+def _set_cookie(response: web.StreamResponse, p: _Participants, name: str, value: str, max_age: int | None) -> None:
+    response.set_cookie(name, value, max_age=max_age, path="/", httponly=True, samesite="Strict", secure=p.secure)
+
+
+# -- CSRF -------------------------------------------------------------------------------------------------
+
+
+def _csrf_token(request: web.Request, response_cookies: dict[str, str]) -> str:
+    p = request.app[PARTICIPANTS]
+    nonce = request.cookies.get(CSRF_COOKIE, "")
+    if not re.fullmatch(r"[A-Za-z0-9_-]{22,64}", nonce):
+        nonce = secrets.token_urlsafe(18)
+        response_cookies[CSRF_COOKIE] = nonce
+    issued = str(int(time.time()))
+    return f"{issued}.{p.sign('csrf', nonce, issued)}"
+
+
+def _csrf_ok(request: web.Request, token: str) -> bool:
+    p = request.app[PARTICIPANTS]
+    nonce = request.cookies.get(CSRF_COOKIE, "")
+    issued, _, mac = token.partition(".")
+    if not nonce or not issued.isdigit() or not 0 <= time.time() - int(issued) <= CSRF_LIFETIME_S:
+        return False
+    return hmac.compare_digest(mac.encode(), p.sign("csrf", nonce, issued).encode())
+
+
+def _render(request: web.Request, template: str, *, status: int = 200, **context: object) -> web.Response:
+    cookies: dict[str, str] = {}
+    csrf = _csrf_token(request, cookies)
+    response = _page(request, template, "./", csrf=csrf, **context)
+    response.set_status(status)
+    for name, value in cookies.items():
+        _set_cookie(response, request.app[PARTICIPANTS], name, value, None)
+    return response
+
+
+async def _read_form(request: web.Request) -> Mapping[str, str]:
+    if request.content_length is None or request.content_length > MAX_FORM_BYTES:
+        raise web.HTTPRequestEntityTooLarge(max_size=MAX_FORM_BYTES, actual_size=request.content_length or 0)
+    data = await request.post()
+    form = {k: v for k, v in data.items() if isinstance(v, str)}
+    if not _csrf_ok(request, form.get("csrf", "")):
+        raise web.HTTPForbidden(text="This form has expired or did not come from this site. "
+                                     "Reload the page and try again.")
+    return form
+
+
+# -- passwords and sessions ---------------------------------------------------------------------------
+
+
+def _password_matches(slot: DesktopSlot | None, password: str) -> bool:
+    expected = slot.account.password if slot is not None else secrets.token_hex(8)
+    ok = hmac.compare_digest(password.encode(), expected.encode())
+    return ok and slot is not None
+
+
+def _session_cookie(p: _Participants, slot: DesktopSlot) -> str:
+    expires = str(int(time.time() + p.config.registration.session_lifetime_s))
+    # The password's hash is in the signature: a new token file ends old sessions.
+    fingerprint = hashlib.sha256(slot.account.password.encode()).hexdigest()
+    return f"{slot.account.id}:{expires}:{p.sign('session', slot.account.id, expires, fingerprint)}"
+
+
+def _session_account(request: web.Request) -> DesktopSlot | None:
+    p = request.app[PARTICIPANTS]
+    account, _, rest = request.cookies.get(SESSION_COOKIE, "").partition(":")
+    expires, _, mac = rest.partition(":")
+    slot = request.app[SLOTS].get(account)
+    if slot is None or not expires.isdigit() or int(expires) < time.time():
+        return None
+    fingerprint = hashlib.sha256(slot.account.password.encode()).hexdigest()
+    if not hmac.compare_digest(mac.encode(), p.sign("session", account, expires, fingerprint).encode()):
+        return None
+    return slot
+
+
+def _too_many(seconds: float, what: str) -> web.HTTPTooManyRequests:
+    wait = max(1, int(seconds + 0.999))
+    return web.HTTPTooManyRequests(text=f"Too many {what} from your address; try again in {wait} s.",
+                                   headers={"Retry-After": str(wait)})
+
+
+# -- sign-up --------------------------------------------------------------------------------------------
+
+
+def _signup_page(request: web.Request, *, status: int = 200, errors: tuple[str, ...] = (),
+                 name: str = "", email: str = "", result: Mapping[str, object] | None = None) -> web.Response:
+    p = request.app[PARTICIPANTS]
+    return _render(request, "signup.html.j2", status=status, documents=p.documents, errors=errors,
+                   name=name, email=email, result=result,
+                   needs_code=p.config.registration.event_code is not None)
+
+
+async def signup_form(request: web.Request) -> web.Response:
+    if not request.app[CONFIG].registration.enabled:
+        raise web.HTTPNotFound(text="Sign-up is not open.")
+    return _signup_page(request)
+
+
+async def signup(request: web.Request) -> web.Response:
+    p = request.app[PARTICIPANTS]
+    r = p.config.registration
+    if not r.enabled:
+        raise web.HTTPNotFound(text="Sign-up is not open.")
+    address = _client_address(request, p.config)
+    wait = p.signups.blocked(address)
+    if wait:
+        raise _too_many(wait, "sign-up requests")
+    p.signups.add(address)
+    form = await _read_form(request)
+    name = form.get("name", "").strip()
+    email = form.get("email", "").strip()
+    errors = []
+    if not name or len(name) > MAX_NAME or _CONTROL_RE.search(name):
+        errors.append(f"Please give your name (at most {MAX_NAME} characters).")
+    if len(email) > MAX_EMAIL or not _EMAIL_RE.fullmatch(email):
+        errors.append("Please give a valid e-mail address.")
+    if r.event_code is not None and not hmac.compare_digest(
+            form.get("event_code", "").strip().encode(), r.event_code.encode()):
+        errors.append("The event code is not right; it was announced at the event.")
+    missing = [d.title for i, d in enumerate(p.documents) if form.get(f"accept-{i}") != "yes"]
+    if missing:
+        errors.append("Please read and accept: " + ", ".join(missing) + ".")
+    if errors:
+        return _signup_page(request, status=400, errors=tuple(errors), name=name[:MAX_NAME], email=email[:MAX_EMAIL])
+
+    accounts = list(request.app[SLOTS])
+    outcome = claim_account(p.store, accounts, email=email, name=name, address=address,
+                            documents=[(d.title, d.sha256) for d in p.documents])
+    if outcome.claim is None:
+        log.warning("sign-up refused: every account is taken")
+        return _signup_page(request, status=409, errors=(
+            "Sorry, every account has been given out. Please ask the organisers.",), name=name, email=email)
+    slot = request.app[SLOTS][outcome.claim.account]
+    log.info("account %s account=%s", "claimed again" if outcome.existing else "claimed", slot.account.id)
+    show = not outcome.existing or r.repeat == "show"
+    result = {"account": slot.account.id, "existing": outcome.existing, "shown": show,
+              "password": slot.account.password if show else "", "view_url": f"view/{slot.account.id}"}
+    return _signup_page(request, result=result)
+
+
+# -- sign-in, sign-out -------------------------------------------------------------------------------------
+
+
+async def signin_form(request: web.Request) -> web.Response:
+    if _session_account(request) is not None:
+        raise web.HTTPSeeOther("me")
+    return _render(request, "signin.html.j2", errors=(), account="")
+
+
+async def signin(request: web.Request) -> web.StreamResponse:
+    p = request.app[PARTICIPANTS]
+    address = _client_address(request, p.config)
+    wait = p.signin_failures.blocked(address)
+    if wait:
+        raise _too_many(wait, "failed sign-ins")
+    form = await _read_form(request)
+    account = form.get("account", "").strip()[:64]
+    slot = request.app[SLOTS].get(account)
+    if not _password_matches(slot, form.get("password", "")[:MAX_PASSWORD]) or slot is None:
+        p.signin_failures.add(address)
+        log.info("sign-in failed account=%s", account if slot is not None else "(unknown)")
+        return _render(request, "signin.html.j2", status=401, errors=("Wrong account or password.",),
+                       account=account if _ACCOUNT_RE.fullmatch(account) else "")
+    response = web.HTTPSeeOther("me")
+    _set_cookie(response, p, SESSION_COOKIE, _session_cookie(p, slot), int(p.config.registration.session_lifetime_s))
+    log.info("signed in account=%s", slot.account.id)
+    raise response
+
+
+async def signout(request: web.Request) -> web.StreamResponse:
+    await _read_form(request)
+    response = web.HTTPSeeOther("login")
+    response.del_cookie(SESSION_COOKIE, path="/")
+    raise response
+
+
+# -- the personal page ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Window:
+    open: bool
+    status: int
+    message: str
+
+
+def _window(config: Config) -> _Window:
+    a = config.archive
+    now = time.time()
+    if a.available_from is not None and now < parse_moment(a.available_from).timestamp():
+        return _Window(False, 403, f"Archives can be downloaded from {a.available_from}.")
+    if a.expires is not None and now >= parse_moment(a.expires).timestamp():
+        return _Window(False, 410, f"Archives could be downloaded until {a.expires}; they are no longer offered.")
+    return _Window(True, 200, f"Available until {a.expires}." if a.expires else "")
+
+
+def _archive_file(p: _Participants, account: str) -> tuple[ArchiveRecord, Path] | None:
+    record = archive_record(p.store, account)
+    if record is None or record.format not in FORMATS or record.filename != f"{account}{FORMATS[record.format]}":
+        return None
+    path = archives_dir(p.state_dir) / record.filename
+    if path.is_symlink() or not path.is_file():
+        return None
+    return record, path
+
+
+async def me(request: web.Request) -> web.Response:
+    slot = _session_account(request)
+    if slot is None:
+        raise web.HTTPSeeOther("login")
+    p = request.app[PARTICIPANTS]
+    archive = None
+    if p.config.archive.enabled:
+        found = _archive_file(p, slot.account.id)
+        window = _window(p.config)
+        archive = {"ready": found is not None, "open": window.open, "message": window.message}
+        if found is not None:
+            record, _ = found
+            archive.update(url=f"archive/{slot.account.id}", filename=record.filename, sha256=record.sha256,
+                           size=_human_size(record.size), skipped=record.skipped,
+                           created=time.strftime("%Y-%m-%d %H:%M", time.localtime(record.created_at)))
+    return _render(request, "me.html.j2", account=slot.account.id, state=slot.phase.value,
+                   reason=slot.reason, view_url=f"view/{slot.account.id}", archive=archive)
+
+
+def _human_size(size: int) -> str:
+    value = float(size)
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if value < 1000 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "bytes" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{size} bytes"
+
+
+# -- downloads ------------------------------------------------------------------------------------------
+
+
+def _basic_credentials(request: web.Request) -> tuple[str, str] | None:
+    scheme, _, encoded = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return ("", "")
+    account, _, password = decoded.partition(":")
+    return account, password
+
+
+def _unauthorized(text: str) -> web.HTTPUnauthorized:
+    return web.HTTPUnauthorized(text=text, headers={"WWW-Authenticate": 'Basic realm="archive", charset="UTF-8"'})
+
+
+async def download_archive(request: web.Request) -> web.StreamResponse:
+    p = request.app[PARTICIPANTS]
+    wanted = request.match_info["account"]
+    if not _ACCOUNT_RE.fullmatch(wanted):
+        raise web.HTTPNotFound(text="No such archive.")
+    slot = _session_account(request)
+    if slot is None:
+        credentials = _basic_credentials(request)
+        if credentials is None:
+            raise _unauthorized("Sign in with your account id and password.")
+        address = _client_address(request, p.config)
+        wait = p.signin_failures.blocked(address)
+        if wait:
+            raise _too_many(wait, "failed sign-ins")
+        account, password = credentials
+        slot = request.app[SLOTS].get(account)
+        if not _password_matches(slot, password[:MAX_PASSWORD]) or slot is None:
+            p.signin_failures.add(address)
+            log.info("archive download refused: wrong credentials account=%s",
+                     account if slot is not None else "(unknown)")
+            raise _unauthorized("Wrong account or password.")
+    if slot.account.id != wanted:
+        log.warning("archive download refused: account=%s asked for another account's archive", slot.account.id)
+        raise web.HTTPForbidden(text="This is not your archive.")
+    if not p.config.archive.enabled:
+        raise web.HTTPNotFound(text="Archives are not offered for download.")
+    window = _window(p.config)
+    if not window.open:
+        raise (web.HTTPGone if window.status == 410 else web.HTTPForbidden)(text=window.message)
+    found = _archive_file(p, wanted)
+    if found is None:
+        raise web.HTTPNotFound(text="Your archive is not ready yet.")
+    record, path = found
+    digest = base64.b64encode(bytes.fromhex(record.sha256)).decode()
+    headers = {
+        "Content-Type": _ARCHIVE_TYPES[record.format],
+        "Content-Disposition": f'attachment; filename="{record.filename}"',
+        "Repr-Digest": f"sha-256=:{digest}:",
+        "Digest": f"SHA-256={digest}",
+        "X-Archive-SHA256": record.sha256,
+        "Cache-Control": "private, no-store",
+    }
+    if request.http_range.start is None:
+        log.info("archive download account=%s", wanted)
+    return web.FileResponse(path, chunk_size=256 * 1024, headers=headers)

@@ -1,0 +1,37 @@
+"""View-only passwords: instructors watch a desktop without being able to touch it.
+
+TigerVNC's password file holds two passwords: ``vncpasswd -f`` reads the full one from the first
+line of its input and the view-only one from the second. The view-only password of an account is
+random, made once and kept (0600) in the state dir, so it survives restarts and re-adoption.
+"""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+
+from .files import atomic_write
+from .tokens import generate_password
+
+__all__ = ["view_only_password", "vncpasswd_input"]
+
+
+def view_only_password(state_dir: Path, account_id: str) -> str:
+    path = state_dir / "secrets" / f"{account_id}.viewonly"
+    if path.exists():
+        existing = path.read_text().strip()
+        if existing:
+            return existing
+    password = generate_password()
+    atomic_write(path, password + "\n", mode=0o600)
+    return password
+
+
+def vncpasswd_input(password: str, view_only: str | None) -> bytes:
+    """What ``vncpasswd -f`` reads on stdin: the full password, then the view-only one."""
+    lines = [password] + ([view_only] if view_only else [])
+    return ("\n".join(lines) + "\n").encode()
+
+
+def random_token() -> str:
+    return secrets.token_urlsafe(24)

@@ -1,0 +1,341 @@
+"""The Slurm backend without a cluster: the job script as text, the sbatch command line, and how
+poll() reads Slurm's answers (fake squeue/scontrol on PATH). The real cluster: test_slurm_gateway.py."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from gateway.backends import make_backend
+from gateway.backends.base import Status
+from gateway.backends.slurm import (
+    JobQueue,
+    SlurmBackend,
+    parse_report,
+    render_job_script,
+    sbatch_argv,
+    slurm_duration,
+)
+from gateway.config import parse_config
+from gateway.render import UnsafeValue
+from gateway.tokens import Account
+
+PASSWORD = "s3cretPw"
+
+
+def account(name: str = "ws01", host: str = "auto", port: int = 5901) -> Account:
+    return Account(name, host, f"/desktop/{name}", 6001, port, PASSWORD, 1)
+
+
+def config(text: str = ""):
+    return parse_config("backend: slurm\n" + text)
+
+
+def script(cfg=None, acct=None, **paths: str) -> str:
+    values = {"home": "/shared/ws01/home", "workdir": "/shared/ws01", "secret_file": "/shared/ws01/.vnc-secret"}
+    values.update(paths)
+    return render_job_script(cfg or config(), acct or account(), **values)
+
+
+def line_with(text: str, needle: str) -> str:
+    (line,) = [line for line in text.splitlines() if needle in line]
+    return line
+
+
+def test_job_script_runtime_none() -> None:
+    text = script()
+    assert text.startswith("#!/bin/bash\n")
+    assert PASSWORD not in text
+    assert "export PATH=/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin\n" in text
+    assert "export HOME=/shared/ws01/home\n" in text
+    assert 'export XDG_RUNTIME_DIR="${TMPDIR:-/tmp}/workshop-desktop-$(id -u)-$job"' in text
+    assert "umask 077\n" in text
+    # The password reaches vncpasswd on stdin from the secret file.
+    assert 'vncpasswd -f <"$secret" >"$passwd_file"' in text
+    assert "secret=/shared/ws01/.vnc-secret\n" in text
+    xvnc = line_with(text, "-rfbport")
+    assert xvnc.startswith("Xvnc -displayfd 3 -rfbport 5901 -rfbauth \"$passwd_file\" -SecurityTypes VncAuth "
+                           "-UseBlacklist=0 -interface 0.0.0.0 ")
+    assert xvnc.endswith(' 3>"$display_file" &')
+    session = line_with(text, "desktop-session")
+    assert session.strip().endswith("containers/desktop-session &")
+    assert "report=\"$workdir/report-$job\"" in text
+    result = subprocess.run(["bash", "-n"], input=text, text=True, capture_output=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_job_script_options_reach_xvnc() -> None:
+    text = script(config("slurm:\n  interface: 127.0.0.1\ndesktop:\n  geometry: 1600x900\n  keyboard_layout: de\n"),
+                  account(port=5999))
+    xvnc = line_with(text, "-rfbport")
+    assert "-rfbport 5999" in xvnc and "-interface 127.0.0.1" in xvnc and "-geometry 1600x900" in xvnc
+    assert "export GATEWAY_KEYBOARD_LAYOUT=de\n" in text
+
+
+def test_job_script_singularity_exec_lines() -> None:
+    cfg = config("container:\n  runtime: singularity\n  image: /images/desktop.sif\n"
+                 "  binds: [/home, '/scratch:/scratch:rw', '/opt/modules:/opt/modules:ro']\n"
+                 "desktop:\n  session: [/opt/desktop/desktop-session]\n")
+    text = script(cfg)
+    binds = "--bind /home --bind /scratch:/scratch:rw --bind /opt/modules:/opt/modules:ro"
+    assert f'singularity exec {binds} /images/desktop.sif vncpasswd -f <"$secret"' in text
+    assert line_with(text, "-rfbport").strip().startswith(
+        f'singularity exec {binds} /images/desktop.sif Xvnc -displayfd 3 -rfbport 5901 -rfbauth "$passwd_file"')
+    assert f"singularity exec {binds} /images/desktop.sif /opt/desktop/desktop-session &" in text
+    apptainer = script(config("container:\n  runtime: apptainer\n  image: /i.sif\n"))
+    assert "apptainer exec /i.sif Xvnc -displayfd 3" in apptainer
+    assert subprocess.run(["bash", "-n"], input=text, text=True).returncode == 0
+
+
+EVIL = [
+    "/shared/$(touch /tmp/pwned-gateway)/x",
+    "/shared/`id`/x",
+    "/shared/a'b\"c; rm -rf / #",
+    "/shared/with space/$HOME/*",
+]
+
+
+@pytest.mark.parametrize("evil", EVIL)
+def test_paths_cannot_inject_commands(evil: str, tmp_path: Path) -> None:
+    text = script(workdir=evil, home=evil + "/home", secret_file=evil + "/.s",
+                  cfg=config("desktop:\n  session: ['/opt/x y/session', '--name=$(reboot)']\n"))
+    # Evaluate just the assignments in bash: each variable holds the path as given, nothing ran.
+    assignments = "\n".join(line for line in text.splitlines()
+                            if re.match(r"(export HOME|workdir|secret)=", line))
+    probe = assignments + '\nprintf "%s\\n%s\\n%s\\n" "$HOME" "$workdir" "$secret"\n'
+    result = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, cwd=tmp_path)
+    assert result.stdout.splitlines() == [evil + "/home", evil, evil + "/.s"]
+    assert not Path("/tmp/pwned-gateway").exists()
+    session = line_with(text, "/opt/x y/session")
+    assert session.strip() == "'/opt/x y/session' '--name=$(reboot)' &"
+
+
+def test_newlines_are_refused() -> None:
+    with pytest.raises(UnsafeValue):
+        script(workdir="/shared/x\nreboot")
+
+
+def test_sbatch_argv() -> None:
+    cfg = config("slurm:\n  partition: desktop\n  account: course1\n  qos: short\n  time_limit_s: 5400\n"
+                 "  cpus_per_desktop: 2\n  mem_per_desktop: 3G\n  job_name_prefix: ws24\n"
+                 "  extra_sbatch_args: ['--gres=gpu:1', --exclusive]\n")
+    argv = sbatch_argv(cfg, account(), reservation="ws24-event-1", workdir="/shared/ws01")
+    assert argv[:2] == ["sbatch", "--parsable"]
+    for option in ("--job-name=ws24-ws01", "--time=0-01:30:00", "--cpus-per-task=2", "--mem=3G",
+                   "--chdir=/shared/ws01", "--output=/shared/ws01/job-%j.out", "--export=NONE",
+                   "--reservation=ws24-event-1", "--partition=desktop", "--account=course1", "--qos=short"):
+        assert option in argv
+    assert argv[-2:] == ["--gres=gpu:1", "--exclusive"]
+    assert not any(a.startswith("--nodelist") for a in argv)
+    assert PASSWORD not in " ".join(argv)
+    pinned = sbatch_argv(config(), account(host="node07"), reservation=None, workdir="/w")
+    assert "--nodelist=node07" in pinned
+    assert not any(a.startswith(("--reservation", "--mem", "--partition")) for a in pinned)
+    assert "--time=0-12:00:00" in pinned  # always a time limit
+
+
+def test_slurm_duration_and_report() -> None:
+    assert slurm_duration(59) == "0-00:00:59"
+    assert slurm_duration(90061) == "1-01:01:01"
+    assert parse_report("job=12\nnode=vm\nhost=vm\nport=5901\ndisplay=3\n") == {
+        "job": "12", "node": "vm", "host": "vm", "port": "5901", "display": "3"}
+
+
+def test_config_blocks_are_validated() -> None:
+    from gateway.errors import InputError
+
+    with pytest.raises(InputError) as info:
+        parse_config("backend: slurm\nslurm:\n  partition: 'a b'\n  mem_per_desktop: lots\n  run_as: nobody\n"
+                     "  extra_sbatch_args: ['rm -rf']\ncontainer:\n  runtime: apptainer\n  binds: [relative]\n")
+    text = "\n".join(str(p) for p in info.value.problems)
+    assert "slurm.run_as must be one of: gateway, account" in text
+    with pytest.raises(InputError) as info:
+        parse_config("slurm:\n  partition: 'a b'\n  mem_per_desktop: lots\n  extra_sbatch_args: ['rm -rf']\n"
+                     "container:\n  runtime: apptainer\n  binds: [relative]\n")
+    text = "\n".join(str(p) for p in info.value.problems)
+    assert "<config>:2: slurm.partition" in text
+    assert "<config>:3: slurm.mem_per_desktop" in text
+    assert "<config>:4: slurm.extra_sbatch_args" in text
+    assert "<config>:6: container.runtime: apptainer needs container.image" in text
+    assert "<config>:7: container.binds" in text
+    cfg = parse_config("backend: slurm\nslurm:\n  reservation: ws24\n  run_as: account\n  shared_dir: /shared/gw\n")
+    assert cfg.slurm.reservation == "ws24" and cfg.slurm.run_as == "account"
+
+
+# -- poll() against fake Slurm commands -------------------------------------------------------------
+
+
+@pytest.fixture
+def fake_slurm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Put fake squeue/scontrol/sinfo first on PATH; ``answer(cmd, stdout, stderr, status)`` sets one."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls"
+
+    def answer(command: str, stdout: str = "", stderr: str = "", status: int = 0) -> None:
+        (bin_dir / f"{command}.out").write_text(stdout)
+        (bin_dir / f"{command}.err").write_text(stderr)
+        path = bin_dir / command
+        path.write_text(f"#!/bin/sh\necho {command} \"$*\" >> {calls}\ncat {bin_dir}/{command}.out\n"
+                        f"cat {bin_dir}/{command}.err >&2\nexit {status}\n")
+        path.chmod(0o755)
+
+    answer("sinfo", "vm|127.0.0.1\n")
+    answer.bin_dir = bin_dir
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    answer.calls = lambda command: [line for line in calls.read_text().splitlines()
+                                    if line.split()[0] == command] if calls.exists() else []
+    return answer
+
+
+def backend(tmp_path: Path) -> SlurmBackend:
+    b = make_backend("slurm", config(), tmp_path / "state")
+    assert isinstance(b, SlurmBackend)
+    return b
+
+
+async def test_poll_states(fake_slurm, tmp_path: Path) -> None:
+    b = backend(tmp_path)
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    state = {"job_id": 41, "user": None, "workdir": str(workdir)}
+    fake_slurm("squeue", "41|PENDING||Reservation|desktop-ws01|root\n")
+    assert (await b.poll(account(), state)).status is Status.PENDING
+
+    b.queue.invalidate()
+    fake_slurm("squeue", "41|RUNNING|vm|None|desktop-ws01|root\n")
+    result = await b.poll(account(), state)
+    assert result.status is Status.RUNNING and result.endpoint is None  # no report yet
+    (workdir / "report-41").write_text("job=41\nnode=vm\nhost=vm\nport=5901\ndisplay=2\n")
+    b.queue.invalidate()
+    result = await b.poll(account(), state)
+    assert result.status is Status.RUNNING
+    assert (result.endpoint.host, result.endpoint.port) == ("127.0.0.1", 5901)
+
+    b.queue.invalidate()
+    fake_slurm("squeue", "41|CANCELLED|vm|None|desktop-ws01|root\n")
+    assert (await b.poll(account(), state)).status is Status.GONE
+
+
+async def test_failing_squeue_is_unknown_never_gone(fake_slurm, tmp_path: Path) -> None:
+    b = backend(tmp_path)
+    state = {"job_id": 41, "user": None, "workdir": str(tmp_path)}
+    fake_slurm("squeue", stderr="squeue: error: Unable to contact slurm controller (connect failure)", status=1)
+    fake_slurm("scontrol", stderr="slurm_load_jobs error: Invalid job id specified", status=1)
+    result = await b.poll(account(), state)
+    assert result.status is Status.UNKNOWN and "Unable to contact" in result.reason
+    assert fake_slurm.calls("scontrol") == []
+
+
+async def test_job_missing_from_squeue(fake_slurm, tmp_path: Path) -> None:
+    b = backend(tmp_path)
+    state = {"job_id": 41, "user": None, "workdir": str(tmp_path)}
+    fake_slurm("squeue", "")
+    # scontrol fails for another reason: don't know.
+    fake_slurm("scontrol", stderr="slurm_load_jobs error: Socket timed out on send/recv operation", status=1)
+    assert (await b.poll(account(), state)).status is Status.UNKNOWN
+    # Submitted after the snapshot: scontrol knows it.
+    fake_slurm("scontrol", "JobId=41 JobName=desktop-ws01 UserId=root(0) JobState=PENDING Reason=None NodeList=(null)\n")
+    b.queue.invalidate()
+    assert (await b.poll(account(), state)).status is Status.PENDING
+    # Forgotten by Slurm: positive evidence that it is gone.
+    fake_slurm("scontrol", stderr="slurm_load_jobs error: Invalid job id specified", status=1)
+    b.queue.invalidate()
+    assert (await b.poll(account(), state)).status is Status.GONE
+
+
+async def test_one_squeue_per_cycle_for_all_accounts(fake_slurm, tmp_path: Path) -> None:
+    import asyncio
+
+    b = backend(tmp_path)
+    fake_slurm("squeue", "".join(f"{i}|RUNNING|vm|None|desktop-ws{i:02d}|root\n" for i in range(1, 21)))
+    states = [{"job_id": i, "user": None, "workdir": str(tmp_path)} for i in range(1, 21)]
+    results = await asyncio.gather(*(b.poll(account(f"ws{i:02d}"), s) for i, s in enumerate(states, 1)))
+    assert all(r.status is Status.RUNNING for r in results)
+    assert len(fake_slurm.calls("squeue")) == 1
+    assert b.queue.calls == 1
+
+
+async def test_queue_caches_failures_too(fake_slurm) -> None:
+    fake_slurm("squeue", stderr="squeue: error: slurm_receive_msg: Socket timed out", status=1)
+    queue = JobQueue(timeout_s=5, ttl_s=60)
+    for _ in range(3):
+        with pytest.raises(Exception):
+            await queue.jobs()
+    assert queue.calls == 1
+
+
+async def test_reservation_record_is_private_and_only_ours_is_deleted(fake_slurm, tmp_path: Path) -> None:
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    fake_slurm("scontrol", "Reservation created: x\n")
+    b = SlurmBackend(config("slurm:\n  node_count: 2\n"), state_dir)
+    await b.open([account()])
+    record = state_dir / "slurm-reservation.json"
+    assert stat.S_IMODE(record.stat().st_mode) == 0o600
+    assert b.reservation and b.reservation.startswith("desktop-event-")
+    # A named reservation is used, never created or deleted.
+    named = SlurmBackend(config("slurm:\n  reservation: theirs\n"), tmp_path / "other")
+    fake_slurm("scontrol", "ReservationName=theirs StartTime=now State=ACTIVE\n")
+    await named.open([account()])
+    await named.close(final=True)
+    assert not (tmp_path / "other" / "slurm-reservation.json").exists()
+    scontrol = fake_slurm.calls("scontrol")
+    assert any("create reservation" in c and "NodeCnt=2" in c and "Users=" in c for c in scontrol)
+    assert any("show reservation -o theirs" in c for c in scontrol)
+    assert not any("theirs" in c and ("create" in c or "delete" in c) for c in scontrol)
+    # close(final=True) deletes the one it created, and forgets it.
+    fake_slurm("scontrol", f"ReservationName={b.reservation} StartTime=now State=ACTIVE\n")
+    await b.close(final=True)
+    assert any(f"delete reservation {b.reservation}" in c for c in fake_slurm.calls("scontrol"))
+    assert not record.exists()
+
+
+def test_preflight_needs_slurm_commands_not_xvnc_for_slurm_accounts(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway import cli
+    from gateway.errors import UserError
+    from gateway.tokens import parse_tokens
+
+    tokens = parse_tokens("a1 auto /d/a1 6001 5901 abcdefg\n", "t.txt")
+    missing = {"Xvnc", "vncpasswd"}
+    monkeypatch.setattr(cli, "_program_exists", lambda program: program not in missing)
+    cli.preflight(config(), tokens)  # no local account: Xvnc is not needed on the gateway
+    with pytest.raises(UserError, match="Xvnc"):
+        cli.preflight(config(), parse_tokens("l1 localhost /d/l1 6001 5901 abcdefg\n", "t.txt"))
+    missing = {"sbatch"}
+    with pytest.raises(UserError, match="program not found: sbatch"):
+        cli.preflight(config(), tokens)
+    missing = {"/usr/sbin/apache2"}
+    with pytest.raises(UserError, match="apache2"):
+        cli.preflight(config(), tokens)  # Apache is still needed
+
+
+async def test_sbatch_is_retried_when_slurmctld_is_away(fake_slurm, tmp_path: Path) -> None:
+    b = backend(tmp_path)
+    counter = tmp_path / "sbatch-count"
+    sbatch = fake_slurm.bin_dir / "sbatch"  # only ever the fake: never a path found on PATH
+    assert sbatch.is_relative_to(tmp_path)
+    sbatch.write_text(f"#!/bin/sh\ncat > {tmp_path}/script.sh\necho x >> {counter}\n"
+                      f"if [ $(wc -l < {counter}) -lt 3 ]; then\n"
+                      "  echo 'sbatch: error: Batch job submission failed: Unable to contact slurm controller "
+                      "(connect failure)' >&2; exit 1\nfi\necho 77\n")
+    sbatch.chmod(0o755)
+    state = await b.start(account())
+    assert state["job_id"] == 77
+    assert len(counter.read_text().splitlines()) == 3
+    submitted = (tmp_path / "script.sh").read_text()
+    assert submitted.startswith("#!/bin/bash") and PASSWORD not in submitted
+    secret = Path(state["workdir"]) / ".vnc-secret"
+    assert secret.read_text() == PASSWORD + "\n" and stat.S_IMODE(secret.stat().st_mode) == 0o600
+    # A lasting refusal is not retried.
+    sbatch.write_text("#!/bin/sh\necho 'sbatch: error: Batch job submission failed: Invalid account' >&2\nexit 1\n")
+    from gateway.backends.base import BackendError
+
+    with pytest.raises(BackendError, match="Invalid account"):
+        await b.start(account())

@@ -1,0 +1,457 @@
+"""backend: ssh against a real OpenSSH server on a loopback address (127.0.0.2), nothing mocked.
+
+The sshd runs from a temporary directory with its own generated host key, user key, authorized_keys
+and config; the machine's ~/.ssh and /etc/ssh keys are never read or written. The "VNC host" is this
+machine seen through that sshd, so Xvnc listens on 127.0.0.2 and the desktop session script is at
+the same path as here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import json
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from gateway import rfb
+from gateway.backends.base import BackendError, Status
+from gateway.backends.ssh import SshBackend, parse_launch, parse_probe, remote_command
+from gateway.config import parse_config
+from gateway.state import StateStore
+from gateway.tokens import Account, generate_password
+from tests.gateway_run import GatewayRun, make_accounts, processes_mentioning
+from tests.system import REQUIRE_SYSTEM_ENV, free_port, require_program, system_required
+
+HOST = "127.0.0.2"
+
+
+# -- pure parts --------------------------------------------------------------------------------
+
+STAT = "4242 (Xvnc) S 1 4242 4242 0 -1 4194560 1000 0 0 0 5 3 0 0 20 0 1 0 87444 200000000 18000"
+
+
+def test_probe_output_is_parsed() -> None:
+    text = (f"boot 031cd480-f590\npid 4242\nstat {STAT}\ncmdline Xvnc\x1f-rfbauth\x1f/s/ws01.vncpasswd\x1f\n"
+            "pid 77\nend\n")
+    report = parse_probe(text)
+    assert report.boot_id == "031cd480-f590"
+    info = report.processes[4242]
+    assert info is not None and info.start_time == 87444 and info.state == "S"
+    assert info.argv == ("Xvnc", "-rfbauth", "/s/ws01.vncpasswd")
+    assert report.processes[77] is None
+
+
+def test_incomplete_probe_output_is_an_error_not_gone() -> None:
+    with pytest.raises(ValueError):
+        parse_probe(f"boot x\npid 4242\nstat {STAT}\n")  # cut off before "end": nothing is known
+
+
+def test_launch_report_is_parsed() -> None:
+    report = parse_launch(f"pid 4242\nboot b1\nstat {STAT}\ndisplay 7\nend\n")
+    assert (report.pid, report.start_time, report.boot_id, report.display, report.failure) == (4242, 87444, "b1", 7, "")
+    failed = parse_launch(f"pid 4242\nboot b1\nstat {STAT}\nexited\nlog (EE) Address already in use\n")
+    assert failed.failure == "exited" and failed.log_tail == ("(EE) Address already in use",)
+
+
+def test_remote_commands_are_quoted_argv() -> None:
+    assert remote_command(["rm", "-f", "--", "a b", "$(reboot)"]) == "rm -f -- 'a b' '$(reboot)'"
+    with pytest.raises(TypeError):
+        remote_command("rm -rf /")  # type: ignore[arg-type]
+
+
+# -- a real sshd -------------------------------------------------------------------------------
+
+
+def _require_sshd() -> str:
+    path = shutil.which("sshd") or ("/usr/sbin/sshd" if os.access("/usr/sbin/sshd", os.X_OK) else None)
+    if path is None:
+        message = "sshd is not installed (openssh-server)"
+        if system_required():
+            pytest.fail(f"{message}, and {REQUIRE_SYSTEM_ENV}=1 requires it", pytrace=False)
+        pytest.skip(message)
+    require_program("ssh-keygen")
+    privsep = Path("/run/sshd")  # sshd refuses to start without its privilege separation directory
+    if not privsep.is_dir():
+        if os.geteuid() != 0:
+            pytest.skip("/run/sshd is missing and only root can create it")
+        privsep.mkdir(mode=0o755, parents=True, exist_ok=True)
+    return path
+
+
+def _free_port_on(address: str) -> int:
+    with socket.socket() as sock:
+        sock.bind((address, 0))
+        return int(sock.getsockname()[1])
+
+
+def _children_of(pid: int) -> list[int]:
+    """Every descendant of ``pid`` (sshd's per-connection processes leave its process group)."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            text = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(text[text.rindex(")") + 2:].split()[1])
+        parents.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+@dataclass
+class SshHost:
+    """A private sshd on HOST:port, with keys made for the test."""
+
+    directory: Path
+    sshd: str
+    port: int = 0
+    process: subprocess.Popen[bytes] | None = None
+
+    def __post_init__(self) -> None:
+        d = self.directory
+        d.mkdir(mode=0o700)
+        self.port = _free_port_on(HOST)
+        self.host_key = d / "host_ed25519"
+        self.user_key = d / "user_ed25519"
+        for key in (self.host_key, self.user_key):
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "test", "-f", str(key)], check=True)
+        (d / "authorized_keys").write_text(self.user_key.with_suffix(".pub").read_text())
+        self.known_hosts = d / "known_hosts"
+        self.write_known_hosts(self.host_key)
+        self.config = d / "sshd_config"
+        self.config.write_text(
+            f"ListenAddress {HOST}\nPort {self.port}\nHostKey {self.host_key}\nPidFile {d / 'sshd.pid'}\n"
+            f"AuthorizedKeysFile {d / 'authorized_keys'}\nPermitRootLogin prohibit-password\n"
+            "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
+            "PrintMotd no\nMaxSessions 10\nLogLevel VERBOSE\n"
+        )
+        self.log = d / "sshd.log"
+        self.remote_dir = d / "remote"  # ssh.state_dir: what the gateway keeps on the "host"
+
+    def write_known_hosts(self, key: Path) -> None:
+        kind, blob = key.with_suffix(".pub").read_text().split()[:2]
+        self.known_hosts.write_text(f"[{HOST}]:{self.port} {kind} {blob}\n")
+
+    def start(self) -> None:
+        log = open(self.log, "ab")
+        self.process = subprocess.Popen([self.sshd, "-D", "-e", "-f", str(self.config)], stdout=log,
+                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with socket.socket() as sock:
+                if sock.connect_ex((HOST, self.port)) == 0:
+                    return
+            if self.process.poll() is not None:
+                raise AssertionError(f"sshd exited: {self.log.read_text()}")
+            time.sleep(0.05)
+        raise AssertionError("sshd did not listen within 10 s")
+
+    def stop(self) -> None:
+        """Stop the listener and every connection it serves (as when the host goes away)."""
+        if self.process is None:
+            return
+        children = _children_of(self.process.pid)
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        for pid in children:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.process = None
+
+    def logins(self) -> int:
+        return self.log.read_text(errors="replace").count("Accepted publickey")
+
+    def config_text(self, **overrides: object) -> str:
+        values = {"user": getpass.getuser(), "private_key": self.user_key, "known_hosts": self.known_hosts,
+                  "port": self.port, "interface": HOST, "state_dir": self.remote_dir, "connect_timeout_s": 5,
+                  "connect_attempts": 2, "command_timeout_s": 20, **overrides}
+        return "ssh:\n" + "".join(f"  {k}: {v}\n" for k, v in values.items())
+
+    def leftovers(self) -> list[int]:
+        """Processes started for desktops on this host (their command line or HOME names remote_dir)."""
+        return processes_mentioning(str(self.remote_dir))
+
+
+@pytest.fixture
+def ssh_host(tmp_path: Path) -> Iterator[SshHost]:
+    host = SshHost(tmp_path / "sshhost", _require_sshd())
+    host.start()
+    try:
+        yield host
+    finally:
+        host.stop()
+        for pid in host.leftovers():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@pytest.fixture
+def runs() -> Iterator[list[GatewayRun]]:
+    made: list[GatewayRun] = []
+    for program in ("Xvnc", "vncpasswd", "apache2", "openbox", "xterm"):
+        require_program(program)
+    yield made
+    for run in made:
+        run.kill_everything()
+
+
+RESTART_FAST = "restart:\n  max_attempts: 2\n  backoff_initial_s: 0.2\n  backoff_max_s: 0.5\n"
+
+
+def ssh_accounts(count: int, prefix: str = "sh") -> list[Account]:
+    return [Account(f"{prefix}{i:02d}", HOST, f"/desktop/{prefix}{i:02d}", free_port(), _free_port_on(HOST),
+                    generate_password(), i, (("backend", "ssh"),)) for i in range(1, count + 1)]
+
+
+def fetch_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def desktop_states(run: GatewayRun) -> dict[str, dict]:
+    data = fetch_json(run.url + "api/desktops")
+    items = data["desktops"] if isinstance(data, dict) else data
+    return {item["account"]: item for item in items}
+
+
+def recorded_desktops(run: GatewayRun) -> dict:
+    store = StateStore(run.state_dir / "gateway.db")
+    try:
+        return store.desktops()
+    finally:
+        store.close()
+
+
+async def handshake_until_ok(url: str, password: str, timeout_s: float = 30) -> rfb.RfbSession:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return await rfb.connect_websocket(url, password, timeout_s=5)
+        except Exception as exc:  # noqa: BLE001 - aiohttp errors while a proxy or desktop restarts
+            if isinstance(exc, rfb.RfbAuthFailed) or time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.3)
+
+
+def passwords_in_command_lines(passwords: list[str]) -> list[int]:
+    """Pids of any process on this machine whose command line holds one of the passwords."""
+    needles = [p.encode() for p in passwords]
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if any(n in cmdline for n in needles):
+                found.append(int(entry.name))
+    return found
+
+
+def wait_until(predicate, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout_s} s: {what}")
+        time.sleep(0.1)
+
+
+# -- through a real `gateway up` ----------------------------------------------------------------
+
+@pytest.mark.system
+async def test_ssh_desktops_come_up_through_apache_restart_and_are_gone_after_gateway_down(
+        ssh_host: SshHost, runs: list[GatewayRun], tmp_path: Path) -> None:
+    remote = ssh_accounts(2)
+    local = make_accounts(1, prefix="lo")
+    (tmp_path / "gw").mkdir()
+    run = GatewayRun(tmp_path / "gw", [*remote, *local], ssh_host.config_text() + RESTART_FAST)
+    runs.append(run)
+    seconds = run.up(timeout_s=60)
+
+    for account in [*remote, *local]:
+        session = await rfb.connect_websocket(run.ws_url(account), account.password, timeout_s=10)
+        assert session.name == account.id
+    with pytest.raises(rfb.RfbAuthFailed):
+        await rfb.connect_websocket(run.ws_url(remote[0]), "wrong-pw", timeout_s=10)
+    assert {k: v["state"] for k, v in desktop_states(run).items()} == {a.id: "ready" for a in [*remote, *local]}
+
+    # One SSH connection for both accounts of the host.
+    assert ssh_host.logins() == 1
+    # The passwords are on no command line of this machine (which is also the "host").
+    assert passwords_in_command_lines([a.password for a in [*remote, *local]]) == []
+    secrets = ssh_host.remote_dir / "secrets"
+    assert stat.S_IMODE(secrets.stat().st_mode) == 0o700
+    for account in remote:
+        assert stat.S_IMODE((secrets / f"{account.id}.vncpasswd").stat().st_mode) == 0o600
+    assert len(ssh_host.leftovers()) >= 2 * 2  # an Xvnc and a session per remote account
+
+    # A remote Xvnc killed behind the gateway's back is found gone and started again.
+    desktops = recorded_desktops(run)
+    victim, bystander = remote
+    victim_pid = desktops[victim.id].state["xvnc"]["pid"]
+    bystander_pid = desktops[bystander.id].state["xvnc"]["pid"]
+    os.kill(victim_pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    wait_until(lambda: recorded_desktops(run).get(victim.id) is not None
+               and recorded_desktops(run)[victim.id].state["xvnc"]["pid"] != victim_pid, 30, "a new Xvnc")
+    await handshake_until_ok(run.ws_url(victim), victim.password)
+    restart_s = time.monotonic() - killed_at
+    assert recorded_desktops(run)[bystander.id].state["xvnc"]["pid"] == bystander_pid
+    await rfb.connect_websocket(run.ws_url(bystander), bystander.password, timeout_s=5)
+
+    # `gateway down` stops every desktop on the host; nothing of them is left.
+    down = subprocess.run([sys.executable, "-m", "gateway", "down", "--state-dir", str(run.state_dir)],
+                          capture_output=True, text=True, timeout=60)
+    assert down.returncode == 0, down.stderr
+    assert run.process is not None and run.process.wait(timeout=10) == 0
+    assert ssh_host.leftovers() == []
+    assert list(secrets.iterdir()) == []
+    assert recorded_desktops(run) == {}
+    print(f"\nssh: {len(remote)} remote + {len(local)} local ready in {seconds:.1f} s; "
+          f"killed Xvnc back in {restart_s:.1f} s")
+
+
+@pytest.mark.system
+async def test_unreachable_host_fails_only_its_accounts_with_the_reason(
+        ssh_host: SshHost, runs: list[GatewayRun], tmp_path: Path) -> None:
+    ssh_host.stop()
+    remote = ssh_accounts(1)
+    local = make_accounts(1, prefix="lo")
+    (tmp_path / "gw").mkdir()
+    run = GatewayRun(tmp_path / "gw", [*remote, *local], ssh_host.config_text() + RESTART_FAST)
+    runs.append(run)
+    run.up(timeout_s=60)
+    states = desktop_states(run)
+    assert states[local[0].id]["state"] == "ready"
+    assert states[remote[0].id]["state"] == "failed"
+    reason = states[remote[0].id]["reason"]
+    assert f"cannot connect to {HOST} port {ssh_host.port}" in reason and "refused" in reason.lower(), reason
+    session = await rfb.connect_websocket(run.ws_url(local[0]), local[0].password, timeout_s=10)
+    assert session.name == local[0].id
+    assert run.terminate(timeout_s=20) == 0
+
+
+@pytest.mark.system
+async def test_a_host_key_that_does_not_match_known_hosts_is_refused_with_a_message(
+        ssh_host: SshHost, runs: list[GatewayRun], tmp_path: Path) -> None:
+    impostor = tmp_path / "other_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(impostor)], check=True)
+    ssh_host.write_known_hosts(impostor)  # known_hosts now expects another key for [127.0.0.2]:port
+    remote = ssh_accounts(1)
+    local = make_accounts(1, prefix="lo")
+    (tmp_path / "gw").mkdir()
+    run = GatewayRun(tmp_path / "gw", [*remote, *local], ssh_host.config_text() + RESTART_FAST)
+    runs.append(run)
+    run.up(timeout_s=60)
+    states = desktop_states(run)
+    assert states[local[0].id]["state"] == "ready"
+    assert states[remote[0].id]["state"] == "failed"
+    reason = states[remote[0].id]["reason"]
+    assert "host key" in reason and "does not match" in reason and str(ssh_host.known_hosts) in reason, reason
+    assert ssh_host.logins() == 0 and ssh_host.leftovers() == []
+    assert run.terminate(timeout_s=20) == 0
+
+
+# -- the backend on its own ---------------------------------------------------------------------
+
+
+def _backend(ssh_host: SshHost, tmp_path: Path, **overrides: object) -> SshBackend:
+    config = parse_config("backend: ssh\n" + ssh_host.config_text(**overrides))
+    return SshBackend(config, tmp_path / "state")
+
+
+@pytest.mark.system
+async def test_unknown_host_key_is_refused(ssh_host: SshHost, tmp_path: Path) -> None:
+    ssh_host.known_hosts.write_text("")
+    backend = _backend(ssh_host, tmp_path)
+    account = ssh_accounts(1)[0]
+    await backend.open([account])
+    try:
+        with pytest.raises(BackendError, match="host key of .* is unknown"):
+            await backend.start(account)
+    finally:
+        await backend.close(final=True)
+    assert ssh_host.logins() == 0
+
+
+@pytest.mark.system
+async def test_remote_arguments_arrive_exactly(ssh_host: SshHost, tmp_path: Path) -> None:
+    require_program("Xvnc")
+    backend = _backend(ssh_host, tmp_path)
+    await backend.open([])
+    hostile = ["a b", "$(touch /tmp/pwned)", "it's", '"q"', "x;y", "*"]
+    try:
+        result = await backend._exec(HOST, ["printf", "%s\\n", *hostile])
+    finally:
+        await backend.close(final=True)
+    assert result.ok and result.stdout.splitlines() == hostile
+
+
+@pytest.mark.system
+async def test_poll_is_unknown_while_the_host_is_unreachable_and_a_new_gateway_adopts(
+        ssh_host: SshHost, tmp_path: Path) -> None:
+    for program in ("Xvnc", "vncpasswd", "openbox"):
+        require_program(program)
+    account = ssh_accounts(1)[0]
+    backend = _backend(ssh_host, tmp_path, connect_attempts=1, connect_timeout_s=2, command_timeout_s=5)
+    await backend.open([account])
+    state = None
+    try:
+        state = await backend.start(account)
+        assert (await backend.poll(account, state)).status is Status.RUNNING
+        await rfb.probe(HOST, account.vnc_port, timeout_s=5)
+        assert passwords_in_command_lines([account.password]) == []
+
+        # The host goes away: that is no evidence that the desktop is gone.
+        ssh_host.stop()
+        result = await backend.poll(account, state)
+        assert result.status is Status.UNKNOWN and HOST in result.reason, result
+        await rfb.probe(HOST, account.vnc_port, timeout_s=5)  # and indeed it still runs
+
+        # Back again: the same backend reconnects; a new one (a restarted gateway) adopts the desktop.
+        ssh_host.start()
+        assert (await backend.poll(account, state)).status is Status.RUNNING
+        await backend.close(final=False)
+        backend = _backend(ssh_host, tmp_path)
+        await backend.open([account])
+        assert (await backend.adopt(account, state)).status is Status.RUNNING
+
+        # The X server dies: positive evidence, GONE; stop then cleans up what is left.
+        os.kill(state["xvnc"]["pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while (result := await backend.poll(account, state)).status is not Status.GONE:
+            assert time.monotonic() < deadline, result
+            await asyncio.sleep(0.2)
+        await backend.stop(account, state)
+        state = None
+        assert ssh_host.leftovers() == []
+        assert not (ssh_host.remote_dir / "secrets" / f"{account.id}.vncpasswd").exists()
+    finally:
+        if state is not None:
+            await backend.stop(account, state)
+        await backend.close(final=True)

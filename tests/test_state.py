@@ -1,0 +1,49 @@
+"""The state database: migrations upgrade an older database in place and never discard it."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from gateway.proc import ProcessIdentity
+from gateway.state import MIGRATIONS, StateStore
+
+
+def test_version_one_database_is_migrated_not_discarded(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.db"
+    old = sqlite3.connect(path)
+    old.executescript(MIGRATIONS[0])
+    old.execute("INSERT INTO desktops(account, backend, state, updated_at) VALUES ('ws01', 'local', '{\"x\": 1}', 0)")
+    old.execute("PRAGMA user_version = 1")
+    old.commit()
+    old.close()
+    store = StateStore(path)
+    try:
+        assert store.schema_version == len(MIGRATIONS)
+        assert store.desktops()["ws01"].state == {"x": 1}
+    finally:
+        store.close()
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+
+
+def test_database_from_a_newer_gateway_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.db"
+    db = sqlite3.connect(path)
+    db.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
+    db.commit()
+    db.close()
+    with pytest.raises(RuntimeError, match="newer gateway"):
+        StateStore(path)
+
+
+def test_two_stores_on_one_new_database_both_work(tmp_path: Path) -> None:
+    first = StateStore(tmp_path / "gateway.db")
+    second = StateStore(tmp_path / "gateway.db")
+    try:
+        first.save_service("apache", ProcessIdentity(1, 1, 1))
+        assert second.services()["apache"].pid == 1
+    finally:
+        first.close()
+        second.close()
