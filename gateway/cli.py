@@ -76,6 +76,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--force", action="store_true", help="overwrite an existing file")
     gen.set_defaults(handler=cmd_tokens_generate)
 
+    status = commands.add_parser("status", help="show every desktop of the running gateway")
+    status.add_argument("--state-dir", type=Path, help="state directory (default: %s)" % default_state_dir())
+    status.add_argument("--config", type=Path)
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(handler=cmd_status)
+
+    desktop = commands.add_parser("desktop", help="restart, stop, start or disconnect one desktop")
+    desktop.add_argument("action", choices=("restart", "stop", "start", "disconnect"))
+    desktop.add_argument("account")
+    desktop.add_argument("--state-dir", type=Path)
+    desktop.add_argument("--config", type=Path)
+    desktop.set_defaults(handler=cmd_desktop)
+
     systemd = commands.add_parser("systemd", help="run the gateway as a systemd service")
     systemd_commands = systemd.add_subparsers(dest="systemd_command", required=True, metavar="ACTION")
     install = systemd_commands.add_parser("install", help="write the unit file for this token file and config")
@@ -354,6 +367,55 @@ def cmd_tokens_generate(args: argparse.Namespace) -> int:
         raise UserError(f"{args.output} exists; use --force to overwrite it")
     atomic_write(args.output, text, mode=0o600)
     print(f"Wrote {len(accounts)} accounts to {args.output} (mode 0600)", file=sys.stderr)
+    return 0
+
+
+# -- status and desktop actions -----------------------------------------------------------------
+
+
+def _control_socket(args: argparse.Namespace) -> Path:
+    from .supervisor import CONTROL_SOCKET
+
+    state_dir = resolve_state_dir(args.state_dir, load_config(args.config))
+    socket_path = state_dir / CONTROL_SOCKET
+    if not _lock_is_held(state_dir / "gateway.pid") or not socket_path.exists():
+        raise UserError(f"no gateway is running with state dir {state_dir}")
+    return socket_path
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    from .cockpit import fetch_status
+
+    rows = asyncio.run(fetch_status(_control_socket(args)))
+    if args.json:
+        print(json.dumps({"desktops": rows}, indent=2))
+        return 0
+    print(format_status_table(rows))
+    return 0
+
+
+def format_status_table(rows: list[dict]) -> str:
+    columns = ("account", "backend", "protocol", "state", "where", "job", "up", "restarts", "viewers", "reason")
+    table = [columns]
+    for r in rows:
+        where = f"{r['host']}:{r['port']}" if r["host"] else "-"
+        up = f"{int(r['uptime_s'] // 60)}m" if r["uptime_s"] is not None else "-"
+        table.append((r["account"], r["backend"], r["protocol"], r["state"], where, r["job_id"] or "-", up,
+                      str(r["restarts"]), str(r["viewers"]), r["reason"] or ""))
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(columns))]
+    return "\n".join("  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip() for row in table)
+
+
+def cmd_desktop(args: argparse.Namespace) -> int:
+    from .cockpit import request_action
+
+    try:
+        result = asyncio.run(request_action(_control_socket(args), args.account, args.action))
+    except LookupError:
+        raise UserError(f"no desktop {args.account} in the running gateway") from None
+    print(f"{args.account}: {result}")
     return 0
 
 

@@ -27,6 +27,7 @@ __all__ = [
     "ProxyConfig",
     "ApacheConfig",
     "TlsConfig",
+    "AdminConfig",
     "RestartConfig",
     "EventConfig",
     "SlurmConfig",
@@ -278,6 +279,15 @@ class ArchiveConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AdminConfig:
+    #: User name of the admin page and /metrics (HTTP Basic). Participants' accounts never work there.
+    user: str = "admin"
+    #: File holding the admin password; default {state_dir}/secrets/admin.password, made (0600)
+    #: with a random password at the first start.
+    password_file: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     #: Where desktops run: local (Xvnc on this machine), slurm (a batch job per desktop) or ssh
     #: (Xvnc started over SSH on each token line's vnchost; see ssh:).
@@ -297,6 +307,7 @@ class Config:
     restart: RestartConfig = field(default_factory=RestartConfig)
     apache: ApacheConfig = field(default_factory=ApacheConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     container: ContainerConfig = field(default_factory=ContainerConfig)
     ssh: SshConfig = field(default_factory=SshConfig)

@@ -25,6 +25,7 @@ from . import rfb
 from .apache import ApacheLayout, PrivateApache, install_system_rules, novnc_dir, render_apache_config
 from .backends import backend_name_for, make_backends
 from .backends.base import Backend, BackendError, DesktopState, Endpoint, Status
+from .cockpit import Cockpit, GatewayMetrics, load_or_create_admin_password, make_control_app
 from .config import Config, parse_listen
 from .errors import UserError
 from .files import ensure_private_dir
@@ -42,6 +43,11 @@ __all__ = ["Gateway", "GatewayOptions"]
 log = logging.getLogger("gateway")
 
 RFB_PROBE_TIMEOUT_S = 3.0
+#: A desktop whose backend can't say how it is (scheduler or host unreachable) for this long is
+#: shown to organisers with the reason; it is never stopped for that.
+UNKNOWN_REPORT_AFTER_S = 30.0
+#: The control socket in the state dir (see gateway.cockpit).
+CONTROL_SOCKET = "control.sock"
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +76,9 @@ class Gateway:
             raise UserError(str(exc)) from None
         self.proxy_mode: ProxyMode = make_proxy_mode(config, logs_dir=self.logs_dir, slots=self.slots,
                                                      runtime_dir=options.state_dir / "proxy")
+        self.metrics = GatewayMetrics()
+        self.watchers: dict[str, AccountWatcher] = {}
+        self.cockpit: Cockpit | None = None
         self.start_limit = asyncio.Semaphore(config.desktop.start_concurrency)
         self.changed = asyncio.Event()
         self.store: StateStore | None = None
@@ -89,6 +98,8 @@ class Gateway:
             adopted = await self._adopt_desktops()
             self._check_ports_free(adopted)
             await self._open_backends(stack)
+            self.cockpit = self._make_cockpit()
+            await self._start_control(stack)
             await self._start_web(stack)
             await self._start_front(stack)
             try:
@@ -97,6 +108,7 @@ class Gateway:
                         group.create_task(self._keep_apache(), name="apache")
                     for account in self.tokens.accounts:
                         watcher = AccountWatcher(self, account, adopted.get(account.id))
+                        self.watchers[account.id] = watcher
                         group.create_task(watcher.run(), name=f"desktop:{account.id}")
                     group.create_task(self._report_progress(on_ready), name="progress")
                     await stop.wait()
@@ -113,6 +125,39 @@ class Gateway:
         host, port = parse_listen(self.options.listen)
         host = f"[{host}]" if ":" in host else host
         return f"{scheme}://{host}:{port}/"
+
+    # -- organisers' requests -----------------------------------------------------------------
+
+    async def act(self, account_id: str, action: str) -> str:
+        """Hand an organiser's request to the account's watcher; it acts between its checks."""
+        watcher = self.watchers.get(account_id)
+        if watcher is None:
+            raise LookupError(f"no desktop {account_id}")
+        watcher.commands.put_nowait(action)
+        log.info("organiser request queued account=%s action=%s", account_id, action)
+        return f"{action} requested"
+
+    def _make_cockpit(self) -> Cockpit:
+        assert self.store is not None
+        configured = self.config.admin.password_file
+        password_file = Path(configured) if configured else self.state_dir / "secrets" / "admin.password"
+        return Cockpit(slots=self.slots, store=self.store, act=self.act, metrics=self.metrics,
+                       admin_user=self.config.admin.user,
+                       admin_password=load_or_create_admin_password(password_file))
+
+    async def _start_control(self, stack: contextlib.AsyncExitStack) -> None:
+        """`gateway status` and friends talk to this Unix socket; only our own user may open it."""
+        assert self.cockpit is not None
+        path = self.state_dir / CONTROL_SOCKET
+        path.unlink(missing_ok=True)
+        runner = web.AppRunner(make_control_app(self.cockpit), access_log=None, handle_signals=False)
+        await runner.setup()
+        stack.push_async_callback(runner.cleanup)
+        old_umask = os.umask(0o177)  # the socket is created 0600, never briefly open to others
+        try:
+            await web.UnixSite(runner, str(path)).start()
+        finally:
+            os.umask(old_umask)
 
     # -- start-up steps -------------------------------------------------------------------------
 
@@ -188,7 +233,7 @@ class Gateway:
 
     async def _start_web(self, stack: contextlib.AsyncExitStack) -> None:
         app = make_app(self.config, self.slots, novnc=novnc_dir(self.config), store=self.store,
-                       state_dir=self.state_dir)
+                       state_dir=self.state_dir, cockpit=self.cockpit)
         app.router.add_routes(self.proxy_mode.web_routes(self.tokens.accounts))
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
@@ -305,7 +350,11 @@ class Gateway:
 
 
 class AccountWatcher:
-    """Owns one account's desktop and proxy: start, prove ready, watch, restart, and stop."""
+    """Owns one account's desktop and proxy: start, prove ready, watch, restart, and stop.
+
+    Organisers' requests (restart, stop, start, disconnect) arrive on :attr:`commands` and are
+    handled between checks, so only this task ever drives the account's backend and proxy.
+    """
 
     def __init__(self, gateway: Gateway, account: Account, adopted: DesktopState | None) -> None:
         self.gateway = gateway
@@ -315,8 +364,10 @@ class AccountWatcher:
         self.state: DesktopState | None = adopted
         self.endpoint: Endpoint | None = None
         self.proxy: RunningProxy | None = None
+        self.commands: asyncio.Queue[str] = asyncio.Queue()
         self.desktop_policy = RestartPolicy(gateway.config.restart)
         self.proxy_policy = RestartPolicy(gateway.config.restart)
+        self.unknown_since: float | None = None
 
     @property
     def store(self) -> StateStore:
@@ -325,22 +376,40 @@ class AccountWatcher:
 
     async def run(self) -> None:
         try:
-            await self._lifecycle()
-            # It gave up: stay failed (and visible, with the reason) until the gateway stops.
-            await asyncio.Event().wait()
-        except Exception as exc:
-            # A bug or an unexpected error fails this account only; the others carry on.
-            log.exception("desktop watcher crashed account=%s", self.account.id)
-            self.gateway.publish(self.slot, Phase.FAILED, f"internal error: {exc}")
-            await asyncio.Event().wait()  # stay failed (and visible) until the gateway stops
+            while True:
+                try:
+                    await self._lifecycle()
+                except Exception as exc:
+                    # A bug or an unexpected error fails this account only; the others carry on.
+                    log.exception("desktop watcher crashed account=%s", self.account.id)
+                    self.gateway.publish(self.slot, Phase.FAILED, f"internal error: {exc}")
+                # Failed or stopped: stay so, visibly, until an organiser starts it again.
+                await self._wait_for_start()
         finally:
             await self._teardown()
 
+    async def _wait_for_start(self) -> None:
+        while (command := await self.commands.get()) not in ("start", "restart"):
+            log.info("command ignored while %s account=%s command=%s", self.slot.phase.value, self.account.id, command)
+        self.desktop_policy = RestartPolicy(self.gateway.config.restart)
+        self.gateway.publish(self.slot, Phase.QUEUED, "started by the organiser")
+
     async def _lifecycle(self) -> None:
+        """Keep the desktop up; returns when it failed for good or an organiser stopped it."""
         while True:
             failure = await self._bring_up()
             if failure is None:
-                failure = await self._watch()
+                outcome = await self._watch()
+                if outcome == "stop":
+                    await self._stop_proxy()
+                    await self._stop_desktop()
+                    self.gateway.publish(self.slot, Phase.STOPPED, "stopped by the organiser")
+                    return
+                if outcome == "restart":
+                    await self._stop_desktop()
+                    self.gateway.publish(self.slot, Phase.STARTING, "restarted by the organiser")
+                    continue
+                failure = outcome
             delay = self.desktop_policy.next_delay()
             log.warning("desktop down account=%s reason=%s", self.account.id, failure)
             self.store.record_event("desktop-down", self.account.id, failure)
@@ -355,8 +424,10 @@ class AccountWatcher:
 
     async def _bring_up(self) -> str | None:
         """Start (unless adopted), prove readiness, start the proxy. None on success, else why not."""
-        async with self.gateway.start_limit:
-            if self.state is None:
+        started = time.monotonic()
+        fresh = self.state is None
+        if fresh:
+            async with self.gateway.start_limit:
                 self.gateway.publish(self.slot, Phase.STARTING, self.slot.reason)
                 try:
                     self.state = await self.backend.start(self.account)
@@ -366,40 +437,71 @@ class AccountWatcher:
                     log.exception("desktop start failed account=%s", self.account.id)
                     return f"could not start: {exc}"
                 self.store.save_desktop(self.account.id, self.backend.name, self.state)
-            failure = await self._wait_ready()
-        if failure is not None:
-            return failure
-        failure = await self._ensure_proxy()
+        # Waiting in a scheduler's queue holds no start slot: others may start meanwhile.
+        failure = await self._wait_running()
+        if failure is None:
+            async with self.gateway.start_limit:
+                failure = await self._prove_ready()
+        if failure is None:
+            failure = await self._ensure_proxy()
         if failure is not None:
             return failure
         self.desktop_policy.record_healthy()
+        if fresh:
+            self.gateway.metrics.spawn_seconds.observe(time.monotonic() - started)
         self.gateway.publish(self.slot, Phase.READY)
         return None
 
-    async def _wait_ready(self) -> str | None:
-        """Ready means an RFB server answers with its banner at the desktop's endpoint; never a sleep."""
+    async def _wait_running(self) -> str | None:
+        """Poll until the desktop runs and its endpoint is known. Time in a queue is not limited."""
         assert self.state is not None
+        timeout_s = self.gateway.config.desktop.start_timeout_s
+        deadline = time.monotonic() + timeout_s
+        delay = 0.05
+        while True:
+            result = await self.backend.poll(self.account, self.state)
+            if result.status is Status.GONE:
+                return result.reason or "the desktop exited while starting"
+            if result.status is Status.RUNNING and result.endpoint is not None:
+                await self._set_endpoint(result.endpoint)
+                return None
+            if result.status is Status.PENDING:
+                self.gateway.publish(self.slot, Phase.QUEUED, result.reason)
+                deadline = time.monotonic() + timeout_s
+                delay = 1.0  # a queue moves in seconds, not milliseconds
+            elif time.monotonic() > deadline:
+                return f"did not run within {timeout_s:g} s ({result.reason or result.status.value})"
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, 1.0)
+
+    async def _set_endpoint(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+        self.slot.endpoint = endpoint
+        self.slot.detail = dict(self.backend.describe(self.state or {}))
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(endpoint.host, endpoint.port, type=socket.SOCK_STREAM)
+            self.slot.endpoint_ip = str(infos[0][4][0])
+        except OSError:
+            self.slot.endpoint_ip = None
+        if self.slot.phase is Phase.QUEUED:
+            self.gateway.publish(self.slot, Phase.STARTING)
+
+    async def _prove_ready(self) -> str | None:
+        """Ready means an RFB server answers with its banner at the desktop's endpoint; never a sleep."""
+        assert self.state is not None and self.endpoint is not None
         timeout_s = self.gateway.config.desktop.start_timeout_s
         deadline = time.monotonic() + timeout_s
         delay = 0.05
         last_error = "no answer"
         while time.monotonic() < deadline:
+            try:
+                await rfb.probe(self.endpoint.host, self.endpoint.port, timeout_s=RFB_PROBE_TIMEOUT_S)
+                return None
+            except (OSError, TimeoutError, rfb.RfbError) as exc:
+                last_error = str(exc) or type(exc).__name__
             result = await self.backend.poll(self.account, self.state)
             if result.status is Status.GONE:
                 return result.reason or "the desktop exited while starting"
-            if result.status is Status.PENDING:
-                # Waiting in a scheduler's queue is not a slow start: the clock starts when it runs.
-                self.gateway.publish(self.slot, Phase.QUEUED, result.reason)
-                deadline = time.monotonic() + timeout_s
-            elif result.status is Status.RUNNING and result.endpoint is not None:
-                if self.slot.phase is Phase.QUEUED:
-                    self.gateway.publish(self.slot, Phase.STARTING)
-                self.endpoint = result.endpoint
-                try:
-                    await rfb.probe(result.endpoint.host, result.endpoint.port, timeout_s=RFB_PROBE_TIMEOUT_S)
-                    return None
-                except (OSError, TimeoutError, rfb.RfbError) as exc:
-                    last_error = str(exc) or type(exc).__name__
             await asyncio.sleep(delay)
             delay = min(delay * 1.5, 0.5)
         return f"no RFB handshake within {timeout_s:g} s ({last_error})"
@@ -418,28 +520,70 @@ class AccountWatcher:
         return None
 
     async def _watch(self) -> str:
-        """Watch desktop and proxy until the desktop is gone; returns why it went."""
+        """Watch desktop and proxy until the desktop is gone or an organiser acts.
+
+        Returns "stop" or "restart" for an organiser's request, else why the desktop went.
+        """
         interval = self.gateway.config.desktop.poll_interval_s
         while True:
             assert self.proxy is not None and self.state is not None
-            try:
-                async with asyncio.timeout(interval):
-                    status = await self.proxy.wait()
-            except TimeoutError:
-                pass
-            else:
-                failure = await self._restart_proxy(status)
+            event, value = await self._next_event(interval)
+            if event == "command":
+                if value in ("stop", "restart"):
+                    log.info("organiser request account=%s command=%s", self.account.id, value)
+                    return str(value)
+                if value == "disconnect":
+                    await self._stop_proxy()
+                    failure = await self._ensure_proxy()
+                    if failure is not None:
+                        return failure
+                continue
+            if event == "proxy-exited":
+                failure = await self._restart_proxy(int(value))
                 if failure is not None:
                     return failure
                 continue
             result = await self.backend.poll(self.account, self.state)
             if result.status is Status.GONE:
                 return result.reason or "the desktop exited"
+            self._note_unknown(result.status, result.reason)
             await self._maintain()
+
+    async def _next_event(self, interval: float) -> tuple[str, object]:
+        """Whichever comes first: an organiser's command, the proxy exiting, or the poll interval."""
+        assert self.proxy is not None
+        command = asyncio.ensure_future(self.commands.get())
+        proxy_exit = asyncio.ensure_future(self.proxy.wait())
+        try:
+            await asyncio.wait((command, proxy_exit), timeout=interval, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in (command, proxy_exit):
+                waiter.cancel()
+            await asyncio.gather(command, proxy_exit, return_exceptions=True)
+        # A command taken from the queue is never dropped, even if it arrived while cancelling.
+        if command.done() and not command.cancelled():
+            return "command", command.result()
+        if proxy_exit.done() and not proxy_exit.cancelled() and proxy_exit.exception() is None:
+            return "proxy-exited", proxy_exit.result()
+        return "poll", None
+
+    def _note_unknown(self, status: Status, reason: str) -> None:
+        """A desktop whose state can't be told for a while stays up, but organisers are told."""
+        if status is not Status.UNKNOWN:
+            if self.unknown_since is not None:
+                self.unknown_since = None
+                self.gateway.publish(self.slot, Phase.READY)
+            return
+        now = time.monotonic()
+        self.unknown_since = self.unknown_since or now
+        if now - self.unknown_since >= UNKNOWN_REPORT_AFTER_S:
+            seconds = int(now - self.unknown_since)
+            self.gateway.publish(self.slot, Phase.READY, f"cannot check this desktop for {seconds} s: {reason}")
 
     async def _restart_proxy(self, status: int) -> str | None:
         log.warning("proxy exited account=%s status=%d", self.account.id, status)
         self.store.record_event("proxy-down", self.account.id, f"status {status}")
+        self.gateway.metrics.proxy_errors.labels(self.account.id).inc()
         self.proxy = None
         delay = self.proxy_policy.next_delay()
         if delay is None:
@@ -470,6 +614,8 @@ class AccountWatcher:
             await self.backend.stop(self.account, self.state)
             self.state = None
             self.store.forget_desktop(self.account.id)
+        self.slot.endpoint = self.slot.endpoint_ip = None
+        self.slot.detail = {}
 
     async def _teardown(self) -> None:
         for step in (self._stop_proxy, self._stop_desktop):

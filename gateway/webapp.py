@@ -9,6 +9,7 @@ from __future__ import annotations
 import html
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jinja2
 from aiohttp import web
@@ -17,6 +18,9 @@ from .apache import STATIC_DIR
 from .config import PROJECT_ROOT, Config
 from .state import StateStore
 from .status import DesktopSlot
+
+if TYPE_CHECKING:
+    from .cockpit import Cockpit
 
 __all__ = ["make_app", "SLOTS", "CONFIG"]
 
@@ -39,7 +43,8 @@ _SECURITY_HEADERS = {
 
 
 def make_app(config: Config, slots: Mapping[str, DesktopSlot], *, novnc: Path,
-             store: StateStore | None = None, state_dir: Path | None = None) -> web.Application:
+             store: StateStore | None = None, state_dir: Path | None = None,
+             cockpit: "Cockpit | None" = None) -> web.Application:
     app = web.Application(middlewares=[_security_headers])
     app[SLOTS] = slots
     app[CONFIG] = config
@@ -56,6 +61,10 @@ def make_app(config: Config, slots: Mapping[str, DesktopSlot], *, novnc: Path,
         from . import participant
 
         participant.add_routes(app, config=config, store=store, state_dir=state_dir)
+    if cockpit is not None:  # the organisers' admin page and /metrics
+        from .cockpit import add_admin_routes
+
+        add_admin_routes(app, cockpit, render_page=_page)
     # Apache serves these itself; the routes are here for running without it (tests, system mode).
     app.router.add_static("/static/", STATIC_DIR, follow_symlinks=False)
     app.router.add_static("/novnc/", novnc, follow_symlinks=False)

@@ -332,7 +332,9 @@ async def test_sbatch_is_retried_when_slurmctld_is_away(fake_slurm, tmp_path: Pa
     submitted = (tmp_path / "script.sh").read_text()
     assert submitted.startswith("#!/bin/bash") and PASSWORD not in submitted
     secret = Path(state["workdir"]) / ".vnc-secret"
-    assert secret.read_text() == PASSWORD + "\n" and stat.S_IMODE(secret.stat().st_mode) == 0o600
+    # The full password, then the view-only one for instructors (never the same).
+    full, view_only = secret.read_text().splitlines()
+    assert full == PASSWORD and view_only != PASSWORD and stat.S_IMODE(secret.stat().st_mode) == 0o600
     # A lasting refusal is not retried.
     sbatch.write_text("#!/bin/sh\necho 'sbatch: error: Batch job submission failed: Invalid account' >&2\nexit 1\n")
     from gateway.backends.base import BackendError

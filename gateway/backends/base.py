@@ -85,6 +85,10 @@ class Backend(abc.ABC):
         """
         return await self.poll(account, state)
 
+    def describe(self, state: DesktopState) -> Mapping[str, str]:
+        """Facts about the desktop worth showing to organisers (e.g. {"job_id": "42"})."""
+        return {}
+
     async def maintain(self, account: Account, state: DesktopState) -> DesktopState | None:
         """Repair in place what needs no restart (a desktop's exited window manager, say).
 

@@ -49,6 +49,7 @@ from ..slurm_parse import (
     parse_squeue,
 )
 from ..tokens import AUTO_HOST, Account
+from ..viewonly import view_only_password, vncpasswd_input
 from .base import Backend, BackendError, DesktopState, Endpoint, PollResult, Status
 from .local import xvnc_argv
 
@@ -406,7 +407,9 @@ class SlurmBackend(Backend):
         owner = pwd.getpwnam(user) if user else None
         try:
             _private_dir(workdir, owner)
-            _write_secret(secret_file, account.password.encode() + b"\n", owner)
+            # Two lines: the full password, then the view-only one for instructors.
+            _write_secret(secret_file, vncpasswd_input(account.password, view_only_password(self.state_dir, account.id)),
+                          owner)
         except OSError as exc:
             raise BackendError(f"cannot prepare {workdir}: {exc.strerror or exc}") from None
         script = render_job_script(self.config, account, home=home, workdir=str(workdir),
@@ -489,6 +492,9 @@ class SlurmBackend(Backend):
         info = JobInfo(job_id, state, "" if nodes == "(null)" else nodes, fields.get("Reason", ""),
                        fields.get("JobName", ""), fields.get("UserId", "").split("(")[0], raw)
         return state, info, raw
+
+    def describe(self, state: DesktopState) -> dict[str, str]:
+        return {"job_id": str(state["job_id"])} if "job_id" in state else {}
 
     async def poll(self, account: Account, state: DesktopState) -> PollResult:
         desktop = SlurmDesktop.from_state(state)

@@ -43,6 +43,7 @@ from ..config import Config, RestartConfig
 from ..container import ContainerSpec, exec_argv
 from ..restart import RestartPolicy
 from ..tokens import Account
+from ..viewonly import view_only_password, vncpasswd_input
 from .base import Backend, BackendError, DesktopState, Endpoint, PollResult, Status
 from .local import DISPLAYFD_TIMEOUT_S, xvnc_argv
 
@@ -621,7 +622,7 @@ class SshBackend(Backend):
         result = await self._exec(
             host, _script("write-password", self.settings.vncpasswd, paths["password"], paths["workspace"],
                           paths["runtime"]),
-            input=account.password + "\n",
+            input=vncpasswd_input(account.password, view_only_password(self.state_dir, account.id)).decode(),
         )
         if not result.ok:
             raise BackendError(f"writing the VNC password file on {host} failed: {result.last_error_line()}")
