@@ -43,6 +43,8 @@ class DesktopSlot:
     endpoint_ip: str | None = None
     #: Backend facts worth showing to organisers, e.g. {"job_id": "123"}.
     detail: dict[str, str] = field(default_factory=dict)
+    #: The desktop's keyboard layout as last set (config default, or the participant's choice).
+    keyboard_layout: str = "us"
     #: Websocket viewers connected now (builtin proxy mode only).
     viewers: int = 0
     #: When a viewer last sent keyboard or mouse input (time.time(); builtin proxy mode only).

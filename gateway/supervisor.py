@@ -68,7 +68,9 @@ class Gateway:
         self.state_dir = options.state_dir
         self.logs_dir = options.state_dir / "logs"
         self.slots: dict[str, DesktopSlot] = {
-            a.id: DesktopSlot(a, backend=backend_name_for(a, config)) for a in tokens.accounts
+            a.id: DesktopSlot(a, backend=backend_name_for(a, config),
+                              keyboard_layout=config.desktop.keyboard_layout or "us")
+            for a in tokens.accounts
         }
         try:
             self.backends: dict[str, Backend] = make_backends(config, options.state_dir, tokens.accounts)
@@ -136,6 +138,16 @@ class Gateway:
         watcher.commands.put_nowait(action)
         log.info("organiser request queued account=%s action=%s", account_id, action)
         return f"{action} requested"
+
+    async def set_keyboard_layout(self, account_id: str, layout: str) -> None:
+        """Apply a participant's keyboard layout to their running desktop (BackendError if it can't)."""
+        watcher = self.watchers[account_id]
+        if watcher.state is None or watcher.slot.phase is not Phase.READY:
+            raise BackendError("the desktop is not running")
+        await watcher.backend.set_keyboard_layout(watcher.account, watcher.state, layout)
+        watcher.slot.keyboard_layout = layout
+        assert self.store is not None
+        self.store.record_event("keyboard-layout", account_id, layout)
 
     def _make_cockpit(self) -> Cockpit:
         assert self.store is not None
@@ -233,7 +245,8 @@ class Gateway:
 
     async def _start_web(self, stack: contextlib.AsyncExitStack) -> None:
         app = make_app(self.config, self.slots, novnc=novnc_dir(self.config), store=self.store,
-                       state_dir=self.state_dir, cockpit=self.cockpit)
+                       state_dir=self.state_dir, cockpit=self.cockpit,
+                       set_keyboard_layout=self.set_keyboard_layout)
         app.router.add_routes(self.proxy_mode.web_routes(self.tokens.accounts))
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()

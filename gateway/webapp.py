@@ -6,8 +6,11 @@ is relative, so the gateway works behind any path prefix and over https.
 
 from __future__ import annotations
 
+import hmac
 import html
-from collections.abc import Mapping
+import re
+import time
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,6 +20,7 @@ from aiohttp import web
 from .apache import STATIC_DIR
 from .config import PROJECT_ROOT, Config
 from .state import StateStore
+from .backends.base import BackendError
 from .status import DesktopSlot
 
 if TYPE_CHECKING:
@@ -29,6 +33,21 @@ TEMPLATES_DIR = PROJECT_ROOT / "web" / "templates"
 SLOTS = web.AppKey("slots", Mapping[str, DesktopSlot])
 CONFIG = web.AppKey("config", Config)
 TEMPLATES = web.AppKey("templates", jinja2.Environment)
+
+SetKeyboardLayout = Callable[[str, str], Awaitable[None]]
+KEYBOARD = web.AppKey("keyboard", SetKeyboardLayout)
+KEYBOARD_FAILURES = web.AppKey("keyboard_failures", dict)
+
+#: Layouts offered in the viewer (XKB names); organisers' own default is added if missing.
+KEYBOARD_LAYOUTS = (
+    ("us", "English (US)"), ("gb", "English (UK)"), ("de", "German"), ("ch", "Swiss"), ("at", "Austrian"),
+    ("fr", "French"), ("be", "Belgian"), ("es", "Spanish"), ("it", "Italian"), ("pt", "Portuguese"),
+    ("br", "Portuguese (Brazil)"), ("nl", "Dutch"), ("se", "Swedish"), ("no", "Norwegian"), ("dk", "Danish"),
+    ("fi", "Finnish"), ("pl", "Polish"), ("cz", "Czech"), ("hu", "Hungarian"), ("tr", "Turkish"),
+    ("gr", "Greek"), ("ru", "Russian"), ("ua", "Ukrainian"), ("jp", "Japanese"), ("kr", "Korean"),
+)
+_LAYOUT_RE = re.compile(r"[a-z]{2,8}(?:\([A-Za-z0-9_-]+\))?")
+KEYBOARD_MAX_FAILURES = 5  # wrong passwords per account and minute
 
 _SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
@@ -44,7 +63,8 @@ _SECURITY_HEADERS = {
 
 def make_app(config: Config, slots: Mapping[str, DesktopSlot], *, novnc: Path,
              store: StateStore | None = None, state_dir: Path | None = None,
-             cockpit: "Cockpit | None" = None) -> web.Application:
+             cockpit: "Cockpit | None" = None,
+             set_keyboard_layout: SetKeyboardLayout | None = None) -> web.Application:
     app = web.Application(middlewares=[_security_headers])
     app[SLOTS] = slots
     app[CONFIG] = config
@@ -56,6 +76,10 @@ def make_app(config: Config, slots: Mapping[str, DesktopSlot], *, novnc: Path,
     app.router.add_get("/", landing)
     app.router.add_get("/view/{account}", viewer)
     app.router.add_get("/api/desktops", api_desktops)
+    if set_keyboard_layout is not None:
+        app[KEYBOARD] = set_keyboard_layout
+        app[KEYBOARD_FAILURES] = {}
+        app.router.add_post("/api/desktops/{account}/keyboard", api_keyboard_layout)
     app.router.add_get("/healthz", healthz)
     if store is not None and state_dir is not None:  # sign-up, sign-in, personal page, archives
         from . import participant
@@ -109,8 +133,41 @@ async def viewer(request: web.Request) -> web.Response:
     slot = request.app[SLOTS].get(request.match_info["account"])
     if slot is None:
         raise web.HTTPNotFound(text="No such account.")
+    layouts = list(KEYBOARD_LAYOUTS)
+    if slot.keyboard_layout not in dict(layouts):
+        layouts.insert(0, (slot.keyboard_layout, slot.keyboard_layout))
     return _page(request, "viewer.html.j2", "../", account=slot.account.id,
-                 websocket_path=slot.account.websocket_path.lstrip("/"), novnc_url="../novnc/")
+                 websocket_path=slot.account.websocket_path.lstrip("/"), novnc_url="../novnc/",
+                 keyboard_layout=slot.keyboard_layout, keyboard_layouts=layouts)
+
+
+async def api_keyboard_layout(request: web.Request) -> web.Response:
+    """A participant switches their desktop's keyboard layout; the account's password proves who."""
+    slot = request.app[SLOTS].get(request.match_info["account"])
+    if slot is None:
+        raise web.HTTPNotFound(text="No such account.")
+    if request.content_type != "application/json":
+        raise web.HTTPUnsupportedMediaType(text="send application/json")
+    failures = request.app[KEYBOARD_FAILURES].setdefault(slot.account.id, [])
+    now = time.monotonic()
+    failures[:] = [t for t in failures if now - t < 60]
+    if len(failures) >= KEYBOARD_MAX_FAILURES:
+        return web.json_response({"error": "too many wrong passwords; wait a minute"}, status=429)
+    try:
+        body = await request.json()
+        password, layout = str(body["password"]), str(body["layout"])
+    except (ValueError, KeyError, TypeError):
+        return web.json_response({"error": "send password and layout"}, status=400)
+    if not hmac.compare_digest(password.encode(), slot.account.password.encode()):
+        failures.append(now)
+        return web.json_response({"error": "wrong password"}, status=403)
+    if not _LAYOUT_RE.fullmatch(layout):
+        return web.json_response({"error": "not a keyboard layout name"}, status=400)
+    try:
+        await request.app[KEYBOARD](slot.account.id, layout)
+    except BackendError as exc:
+        return web.json_response({"error": str(exc)}, status=409)
+    return web.json_response({"account": slot.account.id, "layout": layout})
 
 
 async def api_desktops(request: web.Request) -> web.Response:

@@ -115,7 +115,58 @@ def test_paste_box_reaches_the_desktop_clipboard_and_quality_applies(browser, ru
         time.sleep(0.2)
     assert seen == text
 
+    # And back: text copied inside the desktop shows up in the page's clipboard panel.
+    copied = "result: 42 ✓"
+    subprocess.run([xclip, "-i", "-selection", "clipboard", "-display", f":{display}"], input=copied, text=True,
+                   timeout=10, check=True)
+    page.wait_for_function("text => document.getElementById('clipboard-received').value === text", arg=copied,
+                           timeout=10000)
+
     page.click("#toggle-settings")
     page.eval_on_selector("#quality", "el => { el.value = '3'; el.dispatchEvent(new Event('input', {bubbles: true})); el.dispatchEvent(new Event('change', {bubbles: true})); }")
     assert page.evaluate("() => window.gatewayViewer.rfb.qualityLevel") == 3
     page.close()
+
+
+def test_participant_picks_the_desktop_keyboard_layout(browser, running: GatewayRun) -> None:
+    setxkbmap = require_program("setxkbmap")
+    account = running.accounts[1]
+    page = open_viewer(browser, running, account.id)
+    page.fill("#password", account.password)
+    page.click("#connect")
+    page.wait_for_selector('#status[data-state="connected"]', timeout=20000)
+    page.click("#toggle-settings")
+    page.select_option("#keyboard-layout", "de")
+    page.wait_for_function("() => document.getElementById('keyboard-message').textContent.includes('now uses')",
+                           timeout=10000)
+    store = StateStore(running.state_dir / "gateway.db")
+    display = store.desktops()[account.id].state["display"]
+    store.close()
+    query = subprocess.run([setxkbmap, "-query", "-display", f":{display}"], capture_output=True, text=True, timeout=10)
+    assert "layout:     de" in query.stdout
+    page.close()
+
+
+def test_keyboard_layout_needs_the_accounts_password(running: GatewayRun) -> None:
+    import json
+    import urllib.error
+    import urllib.request
+
+    first, second = running.accounts
+    url = running.url + f"api/desktops/{first.id}/keyboard"
+
+    def post(body: dict) -> int:
+        request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status
+        except urllib.error.HTTPError as error:
+            return error.code
+
+    assert post({"password": second.password, "layout": "fr"}) == 403   # another account's password
+    assert post({"password": first.password, "layout": "fr; rm -rf /"}) == 400
+    assert post({"password": first.password, "layout": "fr"}) == 200
+    for _ in range(5):
+        post({"password": "wrongpw1", "layout": "fr"})
+    assert post({"password": first.password, "layout": "fr"}) == 429     # brute force is limited

@@ -97,6 +97,10 @@ class Backend(abc.ABC):
         """
         return None
 
+    async def set_keyboard_layout(self, account: Account, state: DesktopState, layout: str) -> None:
+        """Switch the running desktop's keyboard layout (an XKB layout name, already validated)."""
+        raise BackendError(f"the {self.name} backend cannot change the keyboard layout of a running desktop")
+
     async def open(self, accounts: Sequence[Account]) -> None:
         """Prepare for these accounts before any start (create a reservation, open connections).
 

@@ -191,6 +191,14 @@ class LocalBackend(Backend):
         log.warning("session restarted account=%s display=:%d", account.id, desktop.display)
         return LocalDesktop(desktop.xvnc, desktop.display, desktop.password_file, session).to_state()
 
+    async def set_keyboard_layout(self, account: Account, state: DesktopState, layout: str) -> None:
+        desktop = LocalDesktop.from_state(state)
+        result = await run(["setxkbmap", "-display", f":{desktop.display}", "-layout", layout], timeout_s=10)
+        if not result.ok:
+            detail = result.stderr.decode(errors="replace").strip().splitlines()
+            raise BackendError(f"setxkbmap refused {layout!r}: {detail[-1] if detail else result.returncode}")
+        log.info("keyboard layout set account=%s layout=%s", account.id, layout)
+
     def _reap(self, pid: int) -> None:
         proc = self._children.get(pid)
         if proc is not None and proc.returncode is not None:

@@ -91,6 +91,14 @@ const viewer = {
 window.gatewayViewer = viewer;
 
 let password = null;          // in memory only
+// Requests the gateway must check against the account's password (the desktop's keyboard layout)
+// use the password the participant typed, without it leaving this module or going into a URL.
+viewer.postAuthenticated = (url, body) => fetch(url, {
+  method: "POST",
+  headers: { "Content-Type": "application/json" },
+  body: JSON.stringify({ ...body, password }),
+});
+viewer.hasPassword = () => password !== null;
 let userDisconnect = false;   // the participant pressed Disconnect
 let securityFailed = false;   // wrong password: never reconnect automatically
 let reconnectTimer = null;
