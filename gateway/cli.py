@@ -10,13 +10,14 @@ import logging
 import os
 import shutil
 import signal
+import sqlite3
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
-from .config import Config, default_state_dir, load_config, parse_listen
+from .config import PROJECT_ROOT, Config, default_state_dir, load_config, parse_listen
 from .errors import InputError, UserError
 from .files import atomic_write, ensure_private_dir
 from .tokens import TokenFile, format_tokens, generate_tokens, load_tokens
@@ -76,6 +77,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--force", action="store_true", help="overwrite an existing file")
     gen.set_defaults(handler=cmd_tokens_generate)
 
+    container = commands.add_parser("container", help="build the desktop container image")
+    container_commands = container.add_subparsers(dest="container_command", required=True, metavar="ACTION")
+    build = container_commands.add_parser("build", help="singularity/apptainer build of containers/desktop.def")
+    build.add_argument("--runtime", choices=("singularity", "apptainer"), default="apptainer")
+    build.add_argument("--definition", type=Path, default=PROJECT_ROOT / "containers" / "desktop.def")
+    build.add_argument("--output", type=Path, default=Path("desktop.sif"))
+    build.add_argument("--fakeroot", action="store_true", help="build without root (needs subuid/subgid set up)")
+    build.add_argument("--force", action="store_true", help="overwrite an existing image")
+    build.set_defaults(handler=cmd_container_build)
+
     status = commands.add_parser("status", help="show every desktop of the running gateway")
     status.add_argument("--state-dir", type=Path, help="state directory (default: %s)" % default_state_dir())
     status.add_argument("--config", type=Path)
@@ -128,9 +139,24 @@ def cmd_up(args: argparse.Namespace) -> int:
     for warning in tokens.warnings:
         log.warning("%s", warning)
     ensure_private_dir(state_dir)
-    add_log_file(state_dir / "logs" / "gateway.log")
-    with hold_lock(state_dir):
-        return asyncio.run(_run_gateway(tokens, config, state_dir, listen))
+    try:
+        add_log_file(state_dir / "logs" / "gateway.log")
+        with hold_lock(state_dir):
+            return asyncio.run(_run_gateway(tokens, config, state_dir, listen))
+    except (OSError, sqlite3.Error) as exc:
+        if not is_disk_full(exc):
+            raise
+        # Everything started so far was stopped on the way out; say what to fix, not a traceback.
+        raise UserError(f"no space left on the device of the state dir {state_dir}; free some space "
+                        "and start again (the state written before is intact)") from None
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True for a write that failed because the disk or the user's quota is full."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(exc, sqlite3.Error) and (
+        getattr(exc, "sqlite_errorname", "") == "SQLITE_FULL" or "disk is full" in str(exc))
 
 
 async def _run_gateway(tokens: TokenFile, config: Config, state_dir: Path, listen: str) -> int:
@@ -367,6 +393,33 @@ def cmd_tokens_generate(args: argparse.Namespace) -> int:
         raise UserError(f"{args.output} exists; use --force to overwrite it")
     atomic_write(args.output, text, mode=0o600)
     print(f"Wrote {len(accounts)} accounts to {args.output} (mode 0600)", file=sys.stderr)
+    return 0
+
+
+# -- container ------------------------------------------------------------------------------------
+
+
+def cmd_container_build(args: argparse.Namespace) -> int:
+    from .container import ContainerSpec, build_argv, parse_definition
+
+    summary = parse_definition(args.definition)  # a broken definition fails here, in one line
+    if args.output.exists() and not args.force:
+        raise UserError(f"{args.output} exists; use --force to rebuild it")
+    argv = build_argv(ContainerSpec(runtime=args.runtime, image=str(args.output.resolve())), args.definition.resolve(),
+                      args.output.resolve(), fakeroot=args.fakeroot, force=args.force)
+    if not _program_exists(argv[0]):
+        raise UserError(f"{argv[0]} not found: install {args.runtime} to build the image")
+    print(f"Building {args.output} from {args.definition} ({summary.bootstrap}:{summary.from_}): {' '.join(argv)}",
+          file=sys.stderr)
+    # The build takes minutes and prints its own progress: let it talk to the terminal directly.
+    return asyncio.run(_run_attached(argv, cwd=args.definition.resolve().parent))
+
+
+async def _run_attached(argv: list[str], *, cwd: Path) -> int:
+    process = await asyncio.create_subprocess_exec(*argv, cwd=cwd)
+    status = await process.wait()
+    if status != 0:
+        raise UserError(f"{argv[0]} build failed with status {status}")
     return 0
 
 

@@ -35,6 +35,7 @@ from .files import atomic_write
 from .netstat import established_by_remote
 from .state import StateStore
 from .status import DesktopSlot, Phase
+from .thumbnails import ThumbnailService
 
 __all__ = [
     "ACTIONS",
@@ -94,6 +95,22 @@ class _SlotCollector(Collector):
             restarts.add_metric([slot.account.id], slot.restarts)
         yield viewers
         yield restarts
+        # Input is seen by the builtin relay only: other modes leave last_input_at None (no sample).
+        input_age = GaugeMetricFamily("gateway_desktop_last_input_age_seconds",
+                                      "Seconds since a viewer last sent keyboard or mouse input", labels=["account"])
+        jobs = GaugeMetricFamily("gateway_slurm_jobs", "Slurm desktop jobs by job state", labels=["state"])
+        job_states: dict[str, int] = {}
+        now = time.time()
+        for slot in self.slots.values():
+            if slot.last_input_at is not None and slot.phase is Phase.READY:
+                input_age.add_metric([slot.account.id], max(0.0, now - slot.last_input_at))
+            state = slot.detail.get("job_state")
+            if slot.backend == "slurm" and state:
+                job_states[state] = job_states.get(state, 0) + 1
+        for state, count in sorted(job_states.items()):
+            jobs.add_metric([state], count)
+        yield input_age
+        yield jobs
 
 
 def viewer_count(slot: DesktopSlot, connections: Mapping[tuple[str, int], int]) -> int:
@@ -139,6 +156,9 @@ class Cockpit:
     metrics: GatewayMetrics
     admin_user: str
     admin_password: str
+    #: The wall of thumbnails and the state dir (view-only passwords); None in small test setups.
+    thumbnails: ThumbnailService | None = None
+    state_dir: Path | None = None
     _failures: dict[str, list[float]] = field(default_factory=dict)
 
     def record(self, actor: str, action: str, account: str, result: str) -> None:
@@ -224,6 +244,16 @@ def add_admin_routes(app: web.Application, cockpit: Cockpit,
     app.router.add_get("/admin/api/desktops", admin_desktops)
     app.router.add_get("/admin/events", admin_events)
     app.router.add_get("/admin/api/audit", admin_audit)
+    if cockpit.state_dir is not None:  # instructors' view-only tools, before the generic action route
+        from .watch import add_watch_routes
+
+        add_watch_routes(app, slots=cockpit.slots, store=cockpit.store, state_dir=cockpit.state_dir,
+                         check_admin=_check_admin, client_address=_client_address, render_page=render_page)
+    if cockpit.thumbnails is not None:
+        from .thumbnails import add_wall_routes
+
+        add_wall_routes(app, cockpit.thumbnails, slots=cockpit.slots, check_admin=_check_admin,
+                        render_page=render_page)
     app.router.add_post("/admin/api/desktops/{account}/{action}", admin_action)
     app.router.add_get("/metrics", metrics)
 

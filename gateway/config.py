@@ -33,8 +33,11 @@ __all__ = [
     "SlurmConfig",
     "ContainerConfig",
     "SshConfig",
+    "DcvConfig",
     "RegistrationConfig",
     "ArchiveConfig",
+    "IdleConfig",
+    "WallConfig",
     "load_config",
     "parse_config",
     "PROJECT_ROOT",
@@ -237,6 +240,42 @@ class SshConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class DcvConfig:
+    """NICE DCV sessions on GPU nodes (see gateway/backends/dcv.py), with a VNC desktop as the fallback.
+
+    DCV accounts run as Slurm jobs (the slurm: block's reservation, time limit, job names, shared dir
+    and run_as apply); the browser reaches a session at /dcv/ACCOUNT/ after signing in to the gateway.
+    """
+
+    #: Protocol of accounts whose token line has no protocol= field: vnc, dcv, or auto (dcv for
+    #: gpu=yes accounts, vnc for the others).
+    default_protocol: Literal["vnc", "dcv", "auto"] = "vnc"
+    #: The Slurm partition of the GPU nodes that run DCV.
+    partition: str = "gpu"
+    #: --gres of each DCV job (e.g. "gpu:1"; empty: none).
+    gres: str = "gpu:1"
+    #: Submit DCV jobs into the event reservation (turn off when it does not cover the GPU nodes).
+    use_reservation: bool = True
+    #: Port of the DCV server on the GPU nodes (its web server and the native client's port).
+    port: int = 8443
+    #: How the gateway talks to that web server: https (DCV's default; its certificate is not
+    #: checked, as DCV makes a self-signed one on each node) or http.
+    scheme: Literal["https", "http"] = "https"
+    #: dcv create-session --type: virtual (an X server per session) or console (the node's display).
+    session_type: Literal["virtual", "console"] = "virtual"
+    #: dcv create-session --init: script that starts the session's desktop (null: DCV's default).
+    init_script: str | None = None
+    #: How long a DCV session may take (queueing for a GPU included) before the account gets a
+    #: VNC desktop instead.
+    wait_s: float = 120.0
+    #: The dcv command on the GPU nodes.
+    dcv_path: str = "dcv"
+    #: The DCV server's web-url-path for an account's session ({account} is replaced); the gateway
+    #: forwards /dcv/ACCOUNT/... to NODE:PORT followed by this path.
+    web_url_path: str = "/dcv/{account}/"
+
+
+@dataclass(frozen=True, slots=True)
 class RegistrationConfig:
     """The participants' sign-up form (/signup) and sign-in (/login, /me); see gateway/participant.py."""
 
@@ -288,6 +327,39 @@ class AdminConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class IdleConfig:
+    """What happens to desktops nobody uses (see gateway/idle.py). Minutes may be fractional."""
+
+    #: A desktop is idle after this many minutes without a connected viewer (null: never for this).
+    after_minutes_without_viewers: float | None = None
+    #: ...or after this many minutes without keyboard or mouse input (null: never for this; only
+    #: proxy.mode builtin sees input, other modes ignore this).
+    after_minutes_without_input: float | None = None
+    #: The participant is warned inside the desktop this many minutes before the action.
+    warn_minutes_before: float = 5.0
+    #: What is done to an idle desktop outside the event window (or always, without a window).
+    action: Literal["none", "disconnect", "stop"] = "none"
+    #: The event window (ISO 8601, like archive.available_from); inside it event_action applies.
+    event_start: str | None = None
+    event_end: str | None = None
+    event_action: Literal["none", "disconnect", "stop"] = "none"
+    #: How often desktops are checked.
+    check_interval_s: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class WallConfig:
+    """The admin page's wall of live thumbnails (/admin/wall; see gateway/thumbnails.py)."""
+
+    #: Size of each thumbnail (the desktop is scaled to fit and padded).
+    thumbnail_size: str = "320x200"
+    #: How often each desktop is grabbed while the wall is open.
+    interval_s: float = 5.0
+    #: Desktops grabbed at the same time.
+    concurrency: int = 8
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     #: Where desktops run: local (Xvnc on this machine), slurm (a batch job per desktop) or ssh
     #: (Xvnc started over SSH on each token line's vnchost; see ssh:).
@@ -311,8 +383,11 @@ class Config:
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     container: ContainerConfig = field(default_factory=ContainerConfig)
     ssh: SshConfig = field(default_factory=SshConfig)
+    dcv: DcvConfig = field(default_factory=DcvConfig)
     registration: RegistrationConfig = field(default_factory=RegistrationConfig)
     archive: ArchiveConfig = field(default_factory=ArchiveConfig)
+    idle: IdleConfig = field(default_factory=IdleConfig)
+    wall: WallConfig = field(default_factory=WallConfig)
     #: Where the file came from, for messages.
     source: str = "<defaults>"
 
@@ -437,8 +512,8 @@ class _Reader:
         if isinstance(node, yaml.ScalarNode):
             self.bad(node, f"{dotted} must be a list of strings, e.g. [program, --option]")
             return _INVALID
-        if not isinstance(node, yaml.SequenceNode) or not node.value:
-            self.bad(node, f"{dotted} must be a non-empty list of strings")
+        if not isinstance(node, yaml.SequenceNode):
+            self.bad(node, f"{dotted} must be a list of strings")
             return _INVALID
         items = [self.typed_scalar(str, item, dotted) for item in node.value]
         return _INVALID if _INVALID in items else tuple(items)
@@ -466,6 +541,9 @@ def _semantic_checks(config: Config, path: str, lines: Mapping[str, int]) -> lis
             problems.append(Problem(path, lines.get(key, 0), f"{key}: {message}"))
 
     d = config.desktop
+    for key, argv in (("desktop.session", d.session), ("apache.configtest_command", config.apache.configtest_command),
+                      ("apache.reload_command", config.apache.reload_command)):
+        check(bool(argv) and bool(argv[0]), key, "must name a program, e.g. [program, --option]")
     check(bool(_GEOMETRY_RE.fullmatch(d.geometry)), "desktop.geometry", "use WIDTHxHEIGHT, e.g. 1280x800")
     check(d.depth in (16, 24, 32), "desktop.depth", "must be 16, 24 or 32")
     check(1 <= d.start_concurrency <= 256, "desktop.start_concurrency", "must be between 1 and 256")
@@ -497,7 +575,9 @@ def _semantic_checks(config: Config, path: str, lines: Mapping[str, int]) -> lis
         check(False, "listen", str(exc))
     problems.extend(_slurm_checks(config, check))
     _ssh_checks(config.ssh, check)
+    _dcv_checks(config.dcv, check)
     _participant_checks(config, check)
+    _cockpit_checks(config, check)
     return problems
 
 
@@ -569,6 +649,24 @@ def _ssh_checks(s: SshConfig, check) -> None:
         check(bool(getattr(s, key)), f"ssh.{key}", "must be a file path")
 
 
+_DCV_GRES_RE = re.compile(r"[A-Za-z0-9_]{1,32}(:[A-Za-z0-9_.-]{1,64})?(:[0-9]{1,4})?")
+_URL_PATH_RE = re.compile(r"/(?:[A-Za-z0-9._~{}-]+/)*")
+
+
+def _dcv_checks(d: DcvConfig, check) -> None:
+    """The dcv: block (its values reach sbatch and the DCV job script, always quoted)."""
+    check(bool(_SLURM_NAME_RE.fullmatch(d.partition)), "dcv.partition", "use 1-64 characters from A-Z a-z 0-9 . _ -")
+    check(not d.gres or bool(_DCV_GRES_RE.fullmatch(d.gres)), "dcv.gres", "use a Slurm GRES such as gpu:1 or gpu:a100:1")
+    check(1 <= d.port <= 65535, "dcv.port", "must be 1 to 65535")
+    check(d.init_script is None or (d.init_script.startswith("/") and "\n" not in d.init_script),
+          "dcv.init_script", "must be an absolute path")
+    check(d.wait_s > 0, "dcv.wait_s", "must be positive")
+    check(bool(d.dcv_path) and not any(c in d.dcv_path for c in "\n\0"), "dcv.dcv_path", "must be a command or a path")
+    path_ok = bool(_URL_PATH_RE.fullmatch(d.web_url_path)) and d.web_url_path.replace("{account}", "").count("{") == 0 \
+        and "}" not in d.web_url_path.replace("{account}", "")
+    check(path_ok, "dcv.web_url_path", "use a path that starts and ends with /, e.g. /dcv/{account}/ or /")
+
+
 def _participant_checks(config: Config, check) -> None:
     """The registration: and archive: blocks."""
     r = config.registration
@@ -592,6 +690,34 @@ def _participant_checks(config: Config, check) -> None:
     if len(moments) == 2:
         check(moments["available_from"] < moments["expires"], "archive.expires",
               "must be later than archive.available_from")
+
+
+def _cockpit_checks(config: Config, check) -> None:
+    """The idle: and wall: blocks."""
+    i = config.idle
+    for key in ("after_minutes_without_viewers", "after_minutes_without_input"):
+        value = getattr(i, key)
+        check(value is None or value > 0, f"idle.{key}", "must be positive (or null: never)")
+    check(i.warn_minutes_before >= 0, "idle.warn_minutes_before", "must be 0 or more")
+    check(i.check_interval_s > 0, "idle.check_interval_s", "must be positive")
+    moments = {}
+    for key in ("event_start", "event_end"):
+        value = getattr(i, key)
+        if value is not None:
+            try:
+                moments[key] = parse_moment(value)
+            except ValueError:
+                check(False, f"idle.{key}", "use an ISO 8601 time such as 2026-11-27T09:00:00+01:00")
+    check((i.event_start is None) == (i.event_end is None), "idle.event_start", "give both event_start and event_end")
+    if len(moments) == 2:
+        check(moments["event_start"] < moments["event_end"], "idle.event_end", "must be later than idle.event_start")
+    w = config.wall
+    match = _GEOMETRY_RE.fullmatch(w.thumbnail_size) or re.fullmatch(r"([1-9][0-9]{1,3})x([1-9][0-9]{1,3})",
+                                                                       w.thumbnail_size)
+    check(match is not None and int(match[1]) <= 1920 and int(match[2]) <= 1200, "wall.thumbnail_size",
+          "use WIDTHxHEIGHT up to 1920x1200, e.g. 320x200")
+    check(w.interval_s >= 0.5, "wall.interval_s", "must be at least 0.5")
+    check(1 <= w.concurrency <= 64, "wall.concurrency", "must be 1 to 64")
 
 
 def parse_moment(value: str) -> datetime.datetime:

@@ -41,7 +41,7 @@ from .errors import UserError
 from .files import atomic_write, ensure_private_dir
 from .state import StateStore
 from .status import DesktopSlot
-from .webapp import CONFIG, SLOTS, _page
+from .webapp import CONFIG, SLOTS, _page, desktop_links
 
 __all__ = ["add_routes", "PARTICIPANTS", "TermsDocument", "load_documents", "render_markdown", "RateLimit"]
 
@@ -412,7 +412,7 @@ async def me(request: web.Request) -> web.Response:
                            size=_human_size(record.size), skipped=record.skipped,
                            created=time.strftime("%Y-%m-%d %H:%M", time.localtime(record.created_at)))
     return _render(request, "me.html.j2", account=slot.account.id, state=slot.phase.value,
-                   reason=slot.reason, view_url=f"view/{slot.account.id}", archive=archive)
+                   reason=slot.reason, view_url=f"view/{slot.account.id}", archive=archive, **desktop_links(slot))
 
 
 def _human_size(size: int) -> str:
@@ -488,3 +488,31 @@ async def download_archive(request: web.Request) -> web.StreamResponse:
     if request.http_range.start is None:
         log.info("archive download account=%s", wanted)
     return web.FileResponse(path, chunk_size=256 * 1024, headers=headers)
+
+
+# -- for other authenticated routes (the DCV proxy) ----------------------------------------------------
+
+
+def authenticated_slot(request: web.Request, *, realm: str) -> DesktopSlot:
+    """The account whose participant made ``request``: from the session cookie, else from HTTP Basic
+    credentials (account id and password; wrong ones count as failed sign-ins). Raises 401 (with a
+    Basic challenge for ``realm``) or 429. The caller still checks that it is the account wanted."""
+    slot = _session_account(request)
+    if slot is not None:
+        return slot
+    credentials = _basic_credentials(request)
+    challenge = {"WWW-Authenticate": f'Basic realm="{realm}", charset="UTF-8"'}
+    if credentials is None:
+        raise web.HTTPUnauthorized(text="Sign in with your account id and password.", headers=challenge)
+    p = request.app[PARTICIPANTS]
+    address = _client_address(request, p.config)
+    wait = p.signin_failures.blocked(address)
+    if wait:
+        raise _too_many(wait, "failed sign-ins")
+    account, password = credentials
+    slot = request.app[SLOTS].get(account)
+    if not _password_matches(slot, password[:MAX_PASSWORD]) or slot is None:
+        p.signin_failures.add(address)
+        log.info("%s refused: wrong credentials account=%s", realm, account if slot is not None else "(unknown)")
+        raise web.HTTPUnauthorized(text="Wrong account or password.", headers=challenge)
+    return slot

@@ -46,6 +46,9 @@ __all__ = [
     "connect_websocket",
     "vnc_auth_key",
     "vnc_auth_response",
+    "Framebuffer",
+    "read_framebuffer",
+    "grab_tcp",
 ]
 
 log = logging.getLogger("gateway.rfb")
@@ -448,3 +451,91 @@ async def connect_websocket(
                 return await handshake(stream, stream, password)
         finally:
             await _close_websocket(ws)
+
+
+# --- framebuffer grab (thumbnails) ----------------------------------------------------------------
+
+#: 32 bits per pixel, depth 24, little-endian true colour with red in the lowest byte: each pixel
+#: arrives as the bytes R, G, B, X (Pillow's "RGBX").
+_PIXEL_FORMAT_RGBX = struct.pack(">BBBBHHHBBB3x", 32, 24, 0, 1, 255, 255, 255, 0, 8, 16)
+_ENCODING_RAW = 0
+#: Larger desktops than this are refused rather than buffered (about 64 MB of pixels).
+MAX_GRAB_PIXELS = 4096 * 4096
+
+
+@dataclass(frozen=True, slots=True)
+class Framebuffer:
+    """A whole screen: ``pixels`` holds width * height * 4 bytes, R G B X per pixel, row by row."""
+
+    width: int
+    height: int
+    pixels: bytes
+
+
+async def read_framebuffer(
+    reader: ByteReader, writer: ByteWriter, session: RfbSession, *, max_pixels: int = MAX_GRAB_PIXELS
+) -> Framebuffer:
+    """Ask for the whole screen in Raw encoding and read it (after :func:`handshake`).
+
+    Sends SetPixelFormat (32 bpp true colour), SetEncodings (Raw only) and one non-incremental
+    FramebufferUpdateRequest, then reads server messages until every pixel has been covered.
+    Bell, colour map and clipboard messages in between are skipped. Raises RfbError for a screen
+    larger than ``max_pixels``, a rectangle outside the screen or an encoding other than Raw. It
+    sets no deadline of its own: wrap it in ``asyncio.timeout``.
+    """
+    width, height = session.width, session.height
+    if width * height > max_pixels or width == 0 or height == 0:
+        raise RfbError(f"refusing to grab a {width}x{height} screen (limit {max_pixels} pixels)")
+    writer.write(b"\x00\x00\x00\x00" + _PIXEL_FORMAT_RGBX)
+    writer.write(struct.pack(">BxHi", 2, 1, _ENCODING_RAW))
+    await _send(writer, struct.pack(">BBHHHH", 3, 0, 0, 0, width, height))
+    pixels = bytearray(width * height * 4)
+    covered = 0
+    while covered < width * height:
+        kind = await _read_u8(reader, "a server message")
+        if kind == 0:  # FramebufferUpdate
+            (count,) = struct.unpack(">xH", await _read(reader, 3, "a framebuffer update"))
+            for _ in range(count):
+                x, y, w, h, encoding = struct.unpack(">HHHHi", await _read(reader, 12, "a rectangle header"))
+                if encoding != _ENCODING_RAW:
+                    raise RfbError(f"the server sent encoding {encoding}; only Raw (0) was asked for")
+                if x + w > width or y + h > height:
+                    raise RfbError(f"the server sent a rectangle outside the screen: {w}x{h}+{x}+{y}")
+                data = await _read(reader, w * h * 4, "rectangle pixels")
+                row = w * 4
+                for line in range(h):
+                    start = ((y + line) * width + x) * 4
+                    pixels[start:start + row] = data[line * row:(line + 1) * row]
+                covered += w * h
+        elif kind == 1:  # SetColourMapEntries: meaningless in true colour, skip it
+            _, count = struct.unpack(">xHH", await _read(reader, 5, "a colour map"))
+            await _read(reader, 6 * count, "colour map entries")
+        elif kind == 2:  # Bell
+            continue
+        elif kind == 3:  # ServerCutText
+            length = struct.unpack(">3xI", await _read(reader, 7, "a clipboard header"))[0]
+            if length > _MAX_STRING_LEN * 256:
+                raise RfbError(f"server sent an implausible clipboard length: {length} bytes")
+            await _read(reader, length, "clipboard text")
+        else:
+            raise RfbError(f"unexpected server message type {kind}")
+    return Framebuffer(width, height, bytes(pixels))
+
+
+async def grab_tcp(
+    host: str, port: int, password: str | None, *, timeout_s: float, max_pixels: int = MAX_GRAB_PIXELS
+) -> Framebuffer:
+    """Connect (shared, so nobody is disconnected), grab the whole screen once, and close.
+
+    Raises what :func:`connect_tcp` and :func:`read_framebuffer` raise; TimeoutError when
+    everything together takes longer than ``timeout_s``.
+    """
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    async with asyncio.timeout_at(deadline):
+        reader, writer = await asyncio.open_connection(host, port, limit=1 << 20)
+    try:
+        async with asyncio.timeout_at(deadline):
+            session = await handshake(reader, writer, password, shared=True)
+            return await read_framebuffer(reader, writer, session, max_pixels=max_pixels)
+    finally:
+        await _close_writer(writer)

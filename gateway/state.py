@@ -75,6 +75,16 @@ MIGRATIONS: tuple[str, ...] = (
         created_at  REAL NOT NULL
     );
     """,
+    # 3: instructors' expiring view-only links (gateway/watch.py); only a hash of each token is kept.
+    """
+    CREATE TABLE watch_links (
+        token_sha256 TEXT PRIMARY KEY,
+        account      TEXT NOT NULL,
+        created_by   TEXT NOT NULL,
+        created_at   REAL NOT NULL,
+        expires_at   REAL NOT NULL
+    );
+    """,
 )
 
 

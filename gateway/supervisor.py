@@ -29,12 +29,14 @@ from .cockpit import Cockpit, GatewayMetrics, load_or_create_admin_password, mak
 from .config import Config, parse_listen
 from .errors import UserError
 from .files import ensure_private_dir
+from .idle import idle_watcher_for
 from .proc import terminate_group, is_alive
 from .progress import Progress
 from .proxy import ProxyMode, RunningProxy, make_proxy_mode
 from .restart import RestartPolicy
 from .state import StateStore
 from .status import DesktopSlot, Phase
+from .thumbnails import ThumbnailService
 from .tokens import Account, TokenFile
 from .webapp import make_app
 
@@ -79,6 +81,8 @@ class Gateway:
         self.proxy_mode: ProxyMode = make_proxy_mode(config, logs_dir=self.logs_dir, slots=self.slots,
                                                      runtime_dir=options.state_dir / "proxy")
         self.metrics = GatewayMetrics()
+        #: The admin wall's thumbnails, grabbed only while the wall is open (gateway/thumbnails.py).
+        self.thumbnails = ThumbnailService(config.wall, self.slots, options.state_dir)
         self.watchers: dict[str, AccountWatcher] = {}
         self.cockpit: Cockpit | None = None
         self.start_limit = asyncio.Semaphore(config.desktop.start_concurrency)
@@ -113,6 +117,8 @@ class Gateway:
                         self.watchers[account.id] = watcher
                         group.create_task(watcher.run(), name=f"desktop:{account.id}")
                     group.create_task(self._report_progress(on_ready), name="progress")
+                    group.create_task(self.thumbnails.run(), name="thumbnails")
+                    group.create_task(idle_watcher_for(self).run(), name="idle")
                     await stop.wait()
                     log.info("stopping: %d desktops", len(self.slots))
                     raise _Shutdown
@@ -155,7 +161,8 @@ class Gateway:
         password_file = Path(configured) if configured else self.state_dir / "secrets" / "admin.password"
         return Cockpit(slots=self.slots, store=self.store, act=self.act, metrics=self.metrics,
                        admin_user=self.config.admin.user,
-                       admin_password=load_or_create_admin_password(password_file))
+                       admin_password=load_or_create_admin_password(password_file),
+                       thumbnails=self.thumbnails, state_dir=self.state_dir)
 
     async def _start_control(self, stack: contextlib.AsyncExitStack) -> None:
         """`gateway status` and friends talk to this Unix socket; only our own user may open it."""
@@ -462,7 +469,8 @@ class AccountWatcher:
         self.desktop_policy.record_healthy()
         if fresh:
             self.gateway.metrics.spawn_seconds.observe(time.monotonic() - started)
-        self.gateway.publish(self.slot, Phase.READY)
+        # A backend's note (e.g. why an account got VNC instead of DCV) stays visible while ready.
+        self.gateway.publish(self.slot, Phase.READY, self.slot.detail.get("note", ""))
         return None
 
     async def _wait_running(self) -> str | None:
@@ -491,6 +499,7 @@ class AccountWatcher:
         self.endpoint = endpoint
         self.slot.endpoint = endpoint
         self.slot.detail = dict(self.backend.describe(self.state or {}))
+        self.slot.protocol = self.backend.protocol(self.state or {})
         try:
             infos = await asyncio.get_running_loop().getaddrinfo(endpoint.host, endpoint.port, type=socket.SOCK_STREAM)
             self.slot.endpoint_ip = str(infos[0][4][0])
@@ -508,20 +517,28 @@ class AccountWatcher:
         last_error = "no answer"
         while time.monotonic() < deadline:
             try:
-                await rfb.probe(self.endpoint.host, self.endpoint.port, timeout_s=RFB_PROBE_TIMEOUT_S)
+                # An RFB handshake unless the backend knows better (a DCV web server answering).
+                await self.backend.prove_ready(self.account, self.state, self.endpoint)
                 return None
-            except (OSError, TimeoutError, rfb.RfbError) as exc:
+            except (OSError, TimeoutError, rfb.RfbError, BackendError) as exc:
                 last_error = str(exc) or type(exc).__name__
             result = await self.backend.poll(self.account, self.state)
             if result.status is Status.GONE:
                 return result.reason or "the desktop exited while starting"
             await asyncio.sleep(delay)
             delay = min(delay * 1.5, 0.5)
-        return f"no RFB handshake within {timeout_s:g} s ({last_error})"
+        what = "no RFB handshake" if self.slot.protocol == "vnc" else f"its {self.slot.protocol} server did not answer"
+        return f"{what} within {timeout_s:g} s ({last_error})"
 
     async def _ensure_proxy(self) -> str | None:
         assert self.endpoint is not None
         if self.proxy is not None and self.proxy.alive and self.proxy.endpoint == self.endpoint:
+            return None
+        if self.slot.protocol != "vnc":
+            # Not a VNC server: participants reach it through its own authenticated route (e.g.
+            # /dcv/ACCOUNT/, gateway.dcv_proxy), never through the unauthenticated websocket proxy.
+            await self._stop_proxy()
+            self.proxy = RunningProxy(self.account.id, self.endpoint)
             return None
         await self._stop_proxy()
         try:

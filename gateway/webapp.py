@@ -85,6 +85,10 @@ def make_app(config: Config, slots: Mapping[str, DesktopSlot], *, novnc: Path,
         from . import participant
 
         participant.add_routes(app, config=config, store=store, state_dir=state_dir)
+        # DCV sessions (/dcv/ACCOUNT/): only behind the participants' sign-in.
+        from . import dcv_proxy
+
+        dcv_proxy.add_routes(app, config)
     if cockpit is not None:  # the organisers' admin page and /metrics
         from .cockpit import add_admin_routes
 
@@ -124,9 +128,19 @@ def welcome_html(text: str) -> str:
 
 async def landing(request: web.Request) -> web.Response:
     slots = request.app[SLOTS]
-    desktops = [dict(slot.public(), view_url=f"view/{slot.account.id}") for slot in slots.values()]
+    desktops = [dict(slot.public(), view_url=f"view/{slot.account.id}", **desktop_links(slot))
+                for slot in slots.values()]
     return _page(request, "landing.html.j2", "./", desktops=desktops,
                  welcome_html=welcome_html(request.app[CONFIG].event.welcome))
+
+
+def desktop_links(slot: DesktopSlot) -> dict[str, object]:
+    """What the pages offer for a desktop besides the VNC viewer: a DCV session's browser link and
+    connection file (both only served after sign-in), or why a DCV account got VNC instead."""
+    if slot.protocol == "dcv":
+        return {"protocol": "dcv", "dcv_url": f"dcv/{slot.account.id}/", "dcv_file_url": f"dcv/{slot.account.id}.dcv",
+                "note": None}
+    return {"protocol": slot.protocol, "dcv_url": None, "dcv_file_url": None, "note": slot.detail.get("note")}
 
 
 async def viewer(request: web.Request) -> web.Response:

@@ -2,7 +2,9 @@
 
 Which backend serves an account: its token line's ``backend=`` field if given, else the config's
 ``backend``; accounts whose vnchost is the gateway itself (localhost, 127.0.0.1) always use
-``local``.
+``local``. Accounts that want NICE DCV (``protocol=dcv``, or ``protocol=auto`` with ``gpu=yes``; the
+config's ``dcv.default_protocol`` when the line has no ``protocol=``) use ``dcv``, which runs Slurm
+jobs and falls back to a VNC desktop.
 """
 
 from __future__ import annotations
@@ -14,17 +16,25 @@ from ..config import Config
 from ..tokens import Account
 from .base import Backend, BackendError, Endpoint, PollResult, Status
 
-__all__ = ["Backend", "BackendError", "Endpoint", "PollResult", "Status", "backend_name_for", "make_backend", "make_backends",
+__all__ = ["Backend", "BackendError", "Endpoint", "PollResult", "Status", "backend_name_for", "wants_dcv", "make_backend", "make_backends",
            "backends_with_leftovers"]
+
+
+def wants_dcv(account: Account, config: Config) -> bool:
+    """Whether ``account`` asks for a DCV session (protocol=dcv, or auto on a gpu=yes account)."""
+    protocol = account.extra("protocol") or config.dcv.default_protocol
+    return protocol == "dcv" or (protocol == "auto" and account.extra("gpu") == "yes")
 
 
 def backend_name_for(account: Account, config: Config) -> str:
     explicit = account.extra("backend")
-    if explicit is not None:
+    if explicit not in (None, "slurm"):
         return explicit
-    if account.is_local:
+    if explicit is None and account.is_local:
         return "local"
-    return config.backend
+    if wants_dcv(account, config):
+        return "dcv"
+    return explicit or config.backend
 
 
 def make_backend(name: str, config: Config, state_dir: Path) -> Backend:
@@ -41,6 +51,10 @@ def make_backend(name: str, config: Config, state_dir: Path) -> Backend:
         from .ssh import SshBackend
 
         return SshBackend(config, state_dir)
+    if name == "dcv":
+        from .dcv import DcvBackend
+
+        return DcvBackend(config, state_dir)
     raise BackendError(f"backend {name!r} is not available in this version")
 
 

@@ -4,13 +4,15 @@ A backend knows how to start one account's desktop, how to tell whether it still
 stop it. Everything it needs to find the desktop again after a gateway restart is in a JSON-able
 state dict that the supervisor saves in the state database after ``start`` and hands back to
 ``adopt``. Readiness is not the backend's call: the supervisor proves it with an RFB handshake
-to the endpoint the backend reports.
+to the endpoint the backend reports (or the backend's own :meth:`Backend.prove_ready` where the
+desktop is not VNC, e.g. a DCV web server).
 """
 
 from __future__ import annotations
 
 import abc
 import enum
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -52,6 +54,10 @@ class PollResult:
 
 #: A backend's own record of one desktop; must round-trip through JSON.
 DesktopState = Mapping[str, Any]
+
+
+#: Longest single readiness probe (an RFB handshake, an HTTP request).
+READY_PROBE_TIMEOUT_S = 3.0
 
 
 class BackendError(Exception):
@@ -100,6 +106,32 @@ class Backend(abc.ABC):
     async def set_keyboard_layout(self, account: Account, state: DesktopState, layout: str) -> None:
         """Switch the running desktop's keyboard layout (an XKB layout name, already validated)."""
         raise BackendError(f"the {self.name} backend cannot change the keyboard layout of a running desktop")
+
+    async def notify(self, account: Account, state: DesktopState, text: str) -> None:
+        """Show ``text`` to whoever looks at the running desktop (e.g. an idle warning).
+
+        Best effort: never raises for a desktop that cannot show it. The default only logs.
+        """
+        logging.getLogger("gateway.backend").info(
+            "notice not shown (the %s backend cannot show messages) account=%s", self.name, account.id)
+
+    def protocol(self, state: DesktopState) -> str:
+        """The protocol the participant gets with this desktop: "vnc" (the default) or "dcv".
+
+        Anything but "vnc" is reached through its own route, not through the VNC websocket proxy.
+        """
+        return "vnc"
+
+    async def prove_ready(self, account: Account, state: DesktopState, endpoint: Endpoint) -> None:
+        """Return once the desktop at ``endpoint`` serves participants; raise while it does not.
+
+        The supervisor calls it repeatedly until its start deadline, and takes OSError, TimeoutError,
+        :class:`gateway.rfb.RfbError` and :class:`BackendError` as "not yet". The default is an RFB
+        handshake up to the server's security types (ready means a VNC server answers; never a sleep).
+        """
+        from .. import rfb
+
+        await rfb.probe(endpoint.host, endpoint.port, timeout_s=READY_PROBE_TIMEOUT_S)
 
     async def open(self, accounts: Sequence[Account]) -> None:
         """Prepare for these accounts before any start (create a reservation, open connections).

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,8 @@ __all__ = ["LocalBackend", "xvnc_argv", "vnc_password_file_bytes"]
 log = logging.getLogger("gateway.local")
 
 DISPLAYFD_TIMEOUT_S = 15.0
+#: How long a notice (an idle warning) stays on the desktop unless closed.
+NOTICE_SECONDS = 300
 
 
 async def vnc_password_file_bytes(password: str, *, view_only: str | None = None,
@@ -109,6 +112,8 @@ class LocalBackend(Backend):
         self.vncpasswd = vncpasswd
         # Our own children, so that they are reaped; adopted desktops are watched through /proc.
         self._children: dict[int, asyncio.subprocess.Process] = {}
+        #: Message windows shown by notify(); each exits by itself after NOTICE_SECONDS.
+        self._notices: list[asyncio.subprocess.Process] = []
 
     def workspace(self, account: Account) -> Path:
         return Path(self.config.desktop.workspace.format(account=account.id, state_dir=self.state_dir))
@@ -198,6 +203,25 @@ class LocalBackend(Backend):
             detail = result.stderr.decode(errors="replace").strip().splitlines()
             raise BackendError(f"setxkbmap refused {layout!r}: {detail[-1] if detail else result.returncode}")
         log.info("keyboard layout set account=%s layout=%s", account.id, layout)
+
+    async def notify(self, account: Account, state: DesktopState, text: str) -> None:
+        """A small window in the middle of the desktop (xmessage); it closes itself after a while."""
+        desktop = LocalDesktop.from_state(state)
+        xmessage = shutil.which("xmessage")
+        if xmessage is None:
+            log.warning("notice not shown, xmessage is not installed account=%s", account.id)
+            return
+        # Earlier notices that closed by now are reaped; a notice's process never outlives its X server.
+        self._notices = [proc for proc in self._notices if proc.returncode is None]
+        env = {"DISPLAY": f":{desktop.display}", "PATH": "/usr/bin:/bin"}
+        try:
+            proc, _ = await spawn([xmessage, "-center", "-timeout", str(NOTICE_SECONDS), text], env=env,
+                                  log_path=self.logs_dir / f"{account.id}.session.log")
+        except OSError as exc:
+            log.warning("notice not shown account=%s error=%s", account.id, exc)
+            return
+        self._notices.append(proc)
+        log.info("notice shown account=%s display=:%d", account.id, desktop.display)
 
     def _reap(self, pid: int) -> None:
         proc = self._children.get(pid)

@@ -2,6 +2,7 @@
 const tbody = document.querySelector("#desktops tbody");
 const filter = document.getElementById("admin-filter");
 const summary = document.getElementById("summary");
+const shareOutput = document.getElementById("share-link");
 let rows = [];
 let sortKey = "account";
 let sortDir = 1;
@@ -45,6 +46,50 @@ function actionButton(row, action) {
   return button;
 }
 
+// Instructors' view-only tools: watch here, or hand out an expiring link (gateway/watch.py).
+function watchLink(row) {
+  const link = document.createElement("a");
+  link.className = "tool";
+  link.href = `watch/${encodeURIComponent(row.account)}`;
+  link.target = "_blank";
+  link.rel = "noopener noreferrer";
+  link.textContent = "watch";
+  link.setAttribute("aria-label", `watch ${row.account} (view only)`);
+  return link;
+}
+
+function shareButton(row) {
+  const button = document.createElement("button");
+  button.type = "button";
+  button.className = "tool";
+  button.textContent = "share view-only link";
+  button.setAttribute("aria-label", `share a view-only link to ${row.account}`);
+  button.addEventListener("click", async () => {
+    const answer = prompt(`Minutes the view-only link to ${row.account} stays valid`, "60");
+    if (answer === null) return;
+    const minutes = Number(answer);
+    button.disabled = true;
+    try {
+      const response = await fetch(`api/desktops/${encodeURIComponent(row.account)}/share`, {
+        method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ minutes }),
+      });
+      if (!response.ok) throw new Error(await response.text());
+      const body = await response.json();
+      const url = new URL(`../${body.path}`, location.href).href;
+      const until = new Date(body.expires_at * 1000).toLocaleTimeString();
+      shareOutput.value = url;
+      shareOutput.hidden = false;
+      summary.textContent = `View-only link to ${row.account}, valid until ${until}`;
+      if (navigator.clipboard && navigator.clipboard.writeText) navigator.clipboard.writeText(url).catch(() => {});
+    } catch (err) {
+      summary.textContent = `${row.account}: no link (${err.message})`;
+    } finally {
+      button.disabled = false;
+    }
+  });
+  return button;
+}
+
 function render() {
   const needle = filter.value.trim().toLowerCase();
   const shown = rows
@@ -63,6 +108,7 @@ function render() {
     const actions = document.createElement("td");
     actions.dataset.label = "Actions";
     for (const a of ["restart", "disconnect", r.state === "stopped" ? "start" : "stop"]) actions.append(actionButton(r, a));
+    if (r.protocol === "vnc" && r.state === "ready") actions.append(watchLink(r), shareButton(r));
     tr.append(actions);
     return tr;
   }));

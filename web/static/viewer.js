@@ -30,6 +30,8 @@ const STATUS_TEXT = {
 
 // --- configuration ------------------------------------------------------------------------------------
 const config = JSON.parse(document.getElementById("viewer-config").textContent);
+// Instructors' watch pages (gateway/watch.py): never send input; connect with config.password.
+const viewOnly = config.view_only === true;
 const root = config.root || "./";
 const novncBase = new URL(config.novnc_url, location.href);
 
@@ -153,7 +155,7 @@ function applySettings(rfb = viewer.rfb) {
   rfb.compressionLevel = settings.compression;
   rfb.clipViewport = false;
   rfb.scaleViewport = settings.scaling === "scale";
-  rfb.resizeSession = settings.scaling === "remote";
+  rfb.resizeSession = settings.scaling === "remote" && !viewOnly;
 }
 
 // --- status -----------------------------------------------------------------------------------------------
@@ -234,6 +236,7 @@ async function connect() {
     return;
   }
   viewer.rfb = rfb;
+  rfb.viewOnly = viewOnly;
   rfb.focusOnClick = true;
   rfb.background = "transparent";
   applySettings(rfb);
@@ -646,3 +649,15 @@ Object.assign(viewer, {
   websocketUrl,
   novncBase: novncBase.href,
 });
+
+// --- view only (instructors) ---------------------------------------------------------------------------
+if (viewOnly) {
+  viewer.viewOnly = true;
+  const inputControls = [el.keyCtrlAltDel.closest(".tool-group"), $("toggle-clipboard"), $("keyboard-layout"),
+    document.querySelector('label[for="keyboard-layout"]'), $("keyboard-message")];
+  for (const node of inputControls) if (node) node.hidden = true;
+  el.scaling.querySelector('option[value="remote"]').disabled = true;  // never resize their desktop
+  if (settings.scaling === "remote") settings.scaling = "scale";
+  applySettings();
+  if (typeof config.password === "string" && config.password !== "") viewer.connect(config.password);
+}

@@ -1,0 +1,159 @@
+"""Instructors watch desktops without touching them: the admin page's "watch" and expiring share links.
+
+* ``/admin/watch/{account}`` (admin credential): the viewer page in view-only mode, connecting by
+  itself with the account's view-only password (never the full one);
+* ``POST /admin/api/desktops/{account}/share`` (admin credential, JSON body ``{"minutes": 60}``):
+  makes a link ``watch/<token>`` that opens the same view-only viewer without credentials until it
+  expires. Only the SHA-256 of the random token is stored, with the account and the expiry; an
+  unknown token gets 404, an expired one 410.
+
+Every watch, link and use of a link is written to the audit log.
+
+What a share link does not do: it hands the account's view-only password to the browser (noVNC
+authenticates itself), so whoever holds the link can keep watching with that password after the
+link expired, until the desktop's view-only password changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiohttp import web
+
+from .state import StateStore
+from .status import DesktopSlot
+from .viewonly import view_only_password
+
+__all__ = ["WatchLinks", "WatchLink", "add_watch_routes", "DEFAULT_LINK_MINUTES", "MAX_LINK_MINUTES"]
+
+log = logging.getLogger("gateway.watch")
+
+DEFAULT_LINK_MINUTES = 60.0
+MAX_LINK_MINUTES = 24 * 60.0
+#: Links that expired longer ago than this are deleted (until then they answer 410, not 404).
+_KEEP_EXPIRED_S = 7 * 24 * 3600.0
+
+
+def _digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class WatchLink:
+    account: str
+    created_by: str
+    created_at: float
+    expires_at: float
+
+
+class WatchLinks:
+    """The share links in the state database (table ``watch_links``, migration 3)."""
+
+    def __init__(self, store: StateStore) -> None:
+        self.store = store
+
+    def create(self, account: str, created_by: str, minutes: float, *, now: float | None = None) -> tuple[str, WatchLink]:
+        """A new random token for ``account``, valid ``minutes``; only its hash is stored."""
+        now = time.time() if now is None else now
+        token = secrets.token_urlsafe(24)
+        link = WatchLink(account, created_by, now, now + minutes * 60.0)
+        with self.store.transaction() as db:
+            db.execute("DELETE FROM watch_links WHERE expires_at < ?", (now - _KEEP_EXPIRED_S,))
+            db.execute("INSERT INTO watch_links(token_sha256, account, created_by, created_at, expires_at) "
+                       "VALUES (?, ?, ?, ?, ?)", (_digest(token), account, created_by, now, link.expires_at))
+        return token, link
+
+    def find(self, token: str) -> WatchLink | None:
+        """The link of ``token`` (expired or not), or None for a token never handed out."""
+        if not token or len(token) > 128:
+            return None
+        rows = self.store.query("SELECT account, created_by, created_at, expires_at FROM watch_links "
+                                "WHERE token_sha256 = ?", (_digest(token),))
+        return WatchLink(*rows[0]) if rows else None
+
+
+def add_watch_routes(
+    app: web.Application,
+    *,
+    slots: dict[str, DesktopSlot] | object,
+    store: StateStore,
+    state_dir: Path,
+    check_admin: Callable[[web.Request], str],
+    client_address: Callable[[web.Request], str],
+    render_page: Callable[..., web.Response],
+) -> None:
+    """The watch page, share-link creation (both behind the admin credential) and /watch/<token>."""
+    links = WatchLinks(store)
+
+    def page(request: web.Request, slot: DesktopSlot, root: str) -> web.Response:
+        if slot.protocol != "vnc":
+            raise web.HTTPConflict(text=f"Watching works for VNC desktops; {slot.account.id} uses {slot.protocol}.")
+        response = render_page(
+            request, "viewer.html.j2", root, account=slot.account.id,
+            websocket_path=slot.account.websocket_path.lstrip("/"), novnc_url=f"{root}novnc/",
+            view_only=True, watch_password=view_only_password(state_dir, slot.account.id),
+            # The viewer page's keyboard-layout picker is hidden in view-only mode.
+            keyboard_layout=getattr(slot, "keyboard_layout", ""), keyboard_layouts=[],
+        )
+        response.headers["Cache-Control"] = "no-store"
+        return response
+
+    def slot_of(account: str) -> DesktopSlot:
+        slot = slots.get(account)  # type: ignore[union-attr]
+        if slot is None:
+            raise web.HTTPNotFound(text="No such account.")
+        return slot
+
+    async def admin_watch(request: web.Request) -> web.Response:
+        user = check_admin(request)
+        slot = slot_of(request.match_info["account"])
+        response = page(request, slot, "../../")
+        store.record_event("admin:watch", slot.account.id, f"by {user}@{client_address(request)}: view-only")
+        return response
+
+    async def admin_share(request: web.Request) -> web.Response:
+        user = check_admin(request)
+        if request.content_type != "application/json":  # the CSRF guard, as for the other actions
+            raise web.HTTPUnsupportedMediaType(text="send application/json")
+        slot = slot_of(request.match_info["account"])
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise web.HTTPBadRequest(text="the body must be JSON") from None
+        minutes = body.get("minutes", DEFAULT_LINK_MINUTES) if isinstance(body, dict) else None
+        if isinstance(minutes, bool) or not isinstance(minutes, (int, float)) or not 0 < minutes <= MAX_LINK_MINUTES:
+            raise web.HTTPBadRequest(text=f"minutes must be a number above 0 and at most {MAX_LINK_MINUTES:g}")
+        if slot.protocol != "vnc":
+            raise web.HTTPConflict(text=f"Watching works for VNC desktops; {slot.account.id} uses {slot.protocol}.")
+        actor = f"{user}@{client_address(request)}"
+        token, link = links.create(slot.account.id, actor, float(minutes))
+        expires = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(link.expires_at))
+        store.record_event("admin:share", slot.account.id,
+                           f"by {actor}: view-only link {_digest(token)[:12]} until {expires}")
+        log.info("view-only link made account=%s minutes=%g", slot.account.id, minutes)
+        return web.json_response({"account": slot.account.id, "path": f"watch/{token}",
+                                  "expires_at": link.expires_at}, headers={"Cache-Control": "no-store"})
+
+    async def shared_watch(request: web.Request) -> web.Response:
+        token = request.match_info["token"]
+        link = links.find(token)
+        if link is None:
+            raise web.HTTPNotFound(text="No such link.")
+        if time.time() >= link.expires_at:
+            raise web.HTTPGone(text="This view-only link has expired; ask the organiser for a new one.")
+        slot = slot_of(link.account)
+        response = page(request, slot, "../")
+        store.record_event("watch-link:open", link.account,
+                           f"link {_digest(token)[:12]} from {client_address(request)}")
+        return response
+
+    app.router.add_get("/admin/watch/{account}", admin_watch)
+    app.router.add_post("/admin/api/desktops/{account}/share", admin_share)
+    app.router.add_get("/watch/{token}", shared_watch)

@@ -1,0 +1,144 @@
+"""Load and leaks: many simultaneous websocket connect/disconnect cycles through Apache to the desktops.
+
+Bounded in count and time. Afterwards the gateway, websockify and Apache hold no more processes,
+file descriptors or TCP connections to the VNC ports than before (a little slack for lazily
+opened descriptors). Real Xvnc, websockify and Apache; nothing mocked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from gateway import rfb
+from gateway.apache import MpmSizing
+from gateway.netstat import established_by_remote
+from gateway.state import StateStore
+from tests.gateway_run import GatewayRun
+from tests.ssh_host import children_of
+
+pytestmark = pytest.mark.system
+
+CYCLES = 200
+AT_ONCE = 20
+WRONG_EVERY = 5  # every fifth attempt uses a wrong password
+LOOP_LIMIT_S = 120.0
+FD_SLACK = 4
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def group_members(pgid: int) -> list[int]:
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                text = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(text[text.rindex(")") + 2:].split()[2]) == pgid:
+                members.append(int(entry.name))
+    return members
+
+
+def settle(measure: Callable[[], int], limit: int, timeout_s: float = 15) -> int:
+    """Wait until ``measure()`` is at most ``limit`` (connections close asynchronously); return the last value."""
+    deadline = time.monotonic() + timeout_s
+    value = measure()
+    while value > limit and time.monotonic() < deadline:
+        time.sleep(0.2)
+        value = measure()
+    return value
+
+
+async def cycles(run: GatewayRun, count: int, at_once: int) -> dict[str, int]:
+    limit = asyncio.Semaphore(at_once)
+    outcome = {"ok": 0, "refused": 0}
+
+    async def one(i: int) -> None:
+        account = run.accounts[i % len(run.accounts)]
+        wrong = i % WRONG_EVERY == 0
+        async with limit:
+            if wrong:
+                with pytest.raises(rfb.RfbAuthFailed):
+                    await rfb.connect_websocket(run.ws_url(account), "wrong-" + account.password[:6], timeout_s=20)
+                outcome["refused"] += 1
+            else:
+                session = await rfb.connect_websocket(run.ws_url(account), account.password, timeout_s=20)
+                assert session.name == account.id
+                outcome["ok"] += 1
+
+    async with asyncio.TaskGroup() as group:
+        for i in range(count):
+            group.create_task(one(i))
+    return outcome
+
+
+@pytest.mark.parametrize("mode", ["per-account", "builtin"])
+async def test_connect_disconnect_cycles_leak_no_processes_descriptors_or_connections(gateway_factory, mode: str) -> None:
+    run: GatewayRun = gateway_factory(count=2, config_text=f"proxy:\n  mode: {mode}\n")
+    run.up()
+    assert run.process is not None
+    store = StateStore(run.state_dir / "gateway.db")
+    try:
+        services = store.services()
+    finally:
+        store.close()
+    gateway_pid = run.process.pid
+    apache = services["apache"]
+    proxies = [services[f"proxy:{a.id}"].pid for a in run.accounts] if mode == "per-account" else []
+    assert mode == "builtin" or len(proxies) == 2
+    vnc_ends = [("127.0.0.1", a.vnc_port) for a in run.accounts]
+
+    def vnc_connections() -> int:
+        counts = established_by_remote()
+        return sum(counts[end] for end in vnc_ends)
+
+    def proxy_children() -> int:
+        return sum(len(children_of(pid)) for pid in proxies)
+
+    # A warm-up round: Apache starts its spare children, aiohttp and websockify open what they keep.
+    await cycles(run, 2 * AT_ONCE, AT_ONCE)
+    assert settle(vnc_connections, 0) == 0
+    settle(proxy_children, 0)
+    gateway_fds = fd_count(gateway_pid)
+    proxy_fds = {pid: fd_count(pid) for pid in proxies}
+    proxy_kids = proxy_children()
+
+    started = time.monotonic()
+    outcome = await cycles(run, CYCLES, AT_ONCE)
+    elapsed = time.monotonic() - started
+    assert elapsed < LOOP_LIMIT_S, elapsed
+    assert outcome == {"ok": CYCLES - CYCLES // WRONG_EVERY, "refused": CYCLES // WRONG_EVERY}
+
+    # No connection to a VNC port lingers.
+    assert settle(vnc_connections, 0) == 0, established_by_remote()
+    # websockify: the same processes, their per-connection children gone, their descriptors back.
+    assert settle(proxy_children, proxy_kids) <= proxy_kids
+    for pid in proxies:
+        assert settle(lambda pid=pid: fd_count(pid), proxy_fds[pid] + FD_SLACK) <= proxy_fds[pid] + FD_SLACK, pid
+    # The gateway (which relays every byte in builtin mode) gives its descriptors back.
+    assert settle(lambda: fd_count(gateway_pid), gateway_fds + FD_SLACK) <= gateway_fds + FD_SLACK
+    # Apache: its main process and no more children than its configured pool; no stray processes.
+    sizing = MpmSizing.for_accounts(len(run.accounts))
+    assert len(group_members(apache.pgid)) <= 1 + sizing.server_limit, group_members(apache.pgid)
+    # Each Apache child's descriptors: nothing piles up per connection.
+    for pid in group_members(apache.pgid):
+        try:
+            assert fd_count(pid) < 64, (pid, fd_count(pid))
+        except FileNotFoundError:
+            continue  # an idle child that Apache just ended
+    print(f"\n{mode}: {CYCLES} cycles ({AT_ONCE} at once) in {elapsed:.1f} s; gateway fds "
+          f"{gateway_fds}->{fd_count(gateway_pid)}; websockify fds {proxy_fds}")
+
+    # And everything still works afterwards.
+    for account in run.accounts:
+        await rfb.connect_websocket(run.ws_url(account), account.password, timeout_s=10)
+    assert run.terminate() == 0
