@@ -14,8 +14,6 @@ the audit log in the state database with who asked, from where, and when.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import hmac
 import json
 import logging
@@ -32,6 +30,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from .files import atomic_write
+from .httpauth import basic_credentials, client_address
 from .netstat import established_by_remote
 from .state import StateStore
 from .status import DesktopSlot, Phase
@@ -188,12 +187,7 @@ MAX_FAILURES_PER_MINUTE = 10
 
 
 def _client_address(request: web.Request) -> str:
-    # Behind the private Apache every peer is 127.0.0.1; Apache passes the real one on.
-    peer = request.remote or "?"
-    forwarded = request.headers.get("X-Forwarded-For")
-    if forwarded and peer in ("127.0.0.1", "::1"):
-        return forwarded.split(",")[-1].strip()
-    return peer
+    return client_address(request, behind_apache=True)
 
 
 def _check_admin(request: web.Request) -> str:
@@ -205,7 +199,7 @@ def _check_admin(request: web.Request) -> str:
     cockpit._failures[address] = recent
     if len(recent) >= MAX_FAILURES_PER_MINUTE:
         raise web.HTTPTooManyRequests(text="Too many failed sign-ins; wait a minute.")
-    user, password = _basic_credentials(request)
+    user, password = basic_credentials(request) or ("", "")
     user_ok = hmac.compare_digest(user.encode(), cockpit.admin_user.encode())
     password_ok = hmac.compare_digest(password.encode(), cockpit.admin_password.encode())
     if user_ok and password_ok:
@@ -215,19 +209,6 @@ def _check_admin(request: web.Request) -> str:
         log.warning("admin sign-in refused address=%s", address)
     raise web.HTTPUnauthorized(headers={"WWW-Authenticate": 'Basic realm="gateway admin", charset="UTF-8"'},
                                text="Admin credentials required.")
-
-
-def _basic_credentials(request: web.Request) -> tuple[str, str]:
-    header = request.headers.get("Authorization", "")
-    scheme, _, value = header.partition(" ")
-    if scheme.lower() != "basic" or not value:
-        return "", ""
-    try:
-        decoded = base64.b64decode(value.strip(), validate=True).decode()
-    except (binascii.Error, UnicodeDecodeError):
-        return "", ""
-    user, _, password = decoded.partition(":")
-    return user, password
 
 
 def add_admin_routes(app: web.Application, cockpit: Cockpit,

@@ -19,7 +19,6 @@ gateway's Apache: the address Apache appended to X-Forwarded-For). Passwords are
 from __future__ import annotations
 
 import base64
-import binascii
 import collections
 import hashlib
 import hmac
@@ -41,6 +40,7 @@ from .errors import UserError
 from .files import atomic_write, ensure_private_dir
 from .state import StateStore
 from .status import DesktopSlot
+from .httpauth import basic_credentials, client_address
 from .webapp import CONFIG, SLOTS, _page, desktop_links
 
 __all__ = ["add_routes", "PARTICIPANTS", "TermsDocument", "load_documents", "render_markdown", "RateLimit"]
@@ -181,12 +181,7 @@ def _load_secret(state_dir: Path) -> bytes:
 
 
 def _client_address(request: web.Request, config: Config) -> str:
-    if config.apache.mode != "none":
-        # Apache appends the address it saw; anything before it came from the client.
-        forwarded = request.headers.get("X-Forwarded-For", "").rsplit(",", 1)[-1].strip()
-        if forwarded:
-            return forwarded
-    return request.remote or "unknown"
+    return client_address(request, behind_apache=config.apache.mode != "none")
 
 
 def _set_cookie(response: web.StreamResponse, p: _Participants, name: str, value: str, max_age: int | None) -> None:
@@ -428,19 +423,7 @@ def _human_size(size: int) -> str:
 
 
 def _basic_credentials(request: web.Request) -> tuple[str, str] | None:
-    scheme, _, encoded = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "basic":
-        return None
-    try:
-        decoded = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError):
-        return ("", "")
-    account, _, password = decoded.partition(":")
-    return account, password
-
-
-def _unauthorized(text: str) -> web.HTTPUnauthorized:
-    return web.HTTPUnauthorized(text=text, headers={"WWW-Authenticate": 'Basic realm="archive", charset="UTF-8"'})
+    return basic_credentials(request)
 
 
 async def download_archive(request: web.Request) -> web.StreamResponse:
@@ -448,22 +431,7 @@ async def download_archive(request: web.Request) -> web.StreamResponse:
     wanted = request.match_info["account"]
     if not _ACCOUNT_RE.fullmatch(wanted):
         raise web.HTTPNotFound(text="No such archive.")
-    slot = _session_account(request)
-    if slot is None:
-        credentials = _basic_credentials(request)
-        if credentials is None:
-            raise _unauthorized("Sign in with your account id and password.")
-        address = _client_address(request, p.config)
-        wait = p.signin_failures.blocked(address)
-        if wait:
-            raise _too_many(wait, "failed sign-ins")
-        account, password = credentials
-        slot = request.app[SLOTS].get(account)
-        if not _password_matches(slot, password[:MAX_PASSWORD]) or slot is None:
-            p.signin_failures.add(address)
-            log.info("archive download refused: wrong credentials account=%s",
-                     account if slot is not None else "(unknown)")
-            raise _unauthorized("Wrong account or password.")
+    slot = authenticated_slot(request, realm="archive")
     if slot.account.id != wanted:
         log.warning("archive download refused: account=%s asked for another account's archive", slot.account.id)
         raise web.HTTPForbidden(text="This is not your archive.")

@@ -13,9 +13,10 @@ import contextlib
 import logging
 import os
 import socket
+import sqlite3
 import ssl
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -394,6 +395,19 @@ class AccountWatcher:
         assert self.gateway.store is not None
         return self.gateway.store
 
+    def _persist(self, write: Callable[..., None], *args: object) -> None:
+        """Write to the state database; if that fails (disk full), the desktop carries on regardless.
+
+        The organiser is told: until a write succeeds, a crash of the gateway would lose track of
+        this desktop's latest state.
+        """
+        try:
+            write(*args)
+        except sqlite3.Error as exc:
+            log.error("state not saved account=%s error=%s", self.account.id, exc)
+            self.slot.reason = f"cannot save the gateway's state: {exc}"
+            self.gateway.changed.set()
+
     async def run(self) -> None:
         try:
             while True:
@@ -432,7 +446,7 @@ class AccountWatcher:
                 failure = outcome
             delay = self.desktop_policy.next_delay()
             log.warning("desktop down account=%s reason=%s", self.account.id, failure)
-            self.store.record_event("desktop-down", self.account.id, failure)
+            self._persist(self.store.record_event, "desktop-down", self.account.id, failure)
             await self._stop_desktop()
             if delay is None:
                 self.gateway.publish(self.slot, Phase.FAILED, failure)
@@ -456,7 +470,7 @@ class AccountWatcher:
                 except OSError as exc:
                     log.exception("desktop start failed account=%s", self.account.id)
                     return f"could not start: {exc}"
-                self.store.save_desktop(self.account.id, self.backend.name, self.state)
+                self._persist(self.store.save_desktop, self.account.id, self.backend.name, self.state)
         # Waiting in a scheduler's queue holds no start slot: others may start meanwhile.
         failure = await self._wait_running()
         if failure is None:
@@ -546,7 +560,7 @@ class AccountWatcher:
         except Exception as exc:  # a proxy that won't start is this account's failure, not the gateway's
             return f"proxy did not start: {exc}"
         if self.proxy.identity is not None:
-            self.store.save_service(f"proxy:{self.account.id}", self.proxy.identity)
+            self._persist(self.store.save_service, f"proxy:{self.account.id}", self.proxy.identity)
         return None
 
     async def _watch(self) -> str:
@@ -612,7 +626,7 @@ class AccountWatcher:
 
     async def _restart_proxy(self, status: int) -> str | None:
         log.warning("proxy exited account=%s status=%d", self.account.id, status)
-        self.store.record_event("proxy-down", self.account.id, f"status {status}")
+        self._persist(self.store.record_event, "proxy-down", self.account.id, f"status {status}")
         self.gateway.metrics.proxy_errors.labels(self.account.id).inc()
         self.proxy = None
         delay = self.proxy_policy.next_delay()
@@ -631,19 +645,19 @@ class AccountWatcher:
             new_state = await self.backend.maintain(self.account, self.state)
             if new_state is not None:
                 self.state = new_state
-                self.store.save_desktop(self.account.id, self.backend.name, new_state)
+                self._persist(self.store.save_desktop, self.account.id, self.backend.name, new_state)
 
     async def _stop_proxy(self) -> None:
         if self.proxy is not None:
             await self.gateway.proxy_mode.stop(self.proxy)
             self.proxy = None
-            self.store.forget_service(f"proxy:{self.account.id}")
+            self._persist(self.store.forget_service, f"proxy:{self.account.id}")
 
     async def _stop_desktop(self) -> None:
         if self.state is not None:
             await self.backend.stop(self.account, self.state)
             self.state = None
-            self.store.forget_desktop(self.account.id)
+            self._persist(self.store.forget_desktop, self.account.id)
         self.slot.endpoint = self.slot.endpoint_ip = None
         self.slot.detail = {}
 

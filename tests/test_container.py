@@ -257,10 +257,10 @@ def test_desktop_session_under_xvnc(xvnc_display: str, tmp_path: Path) -> None:
                                cwd=tmp_path)
     try:
         # A window manager announces itself on the root window ...
-        _wait_for(lambda: "window id" in _xprop_root(xvnc_display, "_NET_SUPPORTING_WM_CHECK"), 15,
+        _wait_for(lambda: "window id" in _xprop_root(xvnc_display, "_NET_SUPPORTING_WM_CHECK"), 30,
                   f"a window manager on {xvnc_display}")
         # ... and manages the terminal's window.
-        _wait_for(lambda: re.search(r"0x[0-9a-f]+", _xprop_root(xvnc_display, "_NET_CLIENT_LIST")), 15,
+        _wait_for(lambda: re.search(r"0x[0-9a-f]+", _xprop_root(xvnc_display, "_NET_CLIENT_LIST")), 30,
                   f"a terminal window on {xvnc_display}")
         assert session.poll() is None, (tmp_path / "session.log").read_text()
         if keyboard:

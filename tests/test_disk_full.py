@@ -49,7 +49,8 @@ class SmallDisk:
 
 
 @pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[SmallDisk]:
+def small_disk(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[SmallDisk]:
+    size = getattr(request, "param", "2m")
     if os.geteuid() != 0:
         message = "mounting a tmpfs needs root"
         if system_required():
@@ -57,7 +58,7 @@ def small_disk(tmp_path: Path) -> Iterator[SmallDisk]:
         pytest.skip(message)
     mountpoint = tmp_path / "small"
     mountpoint.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", str(mountpoint)],
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(mountpoint)],
                    check=True, capture_output=True, timeout=30)
     try:
         yield SmallDisk(mountpoint)
@@ -147,3 +148,60 @@ def test_gateway_up_on_a_full_state_dir_exits_2_with_one_line_and_starts_nothing
         assert [kind for _, _, kind, _ in store.events()] == ["earlier-run"]
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("small_disk", ["32m"], indirect=True)
+async def test_disk_full_while_running_fails_only_what_needs_the_disk(small_disk: SmallDisk, tmp_path: Path) -> None:
+    """A full disk while the gateway runs: the gateway and the healthy desktops carry on; a desktop that
+    must be restarted then fails with a clear reason, and starts again once there is space."""
+    import json
+    import signal
+    import sys
+
+    from gateway import rfb
+
+    for program in ("Xvnc", "vncpasswd", "apache2", "openbox"):
+        require_program(program)
+    (tmp_path / "gw").mkdir()
+    run = GatewayRun(tmp_path / "gw", make_accounts(2), "restart:\n  max_attempts: 2\n")
+    run.state_dir = small_disk.path / "state"
+    crashed, healthy = run.accounts
+
+    def rows() -> dict[str, dict]:
+        result = subprocess.run([sys.executable, "-m", "gateway", "status", "--json", "--state-dir",
+                                 str(run.state_dir)], capture_output=True, text=True, timeout=30)
+        assert result.returncode == 0, result.stderr
+        return {r["account"]: r for r in json.loads(result.stdout)["desktops"]}
+
+    def wait_for_state(account: str, state: str) -> dict:
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline:
+            row = rows()[account]
+            if row["state"] == state:
+                return row
+            time.sleep(0.3)
+        raise AssertionError(f"{account} not {state}: {rows()[account]}")
+
+    try:
+        run.up()
+        store = StateStore(run.state_dir / "gateway.db")
+        xvnc = store.desktops()[crashed.id].state["xvnc"]["pid"]
+        store.close()
+        small_disk.fill()
+        os.kill(xvnc, signal.SIGKILL)
+        row = wait_for_state(crashed.id, "failed")
+        assert "No space left on device" in row["reason"]
+        assert rows()[healthy.id]["state"] == "ready"
+        await rfb.connect_websocket(run.ws_url(healthy), healthy.password, timeout_s=10)
+        assert run.process is not None and run.process.poll() is None  # the gateway itself carries on
+
+        small_disk.free()
+        subprocess.run([sys.executable, "-m", "gateway", "desktop", "start", crashed.id, "--state-dir",
+                        str(run.state_dir)], check=True, capture_output=True, timeout=30)
+        wait_for_state(crashed.id, "ready")
+        await rfb.connect_websocket(run.ws_url(crashed), crashed.password, timeout_s=10)
+    finally:
+        small_disk.free()
+        if run.process is not None and run.process.poll() is None:
+            run.terminate(timeout_s=30)
+        run.kill_everything()

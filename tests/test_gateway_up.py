@@ -17,7 +17,7 @@ import pytest
 from gateway import rfb
 from gateway.proc import process_start_time
 from gateway.state import StateStore
-from tests.gateway_run import GatewayRun, make_accounts, port_is_listening, processes_mentioning
+from tests.gateway_run import GatewayRun, port_is_listening, processes_mentioning
 
 pytestmark = pytest.mark.system
 

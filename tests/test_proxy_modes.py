@@ -19,6 +19,7 @@ from gateway import rfb
 from gateway.apache import render_apache_config
 from gateway.config import Config, parse_config
 from gateway.errors import InputError
+from gateway.netstat import established_by_remote
 from gateway.proxy import make_proxy_mode
 from gateway.relay import InputScanner
 from gateway.state import StateStore
@@ -200,14 +201,8 @@ def children(pid: int) -> list[int]:
 
 
 def vnc_connections(port: int) -> int:
-    """Established TCP connections to 127.0.0.1:port, from /proc/net/tcp (state 01)."""
-    count = 0
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        local, remote, state = fields[1], fields[2], fields[3]
-        if state == "01" and remote.endswith(f":{port:04X}"):
-            count += 1
-    return count
+    """Established TCP connections to 127.0.0.1:port (the gateway's own counter, gateway.netstat)."""
+    return established_by_remote()[("127.0.0.1", port)]
 
 
 @pytest.mark.system

@@ -27,7 +27,7 @@ from gateway.backends.base import BackendError, Status
 from gateway.backends.ssh import SshBackend, parse_launch, parse_probe, remote_command
 from gateway.config import parse_config
 from gateway.state import StateStore
-from tests.gateway_run import GatewayRun, make_accounts, processes_mentioning
+from tests.gateway_run import GatewayRun, make_accounts
 from tests.ssh_host import HOST, SshHost, ssh_accounts, ssh_host  # noqa: F401 - ssh_host is a fixture
 from tests.system import require_program
 

@@ -123,7 +123,10 @@ class LocalBackend(Backend):
         password_file = self.secrets_dir / f"{account.id}.vncpasswd"
         view_only = view_only_password(self.state_dir, account.id)
         file_bytes = await vnc_password_file_bytes(account.password, view_only=view_only, vncpasswd=self.vncpasswd)
-        atomic_write(password_file, file_bytes, mode=0o600)
+        # Unchanged on a restart (vncpasswd's output is deterministic): not rewriting it lets a
+        # desktop come back even when the state dir's disk is full.
+        if not password_file.exists() or password_file.read_bytes() != file_bytes:
+            atomic_write(password_file, file_bytes, mode=0o600)
         xvnc_proc, xvnc_id, display = await self._start_xvnc(account, password_file)
         try:
             session = await self._start_session(account, display)

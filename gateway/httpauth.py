@@ -1,0 +1,42 @@
+"""Small pieces every authenticated route shares: who is asking, and with which Basic credentials."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+
+from aiohttp import web
+
+__all__ = ["basic_credentials", "client_address"]
+
+_LOOPBACK = frozenset({"127.0.0.1", "::1"})
+
+
+def basic_credentials(request: web.Request) -> tuple[str, str] | None:
+    """(user, password) from an HTTP Basic Authorization header; None when there is none.
+
+    A malformed header gives ("", ""), which no account or admin matches.
+    """
+    scheme, _, encoded = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return ("", "")
+    user, _, password = decoded.partition(":")
+    return user, password
+
+
+def client_address(request: web.Request, *, behind_apache: bool) -> str:
+    """The client's address, for rate limits and the audit log.
+
+    Behind Apache every request comes from loopback and Apache appends the address it saw to
+    X-Forwarded-For; anything before that entry came from the client and is not trusted.
+    """
+    peer = request.remote or "unknown"
+    if behind_apache and peer in _LOOPBACK:
+        forwarded = request.headers.get("X-Forwarded-For", "").rsplit(",", 1)[-1].strip()
+        if forwarded:
+            return forwarded
+    return peer
