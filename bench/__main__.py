@@ -22,6 +22,9 @@ MODES = ("per-account", "shared", "builtin")
 PLANS = {
     "quick": {"ready": [10], "serial": [10], "memory": [10], "latency": [20, 50], "duration_s": 5.0,
               "ready_timeout_s": 120, "landing": 500},
+    # What a 2-core machine measures in about ten minutes: the 60-desktop and 300-session targets.
+    "medium": {"ready": [10, 60], "serial": [60], "memory": [60], "latency": [50, 100, 200, 300],
+               "duration_s": 10.0, "ready_timeout_s": 600, "landing": 500},
     "full": {"ready": [10, 60, 200], "serial": [10, 60, 200], "memory": [60, 200], "latency": [50, 100, 200, 300],
              "duration_s": 15.0, "ready_timeout_s": 900, "landing": 500},
 }
@@ -30,6 +33,8 @@ PLANS = {
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small N, short loads: a few minutes on 2 cores")
+    parser.add_argument("--medium", action="store_true",
+                        help="60 desktops and up to 300 sessions: about ten minutes on 2 cores")
     parser.add_argument("--only", choices=("ready", "memory", "latency", "landing"), action="append",
                         help="run only these parts (repeatable)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory (default bench/results)")
@@ -38,12 +43,12 @@ def main(argv: list[str] | None = None) -> int:
         if shutil.which(program) is None:
             print(f"{program} is not installed; run scripts/setup first", file=sys.stderr)
             return 2
-    plan = PLANS["quick" if args.quick else "full"]
+    plan = PLANS["quick" if args.quick else "medium" if args.medium else "full"]
     parts = set(args.only or ("ready", "memory", "latency", "landing"))
     started = time.monotonic()
     results: dict[str, object] = {
         "machine": machine(),
-        "run": {"quick": args.quick, "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "run": {"quick": args.quick, "medium": args.medium, "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "plan": plan},
         "ready": {}, "memory": {m: {} for m in MODES}, "latency": {}, "latency_direct": {},
         "max_sessions_p99_under_20ms": {}, "landing": {},
@@ -130,7 +135,7 @@ def write_results(results: dict, out: Path) -> None:
     text = json.dumps(results, indent=2) + "\n"
     (out / "latest.json").write_text(text)
     stamp = results["run"]["started"][:16].replace(":", "").replace("T", "-")
-    suffix = "-quick" if results["run"]["quick"] else ""
+    suffix = "-quick" if results["run"]["quick"] else "-medium" if results["run"].get("medium") else ""
     (out / f"{stamp}{suffix}.json").write_text(text)
     write_report(results, out)
     _log(f"results in {out}")

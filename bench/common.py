@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import os
 import platform
-import socket
 import subprocess
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-__all__ = ["percentile", "free_port", "pss_mb", "cpu_seconds", "cpu_seconds_total", "descendants", "machine", "CLK_TCK"]
+__all__ = ["percentile", "pss_mb", "cpu_seconds", "cpu_seconds_total", "descendants", "machine", "CLK_TCK"]
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -21,12 +20,6 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     ordered = sorted(values)
     rank = max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))
     return ordered[rank]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _stat_fields(pid: int) -> list[str] | None:

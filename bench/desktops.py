@@ -15,8 +15,9 @@ import aiohttp
 
 from gateway import rfb
 from gateway.tokens import Account, format_tokens, generate_password
+from tests.system import free_ports
 
-from .common import cmdline, descendants, free_port, percentile, pss_mb
+from .common import cmdline, descendants, percentile, pss_mb
 
 __all__ = ["GatewayUp"]
 
@@ -59,7 +60,8 @@ class GatewayUp:
 
     def __init__(self, count: int, mode: str, *, concurrency: int | None = None) -> None:
         self.tmp = Path(tempfile.mkdtemp(prefix=f"bench-{mode}-{count}-"))
-        self.accounts = [Account(f"b{i:03d}", "localhost", f"/desktop/b{i:03d}", free_port(), free_port(),
+        ports = iter(free_ports(2 * count + 1))  # distinct: bound all at once
+        self.accounts = [Account(f"b{i:03d}", "localhost", f"/desktop/b{i:03d}", next(ports), next(ports),
                                  generate_password(), i) for i in range(1, count + 1)]
         self.tokens = self.tmp / "tokens.txt"
         self.tokens.write_text(format_tokens(self.accounts))
@@ -68,7 +70,7 @@ class GatewayUp:
         if concurrency is not None:
             config += f"desktop:\n  start_concurrency: {concurrency}\n"
         (self.tmp / "gateway.yaml").write_text(config)
-        self.port = free_port()
+        self.port = next(ports)
         self.process: subprocess.Popen[bytes] | None = None
 
     def url(self, account: Account) -> str:
@@ -98,7 +100,8 @@ class GatewayUp:
             proving: dict[str, asyncio.Task[None]] = {}
             while len(ready_at) < len(self.accounts) and time.monotonic() < deadline:
                 if self.process.poll() is not None:
-                    raise RuntimeError(f"gateway exited {self.process.returncode}; see {self.tmp}/gateway.out")
+                    tail = (self.tmp / "gateway.out").read_text(errors="replace").strip().splitlines()[-3:]
+                    raise RuntimeError(f"gateway exited {self.process.returncode}: " + " | ".join(tail))
                 try:
                     async with http.get(f"http://127.0.0.1:{self.port}/api/desktops", timeout=aiohttp.ClientTimeout(total=5)) as r:
                         states = {d["account"]: d["state"] for d in (await r.json())["desktops"]}

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import aiohttp
 
-from .common import cpu_seconds_total, descendants, free_port, percentile, pss_mb
+from tests.system import free_ports
+
+from .common import cpu_seconds_total, descendants, percentile, pss_mb
 
 __all__ = ["Backends", "Chain", "run_load", "landing"]
 
@@ -27,7 +29,7 @@ class Backends:
     """The synthetic VNC-like backends, one port per account, in a process of their own."""
 
     def __init__(self, count: int) -> None:
-        self.ports = [free_port() for _ in range(count)]
+        self.ports = free_ports(count)
         self.process = subprocess.Popen([sys.executable, "-m", "bench.synthetic", "serve", str(RATE), *map(str, self.ports)],
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         assert self.process.stdout is not None
@@ -44,9 +46,11 @@ class Chain:
 
     def __init__(self, mode: str, backend_ports: list[int]) -> None:
         self.work = Path(tempfile.mkdtemp(prefix=f"bench-chain-{mode}-"))
-        spec = {"mode": mode, "work": str(self.work), "apache_port": free_port(),
-                "accounts": [{"id": f"s{i:03d}", "path": f"/desktop/s{i:03d}", "ws_port": free_port(),
-                              "backend_port": port} for i, port in enumerate(backend_ports, 1)]}
+        apache_port, *ws_ports = free_ports(len(backend_ports) + 1)
+        spec = {"mode": mode, "work": str(self.work), "apache_port": apache_port,
+                "accounts": [{"id": f"s{i:03d}", "path": f"/desktop/s{i:03d}", "ws_port": ws_port,
+                              "backend_port": port}
+                             for i, (port, ws_port) in enumerate(zip(backend_ports, ws_ports), 1)]}
         (self.work / "spec.json").write_text(json.dumps(spec))
         self.log = open(self.work / "chain.log", "wb")
         self.process = subprocess.Popen([sys.executable, "-m", "bench.chain", str(self.work / "spec.json")],

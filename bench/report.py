@@ -26,7 +26,7 @@ def write_report(results: dict, out: Path) -> None:
 def markdown(r: dict) -> str:
     m = r["machine"]
     lines = [
-        f"# Benchmark results ({'quick' if r['run']['quick'] else 'full'} run, {r['run']['started']})",
+        f"# Benchmark results ({'quick' if r['run']['quick'] else 'medium' if r['run'].get('medium') else 'full'} run, {r['run']['started']})",
         "",
         f"Machine: {m['cpus']} CPUs ({m['cpu_model']}), {m['memory_gb']} GB, {m['os']}, kernel {m['kernel']}, "
         f"Python {m['python']}, {m['apache']}, {m['xvnc']}. Load average at start: "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -10,18 +11,22 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gateway import rfb
+from gateway.state import DesktopRecord, StateStore
 from gateway.tokens import Account, format_tokens, generate_password
-from tests.system import free_port
+from tests.system import free_port, free_ports
 
-__all__ = ["GatewayRun", "make_accounts", "processes_mentioning", "port_is_listening"]
+__all__ = ["GatewayRun", "make_accounts", "processes_mentioning", "port_is_listening", "handshake_until_ok",
+           "recorded_desktops"]
 
 
 def make_accounts(count: int, prefix: str = "ws") -> list[Account]:
     """Accounts on free ports of this machine, with random passwords."""
+    ports = iter(free_ports(2 * count))
     accounts = []
     for i in range(1, count + 1):
         name = f"{prefix}{i:02d}"
-        accounts.append(Account(name, "localhost", f"/desktop/{name}", free_port(), free_port(), generate_password(), i))
+        accounts.append(Account(name, "localhost", f"/desktop/{name}", next(ports), next(ports), generate_password(), i))
     return accounts
 
 
@@ -38,6 +43,28 @@ def processes_mentioning(text: str) -> list[int]:
         except OSError:
             continue
     return found
+
+
+async def handshake_until_ok(url: str, password: str, timeout_s: float = 30) -> rfb.RfbSession:
+    """Retry a full RFB handshake through the gateway until it succeeds (a restarted proxy, desktop
+    or Apache takes a moment); a wrong password fails at once."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return await rfb.connect_websocket(url, password, timeout_s=5)
+        except Exception as exc:  # noqa: BLE001 - aiohttp errors of various kinds while things restart
+            if isinstance(exc, rfb.RfbAuthFailed) or time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
+
+
+def recorded_desktops(state_dir: Path) -> dict[str, DesktopRecord]:
+    """The desktops a gateway recorded in its state database."""
+    store = StateStore(state_dir / "gateway.db")
+    try:
+        return store.desktops()
+    finally:
+        store.close()
 
 
 def port_is_listening(port: int) -> bool:

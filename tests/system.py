@@ -12,7 +12,7 @@ import socket
 
 import pytest
 
-__all__ = ["REQUIRE_SYSTEM_ENV", "system_required", "require_program", "free_port"]
+__all__ = ["REQUIRE_SYSTEM_ENV", "system_required", "require_program", "free_port", "free_ports"]
 
 REQUIRE_SYSTEM_ENV = "GATEWAY_REQUIRE_SYSTEM"
 
@@ -41,3 +41,19 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct TCP ports on 127.0.0.1 that were free a moment ago.
+
+    All are bound at once before any is released: calling :func:`free_port` repeatedly may hand
+    out the same port twice.
+    """
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()

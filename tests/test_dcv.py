@@ -26,7 +26,12 @@ import pytest
 
 from gateway import rfb
 from gateway.backends import backend_name_for
-from gateway.backends.dcv import connection_file, dcv_sbatch_argv, partition_problem, render_dcv_job_script
+from gateway.backends.dcv import (
+    connection_file,
+    dcv_sbatch_argv,
+    partition_problem,
+    render_dcv_job_script,
+)
 from gateway.config import Config, parse_config
 from gateway.errors import InputError
 from gateway.tokens import Account, generate_password

@@ -28,7 +28,12 @@ import pytest
 from gateway import rfb
 from gateway.proc import process_start_time
 from gateway.state import StateStore
-from tests.gateway_run import GatewayRun, make_accounts, processes_mentioning
+from tests.gateway_run import (
+    GatewayRun,
+    handshake_until_ok,
+    make_accounts,
+    processes_mentioning,
+)
 from tests.secrets_check import assert_secrets_kept
 from tests.ssh_host import SshHost, ssh_accounts, ssh_host  # noqa: F401 - ssh_host is a fixture
 from tests.system import require_program, system_required
@@ -46,17 +51,6 @@ def recorded(run: GatewayRun) -> dict:
         return {name: record.state for name, record in store.desktops().items()}
     finally:
         store.close()
-
-
-async def handshake_until_ok(url: str, password: str, timeout_s: float = 30) -> rfb.RfbSession:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            return await rfb.connect_websocket(url, password, timeout_s=5)
-        except Exception as exc:  # noqa: BLE001 - aiohttp errors while a proxy or Apache restarts
-            if isinstance(exc, rfb.RfbAuthFailed) or time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.2)
 
 
 def kill_gateway(run: GatewayRun) -> None:

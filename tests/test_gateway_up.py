@@ -17,7 +17,12 @@ import pytest
 from gateway import rfb
 from gateway.proc import process_start_time
 from gateway.state import StateStore
-from tests.gateway_run import GatewayRun, port_is_listening, processes_mentioning
+from tests.gateway_run import (
+    GatewayRun,
+    handshake_until_ok,
+    port_is_listening,
+    processes_mentioning,
+)
 
 pytestmark = pytest.mark.system
 
@@ -25,18 +30,6 @@ pytestmark = pytest.mark.system
 def fetch(url: str) -> str:
     with urllib.request.urlopen(url, timeout=10) as response:
         return response.read().decode()
-
-
-async def handshake_until_ok(url: str, password: str, timeout_s: float = 20) -> rfb.RfbSession:
-    """Retry a full handshake until it succeeds (a restarted piece may take a moment)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            return await rfb.connect_websocket(url, password, timeout_s=5)
-        except (OSError, rfb.RfbError, Exception) as exc:  # aiohttp errors while a proxy restarts
-            if isinstance(exc, rfb.RfbAuthFailed) or time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.2)
 
 
 def recorded(run: GatewayRun) -> tuple[dict, dict]:

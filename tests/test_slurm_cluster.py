@@ -16,7 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from gateway.slurm_parse import JobInfo, JobState, parse_job_id, parse_squeue, parse_sinfo_partitions
+from gateway.slurm_parse import (
+    JobInfo,
+    JobState,
+    parse_job_id,
+    parse_sinfo_partitions,
+    parse_squeue,
+)
 
 try:
     from system import require_program, system_required

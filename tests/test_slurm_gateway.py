@@ -25,6 +25,7 @@ from gateway.slurm_parse import JobState, parse_squeue
 from gateway.state import StateStore
 from gateway.tokens import Account, generate_password
 from tests.gateway_run import GatewayRun, processes_mentioning
+from tests.gateway_run import handshake_until_ok as shared_handshake_until_ok
 from tests.system import free_port, require_program, system_required
 
 pytestmark = pytest.mark.system
@@ -97,15 +98,7 @@ def gateway_down(run: GatewayRun, *with_config: str) -> subprocess.CompletedProc
 
 
 async def handshake_until_ok(run: GatewayRun, account: Account, timeout_s: float = 20) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            await rfb.connect_websocket(run.ws_url(account), account.password, timeout_s=5)
-            return
-        except Exception as exc:  # a restarting proxy or desktop answers with various errors
-            if isinstance(exc, rfb.RfbAuthFailed) or time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.2)
+    await shared_handshake_until_ok(run.ws_url(account), account.password, timeout_s)
 
 
 def wait_no_jobs(prefix: str, timeout_s: float = 60) -> dict:

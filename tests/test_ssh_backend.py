@@ -26,8 +26,12 @@ from gateway import rfb
 from gateway.backends.base import BackendError, Status
 from gateway.backends.ssh import SshBackend, parse_launch, parse_probe, remote_command
 from gateway.config import parse_config
-from gateway.state import StateStore
-from tests.gateway_run import GatewayRun, make_accounts
+from tests.gateway_run import (
+    GatewayRun,
+    handshake_until_ok,
+    make_accounts,
+    recorded_desktops,
+)
 from tests.ssh_host import HOST, SshHost, ssh_accounts, ssh_host  # noqa: F401 - ssh_host is a fixture
 from tests.system import require_program
 
@@ -92,25 +96,6 @@ def desktop_states(run: GatewayRun) -> dict[str, dict]:
     return {item["account"]: item for item in items}
 
 
-def recorded_desktops(run: GatewayRun) -> dict:
-    store = StateStore(run.state_dir / "gateway.db")
-    try:
-        return store.desktops()
-    finally:
-        store.close()
-
-
-async def handshake_until_ok(url: str, password: str, timeout_s: float = 30) -> rfb.RfbSession:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            return await rfb.connect_websocket(url, password, timeout_s=5)
-        except Exception as exc:  # noqa: BLE001 - aiohttp errors while a proxy or desktop restarts
-            if isinstance(exc, rfb.RfbAuthFailed) or time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.3)
-
-
 def passwords_in_command_lines(passwords: list[str]) -> list[int]:
     """Pids of any process on this machine whose command line holds one of the passwords."""
     needles = [p.encode() for p in passwords]
@@ -164,17 +149,17 @@ async def test_ssh_desktops_come_up_through_apache_restart_and_are_gone_after_ga
     assert len(ssh_host.leftovers()) >= 2 * 2  # an Xvnc and a session per remote account
 
     # A remote Xvnc killed behind the gateway's back is found gone and started again.
-    desktops = recorded_desktops(run)
+    desktops = recorded_desktops(run.state_dir)
     victim, bystander = remote
     victim_pid = desktops[victim.id].state["xvnc"]["pid"]
     bystander_pid = desktops[bystander.id].state["xvnc"]["pid"]
     os.kill(victim_pid, signal.SIGKILL)
     killed_at = time.monotonic()
-    wait_until(lambda: recorded_desktops(run).get(victim.id) is not None
-               and recorded_desktops(run)[victim.id].state["xvnc"]["pid"] != victim_pid, 30, "a new Xvnc")
+    wait_until(lambda: recorded_desktops(run.state_dir).get(victim.id) is not None
+               and recorded_desktops(run.state_dir)[victim.id].state["xvnc"]["pid"] != victim_pid, 30, "a new Xvnc")
     await handshake_until_ok(run.ws_url(victim), victim.password)
     restart_s = time.monotonic() - killed_at
-    assert recorded_desktops(run)[bystander.id].state["xvnc"]["pid"] == bystander_pid
+    assert recorded_desktops(run.state_dir)[bystander.id].state["xvnc"]["pid"] == bystander_pid
     await rfb.connect_websocket(run.ws_url(bystander), bystander.password, timeout_s=5)
 
     # `gateway down` stops every desktop on the host; nothing of them is left.
@@ -184,7 +169,7 @@ async def test_ssh_desktops_come_up_through_apache_restart_and_are_gone_after_ga
     assert run.process is not None and run.process.wait(timeout=10) == 0
     assert ssh_host.leftovers() == []
     assert list(secrets.iterdir()) == []
-    assert recorded_desktops(run) == {}
+    assert recorded_desktops(run.state_dir) == {}
     print(f"\nssh: {len(remote)} remote + {len(local)} local ready in {seconds:.1f} s; "
           f"killed Xvnc back in {restart_s:.1f} s")
 
