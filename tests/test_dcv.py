@@ -37,7 +37,7 @@ from gateway.errors import InputError
 from gateway.tokens import Account, generate_password
 from tests.gateway_run import GatewayRun, port_is_listening, processes_mentioning
 from tests.system import free_port, require_program, system_required
-from tests.test_slurm_gateway import gateway_down, our_jobs, reservations, wait_no_jobs
+from tests.test_slurm_gateway import clean_up_slurm_event, gateway_down, our_jobs, wait_no_jobs
 
 STANDIN = Path(__file__).with_name("standin") / "dcv-standin"
 
@@ -215,21 +215,7 @@ def dcv_event(tmp_path: Path) -> Iterator:
     try:
         yield make
     finally:
-        for event in events:
-            run = event.run
-            if run.process is not None and run.process.poll() is None:
-                run.process.terminate()
-                try:
-                    run.process.wait(timeout=90)
-                except subprocess.TimeoutExpired:
-                    run.process.kill()
-                    run.process.wait()
-        leftover = [str(i.job_id) for infos in our_jobs(prefix).values() for i in infos]
-        if leftover:
-            subprocess.run(["scancel", *leftover], capture_output=True, timeout=30)
-            wait_no_jobs(prefix)
-        for name in reservations(prefix):
-            subprocess.run(["scontrol", "delete", "reservation", name], capture_output=True, timeout=30)
+        clean_up_slurm_event([event.run for event in events], prefix, stop_timeout_s=90)
         for event in events:
             for session in event.sessions.glob("*.json"):
                 event.standin("close-session", session.stem)

@@ -129,22 +129,28 @@ def slurm_event(tmp_path: Path) -> Iterator:
     try:
         yield make
     finally:
-        for run in runs:
-            if run.process is not None and run.process.poll() is None:
-                run.process.terminate()
-                try:
-                    run.process.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    run.process.kill()
-                    run.process.wait()
-        leftover = [str(i.job_id) for infos in our_jobs(prefix).values() for i in infos]
-        if leftover:
-            subprocess.run(["scancel", *leftover], capture_output=True, timeout=30)
-            wait_no_jobs(prefix)
-        for name in reservations(prefix):
-            subprocess.run(["scontrol", "delete", "reservation", name], capture_output=True, timeout=30)
+        clean_up_slurm_event(runs, prefix, stop_timeout_s=60)
         for run in runs:
             run.kill_everything()
+
+
+def clean_up_slurm_event(runs: list[GatewayRun], prefix: str, *, stop_timeout_s: float) -> None:
+    """Stop the gateways (SIGTERM, then SIGKILL), then cancel any job and delete any reservation of
+    ``prefix`` they left behind."""
+    for run in runs:
+        if run.process is not None and run.process.poll() is None:
+            run.process.terminate()
+            try:
+                run.process.wait(timeout=stop_timeout_s)
+            except subprocess.TimeoutExpired:
+                run.process.kill()
+                run.process.wait()
+    leftover = [str(i.job_id) for infos in our_jobs(prefix).values() for i in infos]
+    if leftover:
+        subprocess.run(["scancel", *leftover], capture_output=True, timeout=30)
+        wait_no_jobs(prefix)
+    for name in reservations(prefix):
+        subprocess.run(["scontrol", "delete", "reservation", name], capture_output=True, timeout=30)
 
 
 async def test_auto_desktops_in_the_reservation_survive_scancel_and_a_gateway_crash(slurm_event) -> None:
