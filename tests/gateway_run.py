@@ -140,10 +140,15 @@ class GatewayRun:
         return status
 
     def kill_everything(self) -> None:
-        """Last-resort cleanup: whatever still mentions our state dir is killed."""
+        """Last-resort cleanup (a test failed half-way): kill the gateway, then stop what it recorded as
+        `gateway down` does after a crash (websockify's command line doesn't name the state dir), then
+        kill whatever still mentions the state dir."""
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+        if (self.state_dir / "gateway.db").exists():
+            subprocess.run([sys.executable, "-m", "gateway", "down", "--state-dir", str(self.state_dir),
+                            "--config", str(self.config)], capture_output=True, timeout=120)
         for pid in processes_mentioning(str(self.state_dir)):
             try:
                 os.kill(pid, signal.SIGKILL)
