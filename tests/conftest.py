@@ -26,3 +26,14 @@ def gateway_factory(tmp_path: Path) -> Iterator:
     yield make
     for run in runs:
         run.kill_everything()
+
+
+@pytest.fixture
+def runs() -> Iterator[list[GatewayRun]]:
+    """A list for the test to put its GatewayRun objects in; every one is cleaned up afterwards."""
+    made: list[GatewayRun] = []
+    for program in ("Xvnc", "vncpasswd", "apache2", "openbox", "xterm"):
+        require_program(program)
+    yield made
+    for run in made:
+        run.kill_everything()

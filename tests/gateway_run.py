@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -131,6 +132,13 @@ class GatewayRun:
         self.announcements_before = self.text().count("Landing page:")
         self.start()
         return self.wait_ready(timeout_s)
+
+    def status(self) -> dict[str, dict]:
+        """`gateway status --json` of this run, by account."""
+        result = subprocess.run([sys.executable, "-m", "gateway", "status", "--json", "--state-dir", str(self.state_dir)],
+                                capture_output=True, text=True, timeout=30)
+        assert result.returncode == 0, result.stderr
+        return {row["account"]: row for row in json.loads(result.stdout)["desktops"]}
 
     def terminate(self, timeout_s: float = 10) -> int:
         """SIGTERM and wait; returns the exit status."""

@@ -62,11 +62,21 @@ def assert_secrets_kept(state_dir: Path, passwords: Sequence[str], *, output: Pa
         assert not any(n in data for n in needles), f"a password is in {output}"
 
     # No command line of any process on this machine (which is also the SSH "host" and Slurm node).
+    leaking = passwords_in_command_lines([n.decode() for n in needles])
+    assert leaking == [], f"a password is on the command line of pids {leaking}"
+    return secret_files
+
+
+def passwords_in_command_lines(passwords: list[str]) -> list[int]:
+    """Pids of any process on this machine whose command line holds one of the passwords."""
+    needles = [p.encode() for p in passwords]
+    found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 cmdline = (entry / "cmdline").read_bytes()
             except OSError:
                 continue
-            assert not any(n in cmdline for n in needles), f"a password is on the command line of pid {entry.name}"
-    return secret_files
+            if any(n in cmdline for n in needles):
+                found.append(int(entry.name))
+    return found

@@ -25,13 +25,6 @@ from tests.system import require_program
 pytestmark = pytest.mark.system
 
 
-def status(run: GatewayRun) -> dict[str, dict]:
-    result = subprocess.run([sys.executable, "-m", "gateway", "status", "--json", "--state-dir", str(run.state_dir)],
-                            capture_output=True, text=True, timeout=30)
-    assert result.returncode == 0, result.stderr
-    return {row["account"]: row for row in json.loads(result.stdout)["desktops"]}
-
-
 def wait_for(predicate, timeout_s: float = 20, interval_s: float = 0.2):
     deadline = time.monotonic() + timeout_s
     while True:
@@ -63,7 +56,7 @@ def admin_password(run: GatewayRun) -> str:
 def test_status_reflects_a_killed_desktop(gateway_factory) -> None:
     run: GatewayRun = gateway_factory(count=2)
     run.up()
-    rows = status(run)
+    rows = run.status()
     assert set(rows) == {a.id for a in run.accounts}
     first = run.accounts[0]
     assert rows[first.id]["state"] == "ready"
@@ -76,11 +69,11 @@ def test_status_reflects_a_killed_desktop(gateway_factory) -> None:
     killed_at = time.monotonic()
     # The restart may be quicker than one `gateway status` call, so look for its trace: either the
     # desktop is seen down, or it is seen back with one restart counted.
-    noticed = wait_for(lambda: (row := status(run)[first.id])["state"] != "ready" or row["restarts"] == 1,
+    noticed = wait_for(lambda: (row := run.status()[first.id])["state"] != "ready" or row["restarts"] == 1,
                        timeout_s=15, interval_s=0.1)
     assert noticed, "gateway status did not notice the killed desktop"
     assert time.monotonic() - killed_at < 15
-    assert wait_for(lambda: status(run)[first.id]["state"] == "ready" and status(run)[first.id]["restarts"] == 1)
+    assert wait_for(lambda: run.status()[first.id]["state"] == "ready" and run.status()[first.id]["restarts"] == 1)
     assert run.terminate() == 0
 
 
@@ -93,9 +86,9 @@ async def test_viewers_are_counted(gateway_factory) -> None:
     async with aiohttp.ClientSession() as session:
         ws = await session.ws_connect(run.ws_url(account), protocols=("binary",))
         await ws.receive(timeout=5)  # the RFB banner: the tunnel to the desktop is open
-        assert await asyncio.to_thread(wait_for, lambda: status(run)[account.id]["viewers"] == 1)
+        assert await asyncio.to_thread(wait_for, lambda: run.status()[account.id]["viewers"] == 1)
         await ws.close()
-    assert await asyncio.to_thread(wait_for, lambda: status(run)[account.id]["viewers"] == 0)
+    assert await asyncio.to_thread(wait_for, lambda: run.status()[account.id]["viewers"] == 0)
     assert run.terminate() == 0
 
 
@@ -141,7 +134,7 @@ def test_metrics_and_admin_page(gateway_factory) -> None:
             store.close()
 
     assert wait_for(restarted)
-    assert wait_for(lambda: status(run)[participant.id]["state"] == "ready")
+    assert wait_for(lambda: run.status()[participant.id]["state"] == "ready")
     code, body = get(run.url + "admin/api/audit", "admin", password)
     events = json.loads(body)["events"]
     assert any(e["kind"] == "admin:restart" and e["account"] == participant.id and "admin@" in e["detail"]
@@ -151,10 +144,10 @@ def test_metrics_and_admin_page(gateway_factory) -> None:
     result = subprocess.run([sys.executable, "-m", "gateway", "desktop", "stop", participant.id,
                              "--state-dir", str(run.state_dir)], capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
-    assert wait_for(lambda: status(run)[participant.id]["state"] == "stopped")
+    assert wait_for(lambda: run.status()[participant.id]["state"] == "stopped")
     subprocess.run([sys.executable, "-m", "gateway", "desktop", "start", participant.id,
                     "--state-dir", str(run.state_dir)], check=True, capture_output=True, timeout=30)
-    assert wait_for(lambda: status(run)[participant.id]["state"] == "ready")
+    assert wait_for(lambda: run.status()[participant.id]["state"] == "ready")
     assert run.terminate() == 0
 
 

@@ -37,7 +37,12 @@ from gateway.errors import InputError
 from gateway.tokens import Account, generate_password
 from tests.gateway_run import GatewayRun, port_is_listening, processes_mentioning
 from tests.system import free_port, require_program, system_required
-from tests.test_slurm_gateway import clean_up_slurm_event, gateway_down, our_jobs, wait_no_jobs
+from tests.test_slurm_gateway import (
+    clean_up_slurm_event,
+    gateway_down,
+    our_jobs,
+    wait_no_jobs,
+)
 
 STANDIN = Path(__file__).with_name("standin") / "dcv-standin"
 

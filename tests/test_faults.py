@@ -12,14 +12,12 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -57,23 +55,6 @@ def kill_gateway(run: GatewayRun) -> None:
     assert run.process is not None
     run.process.kill()
     run.process.wait()
-
-
-def gateway_status(run: GatewayRun) -> dict[str, dict]:
-    result = subprocess.run([sys.executable, "-m", "gateway", "status", "--json", "--state-dir", str(run.state_dir)],
-                            capture_output=True, text=True, timeout=30)
-    assert result.returncode == 0, result.stderr
-    return {row["account"]: row for row in json.loads(result.stdout)["desktops"]}
-
-
-@pytest.fixture
-def runs() -> Iterator[list[GatewayRun]]:
-    made: list[GatewayRun] = []
-    for program in ("Xvnc", "vncpasswd", "apache2", "openbox", "xterm"):
-        require_program(program)
-    yield made
-    for run in made:
-        run.kill_everything()
 
 
 # -- SSH-host desktops outlive the gateway ------------------------------------------------------
@@ -263,7 +244,7 @@ async def test_slurm_controller_away_for_a_minute_changes_nothing_for_participan
             assert recorded_jobs(run) == job_ids  # nothing forgotten, nothing resubmitted
             if time.monotonic() - stopped_at > 45 and not long_unknown:
                 # Organisers are told that these desktops can't be checked (after 30 s of UNKNOWN).
-                rows = gateway_status(run)
+                rows = run.status()
                 for account in accounts:
                     assert rows[account.id]["state"] == "ready", rows[account.id]
                     long_unknown[account.id] = rows[account.id]["reason"] or ""
@@ -284,8 +265,8 @@ async def test_slurm_controller_away_for_a_minute_changes_nothing_for_participan
 
     # The gateway catches up: the reason clears, and each account still has its one job.
     deadline = time.monotonic() + 30
-    while any(row["reason"] for row in gateway_status(run).values()):
-        assert time.monotonic() < deadline, gateway_status(run)
+    while any(row["reason"] for row in run.status().values()):
+        assert time.monotonic() < deadline, run.status()
         await asyncio.sleep(0.5)
     assert recorded_jobs(run) == job_ids
     assert {name: [i.job_id for i in infos] for name, infos in our_jobs(prefix).items()} == {

@@ -28,7 +28,7 @@ from gateway.tokens import Account
 from tests.gateway_run import GatewayRun
 from tests.system import require_program
 from tests.test_browser import browser  # noqa: F401 - the fixture
-from tests.test_cockpit import _mouse_location, admin_password, get, status, wait_for
+from tests.test_cockpit import _mouse_location, admin_password, get, wait_for
 
 
 def _account(name: str = "ws01") -> Account:
@@ -346,7 +346,7 @@ def test_wall_thumbnails_are_grabbed_only_while_the_wall_is_open(gateway_factory
     stopped = _accepted_connections(run, first.id)
     time.sleep(2)
     assert _accepted_connections(run, first.id) == stopped
-    assert status(run)[first.id]["state"] == "ready"
+    assert run.status()[first.id]["state"] == "ready"
     assert run.terminate() == 0
 
 
@@ -378,8 +378,8 @@ async def test_idle_desktop_is_warned_then_stopped_unless_watched(gateway_factor
         assert await asyncio.to_thread(wait_for, warned, 15)
         # The warning is shown inside the desktop, and the desktop still runs for now.
         assert await asyncio.to_thread(wait_for, lambda: _xmessage_windows(idle_display) > 0, 3)
-        assert status(run)[idle.id]["state"] == "ready"
-        assert await asyncio.to_thread(wait_for, lambda: status(run)[idle.id]["state"] == "stopped", 15)
+        assert run.status()[idle.id]["state"] == "ready"
+        assert await asyncio.to_thread(wait_for, lambda: run.status()[idle.id]["state"] == "stopped", 15)
         events = [e for e in _events(run, password) if e["account"] == idle.id]
         kinds = [e["kind"] for e in events]
         assert kinds.index("idle:warn") < kinds.index("idle:stop")
@@ -388,7 +388,7 @@ async def test_idle_desktop_is_warned_then_stopped_unless_watched(gateway_factor
         assert stop_at - warn_at >= 3.0  # warn_minutes_before
         # The watched desktop is left alone as long as its viewer stays.
         await asyncio.sleep(4)
-        assert status(run)[watched.id]["state"] == "ready"
+        assert run.status()[watched.id]["state"] == "ready"
         assert not any(e["account"] == watched.id and e["kind"].startswith("idle:") for e in _events(run, password))
         await ws.close()
     assert run.terminate() == 0

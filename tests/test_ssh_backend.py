@@ -17,7 +17,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -32,6 +31,7 @@ from tests.gateway_run import (
     make_accounts,
     recorded_desktops,
 )
+from tests.secrets_check import passwords_in_command_lines
 from tests.ssh_host import HOST, SshHost, ssh_accounts, ssh_host  # noqa: F401 - ssh_host is a fixture
 from tests.system import require_program
 
@@ -72,16 +72,6 @@ def test_remote_commands_are_quoted_argv() -> None:
 # -- a real sshd -------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def runs() -> Iterator[list[GatewayRun]]:
-    made: list[GatewayRun] = []
-    for program in ("Xvnc", "vncpasswd", "apache2", "openbox", "xterm"):
-        require_program(program)
-    yield made
-    for run in made:
-        run.kill_everything()
-
-
 RESTART_FAST = "restart:\n  max_attempts: 2\n  backoff_initial_s: 0.2\n  backoff_max_s: 0.5\n"
 
 
@@ -94,21 +84,6 @@ def desktop_states(run: GatewayRun) -> dict[str, dict]:
     data = fetch_json(run.url + "api/desktops")
     items = data["desktops"] if isinstance(data, dict) else data
     return {item["account"]: item for item in items}
-
-
-def passwords_in_command_lines(passwords: list[str]) -> list[int]:
-    """Pids of any process on this machine whose command line holds one of the passwords."""
-    needles = [p.encode() for p in passwords]
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if any(n in cmdline for n in needles):
-                found.append(int(entry.name))
-    return found
 
 
 def wait_until(predicate, timeout_s: float, what: str) -> None:
