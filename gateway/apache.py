@@ -13,6 +13,7 @@ from pathlib import Path
 from .config import PROJECT_ROOT, Config, parse_listen
 from .errors import UserError
 from .files import atomic_write
+from .frontdoor import FRONT_HEADER, FRONT_TOKEN, ReadTimeouts
 from .proc import ProcessIdentity, run, spawn, terminate_group
 from .proxy import Route, wait_for_port
 from .render import render
@@ -36,14 +37,16 @@ class MpmSizing:
     threads_per_child: int
     server_limit: int
     max_request_workers: int
+    viewers_per_account: int
 
     @classmethod
-    def for_accounts(cls, accounts: int) -> "MpmSizing":
-        # Two tunnels per account (a participant reconnecting, or a second tab, overlaps the old
-        # tunnel until Apache notices) plus headroom for pages and static files.
-        tunnels = 2 * accounts + TUNNEL_HEADROOM
+    def for_accounts(cls, accounts: int, viewers_per_account: int) -> "MpmSizing":
+        # Every tunnel holds a worker: as many as each account may open (proxy.max_viewers_per_account;
+        # Apache or the relay refuses the next), plus headroom for pages and static files. Fewer
+        # would let one laptop holding its share of tunnels on every account starve the landing page.
+        tunnels = viewers_per_account * accounts + TUNNEL_HEADROOM
         server_limit = math.ceil(max(tunnels, DEBIAN_DEFAULT_WORKERS) / THREADS_PER_CHILD)
-        return cls(tunnels, THREADS_PER_CHILD, server_limit, server_limit * THREADS_PER_CHILD)
+        return cls(tunnels, THREADS_PER_CHILD, server_limit, server_limit * THREADS_PER_CHILD, viewers_per_account)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,13 +82,36 @@ class ApacheLayout:
         return self.root / "logs" / "access.log"
 
 
-_MODULES = ("mpm_event", "authz_core", "mime", "alias", "headers", "proxy", "proxy_http", "proxy_wstunnel")
+_MODULES = ("mpm_event", "authz_core", "mime", "alias", "headers", "proxy", "proxy_http", "proxy_wstunnel",
+            "reqtimeout")
 _TLS_MODULES = ("socache_shmcb", "ssl")
+#: mod_qos caps the tunnels per account in the websockify modes (Debian: libapache2-mod-qos).
+_QOS_MODULES = ("unique_id", "qos")
+#: Debian 12's mod_qos was built against PCRE 1, which this Apache (PCRE 2) no longer loads itself.
+_PCRE1_CANDIDATES = ("/usr/lib/x86_64-linux-gnu/libpcre.so.3", "/usr/lib/aarch64-linux-gnu/libpcre.so.3",
+                     "/usr/lib/libpcre.so.3", "/lib/x86_64-linux-gnu/libpcre.so.3")
+
+
+def qos_module_path(config: Config) -> str:
+    return os.path.join(config.apache.modules_dir, "mod_qos.so")
+
+
+def needs_qos(config: Config) -> bool:
+    """The websockify modes need Apache to cap each account's tunnels (builtin mode: the relay does)."""
+    return config.proxy.mode != "builtin"
 
 
 def _modules(config: Config) -> list[Module]:
     names = _MODULES + (_TLS_MODULES if config.tls.enabled else ())
+    if needs_qos(config) and os.path.exists(qos_module_path(config)):
+        names += _QOS_MODULES
     return [Module(f"{n}_module", os.path.join(config.apache.modules_dir, f"mod_{n}.so")) for n in names]
+
+
+def _load_files(modules: Sequence[Module]) -> list[str]:
+    if not any(m.name == "qos_module" for m in modules):
+        return []
+    return [p for p in _PCRE1_CANDIDATES if os.path.exists(p)][:1]
 
 
 def novnc_dir(config: Config) -> Path:
@@ -119,6 +145,7 @@ def render_apache_config(
         "static_dir": f"{STATIC_DIR}/",
         "novnc_dir": f"{novnc_dir(config)}/",
         "private": layout is not None,
+        "viewer_limit": config.proxy.max_viewers_per_account if needs_qos(config) else None,
     }
     if layout is not None:
         host, port = parse_listen(listen)
@@ -133,9 +160,13 @@ def render_apache_config(
             server_name=host if ":" not in host else "localhost",
             run_user=config.apache.user if running_as_root else "",
             run_group=config.apache.group if running_as_root else "",
-            modules=_modules(config),
+            modules=(modules := _modules(config)),
+            load_files=_load_files(modules),
+            reqtimeout=ReadTimeouts(),
+            front_header=FRONT_HEADER,
+            front_token=FRONT_TOKEN,
             mime_types=config.apache.mime_types,
-            mpm=MpmSizing.for_accounts(len(routes)),
+            mpm=MpmSizing.for_accounts(len(routes), config.proxy.max_viewers_per_account),
             tls=config.tls if config.tls.enabled else None,
         )
     return render("apache.conf.j2", **context)

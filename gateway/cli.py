@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
-from .config import PROJECT_ROOT, Config, default_state_dir, load_config, parse_listen
+from .config import PROJECT_ROOT, Config, default_state_dir, load_config, parse_listen, public_listen_problem
 from .errors import InputError, UserError
 from .files import atomic_write, ensure_private_dir
 from .tokens import TokenFile, format_tokens, generate_tokens, load_tokens
@@ -59,7 +59,18 @@ def build_parser() -> argparse.ArgumentParser:
     down = commands.add_parser("down", help="stop the gateway running with this state dir, and all it started")
     down.add_argument("--state-dir", type=Path, help="state directory (default: %s)" % default_state_dir())
     down.add_argument("--config", type=Path, help="gateway.yaml (for the backend settings)")
+    _remove_users_options(down, "then also delete the Unix users made for the event's desktops")
     down.set_defaults(handler=cmd_down)
+
+    users = commands.add_parser("users", help="the Unix users made for the event's desktops")
+    users_commands = users.add_subparsers(dest="users_command", required=True, metavar="ACTION")
+    users_list = users_commands.add_parser("list", help="the users this event made, one per account")
+    users_list.add_argument("--state-dir", type=Path, help="state directory (default: %s)" % default_state_dir())
+    users_list.set_defaults(handler=cmd_users_list)
+    users_remove = users_commands.add_parser("remove", help="delete the users this event made, and nothing else")
+    users_remove.add_argument("--state-dir", type=Path, help="state directory (default: %s)" % default_state_dir())
+    _remove_users_options(users_remove, None)
+    users_remove.set_defaults(handler=cmd_users_remove)
 
     tokens = commands.add_parser("tokens", help="check or generate token files")
     token_commands = tokens.add_subparsers(dest="tokens_command", required=True, metavar="ACTION")
@@ -118,6 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _remove_users_options(parser: argparse.ArgumentParser, remove_help: str | None) -> None:
+    if remove_help is not None:
+        parser.add_argument("--remove-users", action="store_true", help=remove_help)
+    parser.add_argument("--delete-homes", action="store_true",
+                        help="with the users, delete their homes (default: keep them, owned by root, for archives)")
+
+
 def _common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="gateway.yaml (every key optional; see README)")
     parser.add_argument("--state-dir", type=Path, help="state, logs and password files (default: %s)" % default_state_dir())
@@ -130,12 +148,11 @@ def cmd_up(args: argparse.Namespace) -> int:
     setup_logging(args.verbose)
     tokens, config = load_inputs(args.tokens, args.config)
     listen = args.listen or config.listen
-    try:
-        parse_listen(listen)
-    except ValueError as exc:
-        raise UserError(f"--listen {exc}") from None
+    check_listen(listen, config)
+    check_signup(listen, config)
     state_dir = resolve_state_dir(args.state_dir, config)
     preflight(config, tokens)
+    check_users(tokens, config, state_dir, listen)
     for warning in tokens.warnings:
         log.warning("%s", warning)
     ensure_private_dir(state_dir)
@@ -149,6 +166,25 @@ def cmd_up(args: argparse.Namespace) -> int:
         # Everything started so far was stopped on the way out; say what to fix, not a traceback.
         raise UserError(f"no space left on the device of the state dir {state_dir}; free some space "
                         "and start again (the state written before is intact)") from None
+
+
+def check_listen(listen: str, config: Config) -> None:
+    """A well-formed listen address, and TLS wherever other machines can connect; before anything starts."""
+    try:
+        problem = public_listen_problem(config, listen)
+    except ValueError as exc:
+        raise UserError(f"--listen {exc}") from None
+    if problem:
+        raise UserError(problem)
+
+
+def check_signup(listen: str, config: Config) -> None:
+    """A public sign-up form needs the event code; before anything starts."""
+    from .config import public_signup_problem
+
+    problem = public_signup_problem(config, listen)
+    if problem:
+        raise UserError(problem)
 
 
 def is_disk_full(exc: BaseException) -> bool:
@@ -232,6 +268,12 @@ def preflight(config: Config, tokens: TokenFile | None = None) -> None:
         value = getattr(config.tls, key)
         if value and not os.access(value, os.R_OK):
             missing.append(f"tls.{key}: cannot read {value}")
+    missing += _qos_problem(config)
+    if tokens is not None and needed & {"slurm", "dcv"}:  # jobs run as the accounts' users: they must exist
+        from .backends.slurm import run_as_problems
+
+        slurm_accounts = [a for a in tokens.accounts if backend_name_for(a, config) in ("slurm", "dcv")]
+        missing += run_as_problems(config, slurm_accounts, tokens.path)
     if "ssh" in needed:  # the key that logs in to the VNC hosts, and their host keys
         for key in ("private_key", "known_hosts"):
             path = os.path.expanduser(getattr(config.ssh, key))
@@ -243,6 +285,29 @@ def preflight(config: Config, tokens: TokenFile | None = None) -> None:
         if any(m.endswith(("sbatch", "squeue", "scancel", "scontrol", "sinfo")) for m in missing):
             hint += "\nthe Slurm client commands come with: apt-get install slurm-client (and a munge key)"
         raise UserError("\n".join(missing + ([hint] if hint else [])))
+
+
+def check_users(tokens: TokenFile, config: Config, state_dir: Path, listen: str) -> None:
+    """Every local account can get a Unix user of its own (or the trial mode is allowed here)."""
+    from .backends import backend_name_for
+    from .desktop_users import check_desktop_users
+
+    local = [a for a in tokens.accounts if backend_name_for(a, config) == "local"]
+    problems = check_desktop_users(local, config, state_dir, tokens_path=tokens.path,
+                                   listen_host=parse_listen(listen)[0])
+    if problems:
+        raise InputError(problems)
+
+
+def _qos_problem(config: Config) -> list[str]:
+    """The private Apache caps tunnels per account with mod_qos in the websockify modes."""
+    from .apache import needs_qos, qos_module_path
+
+    path = qos_module_path(config)
+    if config.apache.mode != "private" or not needs_qos(config) or os.path.exists(path):
+        return []
+    return [f"Apache module missing: {path} (it caps the tunnels per account): apt-get install "
+            "libapache2-mod-qos, or use proxy.mode builtin"]
 
 
 def _program_exists(program: str) -> bool:
@@ -322,9 +387,38 @@ def cmd_down(args: argparse.Namespace) -> int:
                 raise UserError(f"the gateway (pid {pid}) did not stop within 60 s")
             time.sleep(0.2)
         print("Stopped.", file=sys.stderr)
-        return 0
-    # No gateway runs (it crashed): stop what it recorded.
-    return asyncio.run(_clean_up_after_crash(state_dir, config))
+    else:
+        # No gateway runs (it crashed): stop what it recorded.
+        asyncio.run(_clean_up_after_crash(state_dir, config))
+    if args.remove_users:
+        _remove_users(state_dir, args.delete_homes)
+    return 0
+
+
+def cmd_users_list(args: argparse.Namespace) -> int:
+    from .desktop_users import recorded_users
+
+    state_dir = resolve_state_dir(args.state_dir, load_config(None))
+    for account, user in sorted(recorded_users(state_dir).items()):
+        print(f"{account}\t{user.name}\tuid {user.uid}\t{user.home}")
+    return 0
+
+
+def cmd_users_remove(args: argparse.Namespace) -> int:
+    state_dir = resolve_state_dir(args.state_dir, load_config(None))
+    if _lock_is_held(state_dir / "gateway.pid"):
+        raise UserError(f"a gateway runs with {state_dir}; stop it first (gateway down --remove-users)")
+    _remove_users(state_dir, args.delete_homes)
+    return 0
+
+
+def _remove_users(state_dir: Path, delete_homes: bool) -> None:
+    from .desktop_users import remove_users
+
+    lines = asyncio.run(remove_users(state_dir, delete_homes=delete_homes))
+    for line in lines:
+        print(line, file=sys.stderr)
+    print(f"Removed the event's users: {len(lines)}.", file=sys.stderr)
 
 
 async def _clean_up_after_crash(state_dir: Path, config: Config) -> int:
@@ -441,11 +535,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     from .cockpit import fetch_status
 
-    rows = asyncio.run(fetch_status(_control_socket(args)))
+    status = asyncio.run(fetch_status(_control_socket(args)))
     if args.json:
-        print(json.dumps({"desktops": rows}, indent=2))
+        print(json.dumps(status, indent=2))
         return 0
-    print(format_status_table(rows))
+    print(format_status_table(status["desktops"]))
+    print(f"\nLocal desktops: {status.get('isolation') or 'none'}")
     return 0
 
 
@@ -479,9 +574,12 @@ def cmd_systemd_install(args: argparse.Namespace) -> int:
     from .systemd import ServiceSpec, install_service
 
     tokens, config = load_inputs(args.tokens, args.config)  # refuse to install a service that can't start
-    del tokens, config
+    check_listen(args.listen, config)
+    # The service runs as root: without desktop.users set, it creates the event's users.
+    creates_users = config.desktop.users in (None, "create")
+    del tokens
     spec = ServiceSpec(tokens=args.tokens.resolve(), config=args.config.resolve() if args.config else None,
-                       listen=args.listen)
+                       listen=args.listen, creates_users=creates_users)
     unit = install_service(spec, args.unit_dir)
     print(f"Wrote {unit}. Start it with: systemctl daemon-reload && systemctl enable --now {unit.name}")
     print(f"State, logs and workspaces: {spec.state_dir}; stop with: systemctl stop {unit.name}")
@@ -592,6 +690,7 @@ def cmd_accounts_export(args: argparse.Namespace) -> int:
 def cmd_archive(args: argparse.Namespace) -> int:
     from .archive import PackResult, pack_accounts
     from .backends import backend_name_for
+    from .desktop_users import account_workspace
     from .state import StateStore
 
     setup_logging(args.verbose)
@@ -608,7 +707,7 @@ def cmd_archive(args: argparse.Namespace) -> int:
         if backend_name_for(by_id[name], config) == "ssh":
             results[name] = f"its workspace is on {by_id[name].vnc_host}; remote workspaces are not packed yet"
         else:
-            jobs.append((name, Path(config.desktop.workspace.format(account=name, state_dir=state_dir))))
+            jobs.append((name, account_workspace(name, config, state_dir)))
     ensure_private_dir(state_dir)
     store = StateStore(state_dir / "gateway.db")
     try:

@@ -30,11 +30,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from .files import atomic_write
+from .frontdoor import BoundedTable
 from .httpauth import basic_credentials, client_address
 from .netstat import established_by_remote
 from .state import StateStore
 from .status import DesktopSlot, Phase
 from .thumbnails import ThumbnailService
+from .webapp import CONFIG
 
 __all__ = [
     "ACTIONS",
@@ -53,6 +55,9 @@ log = logging.getLogger("gateway.cockpit")
 ACTIONS = ("restart", "stop", "start", "disconnect")
 
 ActFunction = Callable[[str, str], Awaitable[str]]
+
+#: Client addresses whose failed admin sign-ins are remembered at most.
+MAX_FAILURE_ADDRESSES = 10_000
 
 
 class GatewayMetrics:
@@ -158,7 +163,10 @@ class Cockpit:
     #: The wall of thumbnails and the state dir (view-only passwords); None in small test setups.
     thumbnails: ThumbnailService | None = None
     state_dir: Path | None = None
-    _failures: dict[str, list[float]] = field(default_factory=dict)
+    #: What confines each local desktop (its user, limits), for `gateway status`.
+    isolation: str = ""
+    #: Failed admin sign-ins per client address (the oldest addresses are dropped past the bound).
+    _failures: BoundedTable[str, list[float]] = field(default_factory=lambda: BoundedTable(MAX_FAILURE_ADDRESSES))
 
     def record(self, actor: str, action: str, account: str, result: str) -> None:
         self.store.record_event(f"admin:{action}", account, f"by {actor}: {result}")
@@ -187,7 +195,9 @@ MAX_FAILURES_PER_MINUTE = 10
 
 
 def _client_address(request: web.Request) -> str:
-    return client_address(request, behind_apache=True)
+    """X-Forwarded-For counts only behind the gateway's Apache (private or system), never without one."""
+    config = request.app.get(CONFIG)
+    return client_address(request, behind_apache=config is not None and config.apache.mode != "none")
 
 
 def _check_admin(request: web.Request) -> str:
@@ -195,8 +205,8 @@ def _check_admin(request: web.Request) -> str:
     cockpit = request.app[COCKPIT]
     address = _client_address(request)
     now = time.monotonic()
-    recent = [t for t in cockpit._failures.get(address, []) if now - t < 60]
-    cockpit._failures[address] = recent
+    recent = cockpit._failures.get(address, list)
+    recent[:] = [t for t in recent if now - t < 60]
     if len(recent) >= MAX_FAILURES_PER_MINUTE:
         raise web.HTTPTooManyRequests(text="Too many failed sign-ins; wait a minute.")
     user, password = basic_credentials(request) or ("", "")
@@ -229,7 +239,8 @@ def add_admin_routes(app: web.Application, cockpit: Cockpit,
         from .watch import add_watch_routes
 
         add_watch_routes(app, slots=cockpit.slots, store=cockpit.store, state_dir=cockpit.state_dir,
-                         check_admin=_check_admin, client_address=_client_address, render_page=render_page)
+                         check_admin=_check_admin, client_address=_client_address, render_page=render_page,
+                         act=cockpit.act)
     if cockpit.thumbnails is not None:
         from .thumbnails import add_wall_routes
 
@@ -304,7 +315,7 @@ def make_control_app(cockpit: Cockpit) -> web.Application:
     app[COCKPIT] = cockpit
 
     async def status(request: web.Request) -> web.Response:
-        return web.json_response({"desktops": status_rows(cockpit.slots)})
+        return web.json_response({"desktops": status_rows(cockpit.slots), "isolation": cockpit.isolation})
 
     async def action(request: web.Request) -> web.Response:
         account, name = request.match_info["account"], request.match_info["action"]
@@ -319,15 +330,15 @@ def make_control_app(cockpit: Cockpit) -> web.Application:
     return app
 
 
-async def fetch_status(socket_path: Path) -> list[dict[str, Any]]:
-    """Ask the running gateway for its status rows (used by `gateway status`)."""
+async def fetch_status(socket_path: Path) -> dict[str, Any]:
+    """Ask the running gateway for its status: ``desktops`` (one row each) and ``isolation``."""
     import aiohttp
 
     connector = aiohttp.UnixConnector(path=str(socket_path))
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=10)) as session:
         async with session.get("http://gateway/status") as response:
             response.raise_for_status()
-            return list((await response.json())["desktops"])
+            return dict(await response.json())
 
 
 async def request_action(socket_path: Path, account: str, action: str) -> str:

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import ipaddress
 import os
 import re
+import socket
 import types
 import typing
 from collections.abc import Mapping
@@ -30,6 +32,7 @@ __all__ = [
     "AdminConfig",
     "RestartConfig",
     "EventConfig",
+    "DesktopLimits",
     "SlurmConfig",
     "ContainerConfig",
     "SshConfig",
@@ -67,15 +70,38 @@ class EventConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class DesktopLimits:
+    #: Processes and threads of one desktop's user (RLIMIT_NPROC counts per user: it caps a fork bomb).
+    processes: int = 512
+    #: Address space of each process of a desktop (RLIMIT_AS), e.g. "4G"; null: no limit. Browsers
+    #: reserve far more address space than they use: set it only for desktops without one.
+    memory_per_process: str | None = None
+    #: Niceness of every desktop process: the gateway and its proxies stay responsive when a desktop
+    #: spins the CPU.
+    nice: int = 5
+
+
+@dataclass(frozen=True, slots=True)
 class DesktopConfig:
+    #: Which Unix user each local desktop runs as: create (users made for the event, named
+    #: user_prefix + account), existing (a user named like the account must exist), gateway (the
+    #: gateway's own user: a single-user trial only, refused as root or on a public address).
+    #: null: create when the gateway runs as root, else gateway.
+    users: Literal["create", "existing", "gateway"] | None = None
+    #: Created users are named PREFIX + the account in lower case (e.g. wg-ws01).
+    user_prefix: str = "wg-"
+    #: Resource limits of each desktop (see the README's Security model).
+    limits: DesktopLimits = field(default_factory=DesktopLimits)
     #: Screen size of each desktop.
     geometry: str = "1280x800"
     #: Colour depth (16 or 24).
     depth: int = 24
     #: The session started inside each desktop (argv; DISPLAY and HOME are set).
     session: tuple[str, ...] = (str(PROJECT_ROOT / "containers" / "desktop-session"),)
-    #: Each account's workspace (its HOME in the desktop); {account} and {state_dir} are replaced.
-    workspace: str = "{state_dir}/workspaces/{account}"
+    #: Each account's workspace (its HOME in the desktop); {account}, {user} and {state_dir} are
+    #: replaced. null: /home/{user} for created users, the user's own home for existing users,
+    #: {state_dir}/workspaces/{account} when desktops run as the gateway's user.
+    workspace: str | None = None
     #: Keyboard layout applied in the session with setxkbmap (e.g. "de"); empty: the server's default.
     keyboard_layout: str = ""
     #: How many desktops start at the same time.
@@ -100,6 +126,11 @@ class ProxyConfig:
     heartbeat_s: int = 30
     #: shared mode: the loopback port of the shared websockify (0: any free port at start).
     shared_port: int = 0
+    #: Tunnels open at once to one account (two tabs and an instructor watching); the next one is
+    #: refused at once (by Apache's mod_qos in the websockify modes, by the relay in builtin mode).
+    max_viewers_per_account: int = 4
+    #: builtin mode: a websocket that has not finished VNC authentication by then is closed.
+    auth_timeout_s: float = 20.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +148,9 @@ class TlsConfig:
     #: PEM certificate and key: the private Apache then serves HTTPS (wss:// for the desktops).
     cert: str | None = None
     key: str | None = None
+    #: A proxy in front (a load balancer, the site's web server) terminates TLS: a public listen
+    #: address is then accepted without cert/key, and public_url must be its https:// URL.
+    terminated_by_proxy: bool = False
 
     @property
     def enabled(self) -> bool:
@@ -184,10 +218,11 @@ class SlurmConfig:
     #: (0600). null: {state_dir}/slurm, which works only when the nodes share the gateway's disk
     #: (e.g. the single-node test cluster).
     shared_dir: str | None = None
-    #: gateway: every job runs as the gateway's user; account: each job runs as the OS user named
-    #: like the account (submitted through runuser as root, or `sudo -n -u` otherwise), so files land
-    #: in the user's home with the user's ownership.
-    run_as: Literal["gateway", "account"] = "gateway"
+    #: account: each job runs as the OS user named like the account (submitted through runuser as
+    #: root, or `sudo -n -u` otherwise; `gateway up` checks the users exist first), so a participant's
+    #: terminal submits jobs as that user and reads only that account's secret. gateway: every job
+    #: runs as the gateway's user, which can read every account's secret: never for strangers.
+    run_as: Literal["gateway", "account"] = "account"
     #: Address Xvnc listens on in the job; the gateway host must reach it (0.0.0.0: all).
     interface: str = "0.0.0.0"
 
@@ -208,7 +243,9 @@ class ContainerConfig:
 class SshConfig:
     """backend: ssh: desktops on named VNC hosts that the gateway reaches over SSH (asyncssh)."""
 
-    #: User the gateway logs in as on every VNC host (null: the user running the gateway).
+    #: User the gateway logs in as on every VNC host (null: the user running the gateway), or
+    #: "{account}": each account logs in as the user named like it (the organiser's key in each
+    #: user's authorized_keys), so each desktop and its password file belong to that user.
     user: str | None = None
     #: Private key of that user (OpenSSH or PEM format, without a passphrase).
     private_key: str = "~/.ssh/id_ed25519"
@@ -287,12 +324,16 @@ class RegistrationConfig:
     documents: tuple[str, ...] = ()
     #: A code announced at the event that the form asks for (null: no code).
     event_code: str | None = None
-    #: The same e-mail signing up again gets its account again. show: with its password;
-    #: hide: only told that it has one (organisers look it up with `gateway accounts list`).
-    repeat: Literal["show", "hide"] = "hide"
+    #: The same e-mail signing up again is only told that it has an account: a password is shown
+    #: once, in the answer to the sign-up that claimed it (organisers look accounts up with
+    #: `gateway accounts list`). "show" was removed: anyone who knew an e-mail could read its password.
+    repeat: Literal["hide"] = "hide"
     #: Sign-up requests accepted from one client address within signup_window_s.
     signup_attempts: int = 30
     signup_window_s: float = 600.0
+    #: Sign-up requests accepted from all addresses together within signup_global_window_s.
+    signup_global_attempts: int = 120
+    signup_global_window_s: float = 60.0
     #: Failed sign-ins accepted from one client address within signin_window_s.
     signin_failures: int = 10
     signin_window_s: float = 300.0
@@ -491,7 +532,18 @@ class _Reader:
         if not isinstance(node, yaml.ScalarNode):
             self.bad(node, f"{dotted} must be a single value")
             return _INVALID
-        return yaml.constructor.SafeConstructor().construct_object(node, deep=True)
+        try:
+            value = yaml.constructor.SafeConstructor().construct_object(node, deep=True)
+        except yaml.constructor.ConstructorError as exc:  # e.g. a !!python/object tag
+            self.bad(node, f"{dotted}: {exc.problem or 'not a plain value'}")
+            return _INVALID
+        control = _TEXT_CONTROL_RE if dotted in _MULTILINE_KEYS else _CONTROL_RE
+        if isinstance(value, str) and control.search(value):
+            # A newline in a value would start a new directive in the Apache config, the unit file
+            # or a job script; no setting needs one.
+            self.bad(node, f"{dotted} must be one line without control characters")
+            return _INVALID
+        return value
 
     def typed_scalar(self, hint: type, node: yaml.Node, dotted: str) -> Any:
         raw = self.scalar(node, dotted)
@@ -520,6 +572,10 @@ class _Reader:
 
 
 _INVALID = object()
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+#: Settings that are text for people, where line breaks (and tabs) are meant.
+_MULTILINE_KEYS = frozenset({"event.welcome"})
+_TEXT_CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 _TYPE_WORDS = {int: "a whole number", float: "a number", str: "a string", bool: "true or false"}
 
 
@@ -527,6 +583,8 @@ def _is_null(node: yaml.Node) -> bool:
     return isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null"
 
 
+_UNIX_NAME_RE = re.compile(r"[a-z_][a-z0-9_.-]{0,31}")
+_USER_PREFIX_RE = re.compile(r"[a-z][a-z0-9_.-]{0,15}")
 _GEOMETRY_RE = re.compile(r"([1-9][0-9]{2,4})x([1-9][0-9]{2,4})")
 _COLOR_RE = re.compile(r"#[0-9A-Fa-f]{3}(?:[0-9A-Fa-f]{3})?|[a-z]{3,20}")
 _LAYOUT_RE = re.compile(r"[a-z]{2,8}(?:\([A-Za-z0-9_-]+\))?(?:,[a-z]{2,8}(?:\([A-Za-z0-9_-]+\))?)*")
@@ -550,12 +608,25 @@ def _semantic_checks(config: Config, path: str, lines: Mapping[str, int]) -> lis
     check(d.start_timeout_s > 0, "desktop.start_timeout_s", "must be positive")
     check(d.poll_interval_s > 0, "desktop.poll_interval_s", "must be positive")
     check(1024 <= d.max_cut_text <= 16 * 1024 * 1024, "desktop.max_cut_text", "must be 1024 to 16777216")
-    check("{account}" in d.workspace, "desktop.workspace", "must contain {account}")
+    check(d.workspace is None or "{account}" in d.workspace or "{user}" in d.workspace, "desktop.workspace",
+          "must contain {account} or {user}")
+    check(d.workspace is None or d.workspace.startswith(("/", "{state_dir}")), "desktop.workspace",
+          "must be an absolute path")
+    check(bool(_USER_PREFIX_RE.fullmatch(d.user_prefix)), "desktop.user_prefix",
+          "use 1 to 16 of a-z 0-9 _ . - starting with a letter, e.g. wg-")
+    check(16 <= d.limits.processes <= 65536, "desktop.limits.processes", "must be 16 to 65536")
+    check(d.limits.memory_per_process is None or bool(_SLURM_MEM_RE.fullmatch(d.limits.memory_per_process)),
+          "desktop.limits.memory_per_process", "use a size such as 4G or 512M")
+    check(0 <= d.limits.nice <= 19, "desktop.limits.nice", "must be 0 to 19")
     check(not d.keyboard_layout or bool(_LAYOUT_RE.fullmatch(d.keyboard_layout)),
           "desktop.keyboard_layout", "use an XKB layout name such as us, de or fr(azerty)")
     check(1 <= config.proxy.heartbeat_s <= 3600, "proxy.heartbeat_s", "must be 1 to 3600")
     check(config.proxy.shared_port == 0 or 1024 <= config.proxy.shared_port <= 65535, "proxy.shared_port",
           "must be 0 (any free port) or 1024 to 65535")
+    check(1 <= config.proxy.max_viewers_per_account <= 64, "proxy.max_viewers_per_account", "must be 1 to 64")
+    check(1 <= config.proxy.auth_timeout_s <= 600, "proxy.auth_timeout_s", "must be 1 to 600")
+    check(not config.tls.terminated_by_proxy or (config.public_url or "").startswith("https://"),
+          "tls.terminated_by_proxy", "needs public_url: the https:// URL of the proxy in front")
     check(config.apache.mode != "none" or config.proxy.mode == "builtin", "apache.mode",
           "none needs proxy.mode builtin (websockify listens on loopback only and needs Apache in front)")
     r = config.restart
@@ -564,6 +635,11 @@ def _semantic_checks(config: Config, path: str, lines: Mapping[str, int]) -> lis
           "must be positive and at most restart.backoff_max_s")
     check(r.window_s > 0, "restart.window_s", "must be positive")
     check(config.apache.tunnel_timeout_s >= 60, "apache.tunnel_timeout_s", "must be at least 60")
+    for key in ("user", "group"):
+        check(bool(_UNIX_NAME_RE.fullmatch(getattr(config.apache, key))), f"apache.{key}",
+              "must be a user or group name such as www-data")
+    for key in ("binary", "modules_dir", "mime_types"):
+        check(bool(getattr(config.apache, key).strip()), f"apache.{key}", "must not be empty")
     check((config.tls.cert is None) == (config.tls.key is None), "tls", "give both tls.cert and tls.key")
     for key in ("primary_color", "accent_color"):
         value = getattr(config.event, key)
@@ -636,7 +712,10 @@ _SSH_USER_RE = re.compile(r"[A-Za-z0-9._][A-Za-z0-9._-]{0,31}")
 
 def _ssh_checks(s: SshConfig, check) -> None:
     """The ssh: block (its values reach remote command lines, always quoted)."""
-    check(s.user is None or bool(_SSH_USER_RE.fullmatch(s.user)), "ssh.user", "not a valid user name")
+    check(s.user is None or s.user == "{account}" or bool(_SSH_USER_RE.fullmatch(s.user)), "ssh.user",
+          'not a valid user name (or "{account}": each account logs in as the user named like it)')
+    check(s.user != "{account}" or not s.state_dir.startswith(("/", "~")), "ssh.state_dir",
+          'must be relative (in each user\'s home) when ssh.user is "{account}"')
     check(1 <= s.port <= 65535, "ssh.port", "must be 1 to 65535")
     check(s.connect_timeout_s > 0, "ssh.connect_timeout_s", "must be positive")
     check(1 <= s.connect_attempts <= 20, "ssh.connect_attempts", "must be 1 to 20")
@@ -672,9 +751,9 @@ def _participant_checks(config: Config, check) -> None:
     r = config.registration
     check(r.event_code is None or 1 <= len(r.event_code) <= 200, "registration.event_code",
           "must be 1 to 200 characters")
-    for key in ("signup_attempts", "signin_failures"):
+    for key in ("signup_attempts", "signup_global_attempts", "signin_failures"):
         check(getattr(r, key) >= 1, f"registration.{key}", "must be at least 1")
-    for key in ("signup_window_s", "signin_window_s", "session_lifetime_s"):
+    for key in ("signup_window_s", "signup_global_window_s", "signin_window_s", "session_lifetime_s"):
         check(getattr(r, key) > 0, f"registration.{key}", "must be positive")
     a = config.archive
     check(1 <= a.concurrency <= 64, "archive.concurrency", "must be 1 to 64")
@@ -724,6 +803,55 @@ def parse_moment(value: str) -> datetime.datetime:
     """An ISO 8601 time as an aware datetime (without a zone: this machine's local time)."""
     moment = datetime.datetime.fromisoformat(value)
     return moment if moment.tzinfo is not None else moment.astimezone()
+
+
+def is_loopback_host(host: str) -> bool:
+    """True when ``host`` (an address or a name) reaches this machine only."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        pass
+    if host == "localhost":
+        return True
+    try:
+        found = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError):
+        return False  # unknown: assume other machines can reach it
+    return bool(found) and all(ipaddress.ip_address(f[4][0]).is_loopback for f in found)
+
+
+def public_listen_problem(config: Config, listen: str) -> str | None:
+    """Why participants would reach ``listen`` without TLS, with the fix; None when that is fine.
+
+    Loopback needs nothing. Any other address needs tls.cert/tls.key on the gateway's own front
+    (apache.mode private or none), or a proxy in front that terminates TLS, stated explicitly.
+    """
+    host, _ = parse_listen(listen)
+    if is_loopback_host(host) or config.tls.terminated_by_proxy:
+        return None
+    if config.tls.enabled and config.apache.mode != "system":
+        return None
+    return (f"listen {listen} is reachable from other machines without TLS (passwords would cross the network "
+            f"in clear): set tls.cert and tls.key, or tls.terminated_by_proxy: true with an https:// public_url "
+            f"when a proxy in front terminates TLS, or listen on 127.0.0.1")
+
+
+def public_signup_problem(config: Config, listen: str) -> str | None:
+    """Why the sign-up form must not open without an event code (None: it may).
+
+    The form is public when participants reach it from other machines: a listen address that is
+    not loopback, or a public_url (a proxy in front). Then only the code announced in the room
+    keeps strangers from taking every account.
+    """
+    r = config.registration
+    if not r.enabled or r.event_code is not None:
+        return None
+    if config.public_url is None and is_loopback_host(parse_listen(listen)[0]):
+        return None
+    where = f"public_url {config.public_url}" if config.public_url else f"listen {listen}"
+    return (f"registration.event_code: the sign-up form is public ({where}) and anyone who finds it could take "
+            f"every account: set registration.event_code to a code announced in the room, or "
+            f"registration.enabled: false")
 
 
 def parse_listen(value: str) -> tuple[str, int]:

@@ -9,7 +9,7 @@ Routes (added to the gateway's aiohttp app; Apache forwards ``/dcv/`` here, webs
 
 Both are served only to the participant of ACCOUNT: signed in (the session cookie of
 :mod:`gateway.participant`) or sending ACCOUNT's id and password as HTTP Basic credentials. Any
-other account's credentials get 403. The target is exactly the endpoint the supervisor registered for
+other account's credentials get 403, and so does a cross-site request (Sec-Fetch-Site, Origin). The target is exactly the endpoint the supervisor registered for
 that account (its slot, once ready with protocol "dcv"); no host, port or path prefix comes from the
 request. The gateway's own credentials and cookies are not passed on to DCV.
 """
@@ -89,12 +89,59 @@ def _ready_dcv(slot: DesktopSlot) -> None:
                                          headers={"Retry-After": "5"})
 
 
+def refuse_cross_site(request: web.Request) -> None:
+    """403 for what another site's page makes a participant's browser send (it may carry their cookie
+    or cached Basic credentials): ``Sec-Fetch-Site: cross-site``, or an Origin other than the host the
+    browser asked for (as Apache forwarded it, or as the gateway was reached)."""
+    if request.headers.get("Sec-Fetch-Site", "").strip().lower() == "cross-site":
+        log.warning("DCV route refused a cross-site request (Sec-Fetch-Site)")
+        raise web.HTTPForbidden(text="Cross-site requests to DCV sessions are refused.")
+    origin = request.headers.get("Origin")
+    if origin is not None and _origin_host(origin) not in _own_hosts(request):
+        log.warning("DCV route refused a request from another origin")
+        raise web.HTTPForbidden(text="Requests from other sites to DCV sessions are refused.")
+
+
+def _origin_host(origin: str) -> str:
+    """host[:port] of an Origin header, without the scheme's default port; "" if it is not one."""
+    try:
+        url = URL(origin.strip())
+    except ValueError:
+        return ""
+    if url.scheme not in ("http", "https") or not url.host or url.raw_path not in ("", "/"):
+        return ""
+    return _host_key(url.host, url.explicit_port if url.explicit_port not in (80, 443) else None)
+
+
+def _own_hosts(request: web.Request) -> set[str]:
+    """The host[:port] names this request reached the gateway by (Host; Apache's X-Forwarded-Host)."""
+    names = {request.headers.get("Host", "")}
+    if request.remote in ("127.0.0.1", "::1"):
+        names.add(request.headers.get("X-Forwarded-Host", "").rsplit(",", 1)[-1])
+    hosts = set()
+    for name in filter(None, (n.strip() for n in names)):
+        try:
+            url = URL(f"http://{name}/")
+        except ValueError:
+            continue
+        if url.host:
+            hosts.add(_host_key(url.host, url.explicit_port if url.explicit_port not in (80, 443) else None))
+    return hosts
+
+
+def _host_key(host: str, port: int | None) -> str:
+    host = host.lower().strip("[]")
+    return f"{host}:{port}" if port else host
+
+
 async def _add_slash(request: web.Request) -> web.StreamResponse:
+    refuse_cross_site(request)
     _own_slot(request)
     raise web.HTTPFound(f"{request.match_info['account']}/")
 
 
 async def connection_file_download(request: web.Request) -> web.Response:
+    refuse_cross_site(request)
     slot = _own_slot(request)
     _ready_dcv(slot)
     assert slot.endpoint is not None
@@ -142,6 +189,7 @@ def _forward_headers(request: web.Request) -> dict[str, str]:
 
 
 async def proxy(request: web.Request) -> web.StreamResponse:
+    refuse_cross_site(request)
     slot = _own_slot(request)
     _ready_dcv(slot)
     url = _upstream_url(request, slot)

@@ -9,12 +9,13 @@ from pathlib import Path
 __all__ = ["atomic_write", "ensure_private_dir"]
 
 
-def atomic_write(path: Path, data: str | bytes, *, mode: int = 0o644) -> None:
+def atomic_write(path: Path, data: str | bytes, *, mode: int = 0o644, owner: tuple[int, int] | None = None) -> None:
     """Replace ``path`` with ``data`` atomically, created with ``mode`` from its first byte.
 
     The data is written to a temporary file beside the target, flushed to disk, then renamed over
     it: readers see either the old file or the new one, and if the disk is full the old one stays.
-    Secrets use ``mode=0o600`` so they are never briefly readable by others.
+    Secrets use ``mode=0o600`` so they are never briefly readable by others. ``owner`` (uid, gid)
+    hands the file to another user (a desktop's) before it appears under its name.
     """
     payload = data.encode() if isinstance(data, str) else data
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -25,6 +26,8 @@ def atomic_write(path: Path, data: str | bytes, *, mode: int = 0o644) -> None:
             out.write(payload)
             out.flush()
             os.fsync(out.fileno())
+            if owner is not None:
+                os.fchown(out.fileno(), *owner)
         os.chmod(tmp, mode)  # the umask may have narrowed it; make it exactly what was asked
         os.replace(tmp, path)
     except BaseException:

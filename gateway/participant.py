@@ -12,7 +12,9 @@ Routes (all relative to the gateway root, like every other page):
 Every form carries a CSRF token tied to a random cookie (double submit, HMAC-signed with the
 gateway's secret). Cookies are HttpOnly and SameSite=Strict, Secure when the gateway is served
 over https. Sign-up requests and failed sign-ins are rate-limited per client address (behind the
-gateway's Apache: the address Apache appended to X-Forwarded-For). Passwords are compared with
+gateway's Apache: the address Apache appended to X-Forwarded-For), and sign-ups also for all
+addresses together. A password is shown once, to the sign-up that claimed the account; a field
+holding a control character is refused. A public form needs the event code (checked by `up`). Passwords are compared with
 ``hmac.compare_digest`` and never logged or stored; they come from the token file.
 """
 
@@ -56,7 +58,11 @@ MAX_EMAIL = 254
 MAX_PASSWORD = 256
 _ACCOUNT_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
 _EMAIL_RE = re.compile(r"[^@\s<>\"',;]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?\.[A-Za-z]{2,63}")
-_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+#: Control characters (C0, DEL, C1), line/paragraph separators and bidirectional overrides: refused
+#: in every field (they forge log lines, CSV rows and what an organiser reads in `accounts list`).
+_CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_FIELD_LABELS = {"name": "your name", "email": "your e-mail address", "event_code": "the event code",
+                 "account": "the account", "password": "the password"}
 _ARCHIVE_TYPES = {"tar.gz": "application/gzip", "zip": "application/zip"}
 
 
@@ -134,6 +140,8 @@ class _Participants:
     secret: bytes
     documents: tuple[TermsDocument, ...]
     signups: RateLimit
+    #: Sign-up requests from all addresses together (many addresses must not exhaust the accounts).
+    all_signups: RateLimit
     signin_failures: RateLimit
 
     @property
@@ -155,6 +163,7 @@ def add_routes(app: web.Application, *, config: Config, store: StateStore, state
         config=config, store=store, state_dir=state_dir, secret=_load_secret(state_dir),
         documents=load_documents(config) if r.enabled else (),
         signups=RateLimit(r.signup_attempts, r.signup_window_s),
+        all_signups=RateLimit(r.signup_global_attempts, r.signup_global_window_s),
         signin_failures=RateLimit(r.signin_failures, r.signin_window_s),
     )
     app.router.add_get("/signup", signup_form)
@@ -266,6 +275,24 @@ def _too_many(seconds: float, what: str) -> web.HTTPTooManyRequests:
                                    headers={"Retry-After": str(wait)})
 
 
+def _busy(seconds: float) -> web.HTTPTooManyRequests:
+    wait = max(1, int(seconds + 0.999))
+    log.warning("sign-up refused: the global sign-up rate limit is reached")
+    return web.HTTPTooManyRequests(text=f"Too many sign-ups at the moment; try again in {wait} s.",
+                                   headers={"Retry-After": str(wait)})
+
+
+def _fields_with_control_characters(form: Mapping[str, str]) -> list[str]:
+    """The form's fields (by name) that hold a control character, before anything is stripped."""
+    return [key for key, value in form.items() if _CONTROL_RE.search(key) or _CONTROL_RE.search(value)]
+
+
+def _control_message(fields: list[str]) -> str:
+    labels = [_FIELD_LABELS.get(f, "a field") for f in fields if not _CONTROL_RE.search(f)] or ["a field"]
+    return ("Please remove the control characters (line breaks, tabs and the like) from "
+            + ", ".join(dict.fromkeys(labels)) + ".")
+
+
 # -- sign-up --------------------------------------------------------------------------------------------
 
 
@@ -292,8 +319,15 @@ async def signup(request: web.Request) -> web.Response:
     wait = p.signups.blocked(address)
     if wait:
         raise _too_many(wait, "sign-up requests")
+    wait = p.all_signups.blocked("*")
+    if wait:
+        raise _busy(wait)
     p.signups.add(address)
+    p.all_signups.add("*")
     form = await _read_form(request)
+    unsafe = _fields_with_control_characters(form)
+    if unsafe:
+        return _signup_page(request, status=400, errors=(_control_message(unsafe),))
     name = form.get("name", "").strip()
     email = form.get("email", "").strip()
     errors = []
@@ -319,7 +353,9 @@ async def signup(request: web.Request) -> web.Response:
             "Sorry, every account has been given out. Please ask the organisers.",), name=name, email=email)
     slot = request.app[SLOTS][outcome.claim.account]
     log.info("account %s account=%s", "claimed again" if outcome.existing else "claimed", slot.account.id)
-    show = not outcome.existing or r.repeat == "show"
+    # Shown once, in the answer to the sign-up that claimed the account: whoever types the same
+    # e-mail later (a neighbour who read it off a badge) learns only that it has an account.
+    show = not outcome.existing
     result = {"account": slot.account.id, "existing": outcome.existing, "shown": show,
               "password": slot.account.password if show else "", "view_url": f"view/{slot.account.id}"}
     return _signup_page(request, result=result)
@@ -341,6 +377,9 @@ async def signin(request: web.Request) -> web.StreamResponse:
     if wait:
         raise _too_many(wait, "failed sign-ins")
     form = await _read_form(request)
+    unsafe = _fields_with_control_characters(form)
+    if unsafe:
+        return _render(request, "signin.html.j2", status=400, errors=(_control_message(unsafe),), account="")
     account = form.get("account", "").strip()[:64]
     slot = request.app[SLOTS].get(account)
     if not _password_matches(slot, form.get("password", "")[:MAX_PASSWORD]) or slot is None:
@@ -357,7 +396,8 @@ async def signin(request: web.Request) -> web.StreamResponse:
 async def signout(request: web.Request) -> web.StreamResponse:
     await _read_form(request)
     response = web.HTTPSeeOther("login")
-    response.del_cookie(SESSION_COOKIE, path="/")
+    p = request.app[PARTICIPANTS]
+    response.del_cookie(SESSION_COOKIE, path="/", secure=p.secure, httponly=True, samesite="Strict")
     raise response
 
 

@@ -6,7 +6,11 @@ it; never a host or port from the request), and bytes are piped both ways as bin
 messages until either side closes. No process is started per account or per connection.
 
 Because the relay sees every viewer, it records in the account's :class:`DesktopSlot` how many
-viewers are connected and when one last sent keyboard or mouse input.
+viewers are connected and when one last sent keyboard or mouse input. It is also the front door of
+this mode: at most ``proxy.max_viewers_per_account`` websockets per account (the next one is closed
+at once with the reason), a viewer that has not finished VNC authentication within
+``proxy.auth_timeout_s`` is closed, and failed authentications slow down that account's next
+attempt from the same client address (see :mod:`gateway.frontdoor`).
 """
 
 from __future__ import annotations
@@ -16,11 +20,14 @@ import contextlib
 import logging
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from .backends.base import Endpoint
 from .config import Config
+from .frontdoor import GuessBackoff, ServerHandshake
+from .httpauth import client_address
 from .proxy import ProxyMode, Route, RunningProxy
 from .status import DesktopSlot
 from .tokens import Account
@@ -42,8 +49,14 @@ class BuiltinRelay(ProxyMode):
     def __init__(self, config: Config, slots: Mapping[str, DesktopSlot]) -> None:
         self.heartbeat_s = config.proxy.heartbeat_s
         self.slots = slots
+        self.max_viewers = config.proxy.max_viewers_per_account
+        self.auth_timeout_s = config.proxy.auth_timeout_s
+        self.behind_apache = config.apache.mode != "none"
+        #: Failed VNC authentications slow down the next attempt of that account and client address.
+        self.backoff = GuessBackoff()
         self._targets: dict[str, Endpoint] = {}
         self._connections: dict[str, set[asyncio.StreamWriter]] = {}
+        self._tunnels: dict[str, int] = {}  # open websockets per account, authenticated or not
 
     def routes(self, accounts: Sequence[Account]) -> list[Route]:
         # Apache forwards the path unchanged to the gateway's web server.
@@ -80,6 +93,27 @@ class BuiltinRelay(ProxyMode):
                                    max_msg_size=MAX_CLIENT_MESSAGE)
         if not ws.can_prepare(request).ok:
             raise web.HTTPBadRequest(text="Expected a websocket upgrade.")
+        viewer = _Viewer(account_id, client_address(request, behind_apache=self.behind_apache))
+        if self._tunnels.get(account_id, 0) >= self.max_viewers:
+            return await self._refuse(request, ws, viewer)
+        self._tunnels[account_id] = self._tunnels.get(account_id, 0) + 1
+        try:
+            return await self._open_tunnel(request, ws, viewer, target)
+        finally:
+            self._tunnels[account_id] -= 1
+
+    async def _refuse(self, request: web.Request, ws: web.WebSocketResponse, viewer: _Viewer) -> web.WebSocketResponse:
+        """Too many tunnels to this account: accept the upgrade only to say why, and close."""
+        log.warning("relay refused a viewer: %d open already account=%s address=%s",
+                    self.max_viewers, viewer.account, viewer.address)
+        await ws.prepare(request)
+        await ws.close(code=WSCloseCode.POLICY_VIOLATION,
+                       message=f"too many viewers of this desktop ({self.max_viewers} open); close one".encode())
+        return ws
+
+    async def _open_tunnel(self, request: web.Request, ws: web.WebSocketResponse, viewer: _Viewer,
+                           target: Endpoint) -> web.WebSocketResponse:
+        account_id = viewer.account
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT_S):
                 reader, writer = await asyncio.open_connection(target.host, target.port)
@@ -94,8 +128,9 @@ class BuiltinRelay(ProxyMode):
             await ws.prepare(request)
             try:
                 async with asyncio.TaskGroup() as group:
-                    group.create_task(self._to_desktop(ws, writer, slot))
-                    group.create_task(self._to_viewer(reader, ws))
+                    group.create_task(self._to_desktop(ws, writer, slot, viewer))
+                    group.create_task(self._to_viewer(reader, ws, viewer))
+                    group.create_task(self._auth_deadline(ws, viewer))
             except* _Closed:
                 pass
         finally:
@@ -110,14 +145,19 @@ class BuiltinRelay(ProxyMode):
                     await ws.close()
         return ws
 
-    @staticmethod
-    async def _to_desktop(ws: web.WebSocketResponse, writer: asyncio.StreamWriter, slot: DesktopSlot) -> None:
+    async def _to_desktop(self, ws: web.WebSocketResponse, writer: asyncio.StreamWriter, slot: DesktopSlot,
+                          viewer: _Viewer) -> None:
         scanner = InputScanner()
         try:
             async for msg in ws:
                 if msg.type is WSMsgType.BINARY:
+                    if scanner.awaiting_auth:  # the VncAuth answer: after this key's failures, it waits
+                        viewer.held_s = self.backoff.reserve(viewer.key)  # (not counted against the deadline)
+                        await asyncio.sleep(viewer.held_s)
                     if scanner.feed(msg.data):
                         slot.last_input_at = time.time()
+                    if scanner.security_type is not None:
+                        viewer.handshake.client_chose(scanner.security_type)
                     writer.write(msg.data)
                     await writer.drain()
                 elif msg.type is WSMsgType.TEXT:
@@ -128,14 +168,60 @@ class BuiltinRelay(ProxyMode):
             pass
         raise _Closed
 
-    @staticmethod
-    async def _to_viewer(reader: asyncio.StreamReader, ws: web.WebSocketResponse) -> None:
+    async def _to_viewer(self, reader: asyncio.StreamReader, ws: web.WebSocketResponse, viewer: _Viewer) -> None:
         try:
             while data := await reader.read(READ_CHUNK):
+                if not viewer.handshake.done:
+                    viewer.handshake.feed(data)
+                    self._judge(viewer)
                 await ws.send_bytes(data)
         except (ConnectionError, OSError):
             pass
         raise _Closed
+
+    def _judge(self, viewer: _Viewer) -> None:
+        """Once the server has said whether the password was right: clear or grow the key's backoff."""
+        if viewer.handshake.result is None or viewer.decided.is_set():
+            return
+        if viewer.handshake.result:
+            self.backoff.succeeded(viewer.key)
+        else:
+            self.backoff.failed(viewer.key)
+            log.warning("VNC authentication failed account=%s address=%s", viewer.account, viewer.address)
+        viewer.decided.set()  # decided either way: the deadline no longer applies
+
+    async def _auth_deadline(self, ws: web.WebSocketResponse, viewer: _Viewer) -> None:
+        """A viewer that has not finished VNC authentication in time is closed, with the reason."""
+        started = asyncio.get_running_loop().time()
+        while not viewer.decided.is_set():
+            remaining = started + self.auth_timeout_s + viewer.held_s - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                break
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(remaining):
+                    await viewer.decided.wait()
+        if viewer.decided.is_set():
+            return
+        log.warning("relay closed a viewer that did not authenticate within %g s account=%s address=%s",
+                    self.auth_timeout_s, viewer.account, viewer.address)
+        await ws.close(code=WSCloseCode.POLICY_VIOLATION,
+                       message=f"VNC authentication not finished within {self.auth_timeout_s:g} s".encode())
+        raise _Closed
+
+
+@dataclass(slots=True)
+class _Viewer:
+    """One websocket to an account: who it comes from and how far its VNC handshake got."""
+
+    account: str
+    address: str
+    handshake: ServerHandshake = field(default_factory=ServerHandshake)
+    decided: asyncio.Event = field(default_factory=asyncio.Event)  # the server's SecurityResult came
+    held_s: float = 0.0  # how long the relay held back its VncAuth answer (guessing backoff)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.account, self.address)
 
 
 class _Closed(Exception):
@@ -151,7 +237,7 @@ class InputScanner:
     errs towards "the participant is active".
     """
 
-    __slots__ = ("_buffer", "_stage", "_lost")
+    __slots__ = ("_buffer", "_stage", "_lost", "security_type")
 
     _FIXED = {0: 20, 3: 10, 4: 8, 5: 6, 150: 10, 250: 4}
     _INPUT = frozenset({4, 5, 6})
@@ -160,6 +246,13 @@ class InputScanner:
         self._buffer = bytearray()
         self._stage = "version"
         self._lost = False
+        #: The security type the client chose (None until it has).
+        self.security_type: int | None = None
+
+    @property
+    def awaiting_auth(self) -> bool:
+        """True while the client's next bytes are its VncAuth answer."""
+        return self._stage == "auth" and not self._lost
 
     def feed(self, data: bytes) -> bool:
         """Take the next client bytes; True if they complete at least one input event."""
@@ -202,6 +295,7 @@ class InputScanner:
             chosen = self._take(1)
             if chosen is None:
                 return None
+            self.security_type = chosen[0]
             if chosen == b"\x02":
                 self._stage = "auth"
             elif chosen == b"\x01":

@@ -28,6 +28,7 @@ from .backends import backend_name_for, make_backends
 from .backends.base import Backend, BackendError, DesktopState, Endpoint, Status
 from .cockpit import Cockpit, GatewayMetrics, load_or_create_admin_password, make_control_app
 from .config import Config, parse_listen
+from .desktop_users import limits_in_force
 from .errors import UserError
 from .files import ensure_private_dir
 from .idle import idle_watcher_for
@@ -39,6 +40,7 @@ from .state import StateStore
 from .status import DesktopSlot, Phase
 from .thumbnails import ThumbnailService
 from .tokens import Account, TokenFile
+from .watch import REFRESH_PASSWORDS, WatchLinks, retire_view_only_password
 from .webapp import make_app
 
 __all__ = ["Gateway", "GatewayOptions"]
@@ -49,6 +51,8 @@ RFB_PROBE_TIMEOUT_S = 3.0
 #: A desktop whose backend can't say how it is (scheduler or host unreachable) for this long is
 #: shown to organisers with the reason; it is never stopped for that.
 UNKNOWN_REPORT_AFTER_S = 30.0
+#: How often expired share links are looked for (their view-only password is then replaced).
+SHARE_LINK_CHECK_S = 5.0
 #: The control socket in the state dir (see gateway.cockpit).
 CONTROL_SOCKET = "control.sock"
 
@@ -57,6 +61,23 @@ CONTROL_SOCKET = "control.sock"
 class GatewayOptions:
     state_dir: Path
     listen: str
+
+
+#: Requests whose caller waits until the watcher has carried them out.
+AWAITED_COMMANDS = frozenset({REFRESH_PASSWORDS})
+AWAITED_COMMAND_TIMEOUT_S = 30.0
+
+
+@dataclass(slots=True)
+class Command:
+    """A request for one desktop's watcher (the only caller of its backend), with its outcome."""
+
+    action: str
+    done: asyncio.Future[str]
+
+    def finish(self, outcome: str) -> None:
+        if not self.done.done():
+            self.done.set_result(outcome)
 
 
 class _Shutdown(Exception):
@@ -120,6 +141,7 @@ class Gateway:
                     group.create_task(self._report_progress(on_ready), name="progress")
                     group.create_task(self.thumbnails.run(), name="thumbnails")
                     group.create_task(idle_watcher_for(self).run(), name="idle")
+                    group.create_task(self._retire_lapsed_share_links(), name="share-links")
                     await stop.wait()
                     log.info("stopping: %d desktops", len(self.slots))
                     raise _Shutdown
@@ -142,8 +164,12 @@ class Gateway:
         watcher = self.watchers.get(account_id)
         if watcher is None:
             raise LookupError(f"no desktop {account_id}")
-        watcher.commands.put_nowait(action)
-        log.info("organiser request queued account=%s action=%s", account_id, action)
+        command = Command(action, asyncio.get_running_loop().create_future())
+        watcher.commands.put_nowait(command)
+        log.info("request queued account=%s action=%s", account_id, action)
+        if action in AWAITED_COMMANDS:  # the caller relies on it being done (a password changed)
+            async with asyncio.timeout(AWAITED_COMMAND_TIMEOUT_S):
+                return await command.done
         return f"{action} requested"
 
     async def set_keyboard_layout(self, account_id: str, layout: str) -> None:
@@ -156,6 +182,16 @@ class Gateway:
         assert self.store is not None
         self.store.record_event("keyboard-layout", account_id, layout)
 
+    async def _retire_lapsed_share_links(self) -> None:
+        """A share link that expired must not keep working: its view-only password is replaced."""
+        assert self.store is not None
+        links = WatchLinks(self.store)
+        while True:
+            await asyncio.sleep(SHARE_LINK_CHECK_S)
+            for account in links.lapsed(self.state_dir):
+                if account in self.watchers:
+                    await retire_view_only_password(self.state_dir, account, self.act, self.store, "share link expired")
+
     def _make_cockpit(self) -> Cockpit:
         assert self.store is not None
         configured = self.config.admin.password_file
@@ -163,7 +199,8 @@ class Gateway:
         return Cockpit(slots=self.slots, store=self.store, act=self.act, metrics=self.metrics,
                        admin_user=self.config.admin.user,
                        admin_password=load_or_create_admin_password(password_file),
-                       thumbnails=self.thumbnails, state_dir=self.state_dir)
+                       thumbnails=self.thumbnails, state_dir=self.state_dir,
+                       isolation=limits_in_force(self.config))
 
     async def _start_control(self, stack: contextlib.AsyncExitStack) -> None:
         """`gateway status` and friends talk to this Unix socket; only our own user may open it."""
@@ -385,7 +422,7 @@ class AccountWatcher:
         self.state: DesktopState | None = adopted
         self.endpoint: Endpoint | None = None
         self.proxy: RunningProxy | None = None
-        self.commands: asyncio.Queue[str] = asyncio.Queue()
+        self.commands: asyncio.Queue[Command] = asyncio.Queue()
         self.desktop_policy = RestartPolicy(gateway.config.restart)
         self.proxy_policy = RestartPolicy(gateway.config.restart)
         self.unknown_since: float | None = None
@@ -423,8 +460,11 @@ class AccountWatcher:
             await self._teardown()
 
     async def _wait_for_start(self) -> None:
-        while (command := await self.commands.get()) not in ("start", "restart"):
-            log.info("command ignored while %s account=%s command=%s", self.slot.phase.value, self.account.id, command)
+        while (command := await self.commands.get()).action not in ("start", "restart"):
+            log.info("command ignored while %s account=%s command=%s", self.slot.phase.value, self.account.id,
+                     command.action)
+            command.finish(f"nothing to do: the desktop is {self.slot.phase.value}")
+        command.finish(f"{command.action} done")
         self.desktop_policy = RestartPolicy(self.gateway.config.restart)
         self.gateway.publish(self.slot, Phase.QUEUED, "started by the organiser")
 
@@ -573,10 +613,15 @@ class AccountWatcher:
             assert self.proxy is not None and self.state is not None
             event, value = await self._next_event(interval)
             if event == "command":
-                if value in ("stop", "restart"):
-                    log.info("organiser request account=%s command=%s", self.account.id, value)
-                    return str(value)
-                if value == "disconnect":
+                assert isinstance(value, Command)
+                if value.action == REFRESH_PASSWORDS:
+                    await self._refresh_passwords(value)
+                    continue
+                value.finish(f"{value.action} done")
+                if value.action in ("stop", "restart"):
+                    log.info("organiser request account=%s command=%s", self.account.id, value.action)
+                    return value.action
+                if value.action == "disconnect":
                     await self._stop_proxy()
                     failure = await self._ensure_proxy()
                     if failure is not None:
@@ -592,6 +637,16 @@ class AccountWatcher:
                 return result.reason or "the desktop exited"
             self._note_unknown(result.status, result.reason)
             await self._maintain()
+
+    async def _refresh_passwords(self, command: Command) -> None:
+        assert self.state is not None
+        try:
+            await self.backend.refresh_passwords(self.account, self.state)
+        except (BackendError, OSError) as exc:  # the desktop carries on; the caller and the log hear why
+            log.error("password file not rewritten account=%s error=%s", self.account.id, exc)
+            command.finish(f"password file not rewritten: {exc}")
+            return
+        command.finish("password file rewritten")
 
     async def _next_event(self, interval: float) -> tuple[str, object]:
         """Whichever comes first: an organiser's command, the proxy exiting, or the poll interval."""

@@ -41,6 +41,8 @@ class ServiceSpec:
     listen: str
     gateway: Path = Path(sys.executable).with_name("gateway")
     state_directory: str = DEFAULT_STATE_DIRECTORY
+    #: desktop.users: create: the service makes users (writes /etc) and their homes (/home).
+    creates_users: bool = True
 
     @property
     def state_dir(self) -> Path:
@@ -60,8 +62,11 @@ def render_service(spec: ServiceSpec) -> str:
         tokens=spec.tokens,
         readme=PROJECT_ROOT / "README.md",
         state_directory=spec.state_directory,
-        # Apache's system-mode include and the X sockets are the only writes outside the state dir.
-        read_write_paths=[spec.state_dir, "/tmp", "/etc/apache2/conf-enabled"],
+        # Apache's system-mode include and the X sockets are the only writes outside the state dir,
+        # besides the users the event makes.
+        read_write_paths=[spec.state_dir, "/tmp"] + (["/etc", "/home"] if spec.creates_users
+                                                     else ["/etc/apache2/conf-enabled"]),
+        creates_users=spec.creates_users,
     )
 
 

@@ -2,7 +2,8 @@
 
 TigerVNC's password file holds two passwords: ``vncpasswd -f`` reads the full one from the first
 line of its input and the view-only one from the second. The view-only password of an account is
-random, made once and kept (0600) in the state dir, so it survives restarts and re-adoption.
+random, made once and kept (0600) in the state dir, so it survives restarts and re-adoption. It is
+replaced (:func:`rotate_view_only_password`) when a share link that handed it out expires or is revoked.
 """
 
 from __future__ import annotations
@@ -13,11 +14,15 @@ from pathlib import Path
 from .files import atomic_write
 from .tokens import generate_password
 
-__all__ = ["view_only_password", "vncpasswd_input"]
+__all__ = ["view_only_password", "vncpasswd_input", "rotate_view_only_password", "view_only_made_at"]
+
+
+def _path(state_dir: Path, account_id: str) -> Path:
+    return state_dir / "secrets" / f"{account_id}.viewonly"
 
 
 def view_only_password(state_dir: Path, account_id: str) -> str:
-    path = state_dir / "secrets" / f"{account_id}.viewonly"
+    path = _path(state_dir, account_id)
     if path.exists():
         existing = path.read_text().strip()
         if existing:
@@ -25,6 +30,19 @@ def view_only_password(state_dir: Path, account_id: str) -> str:
     password = generate_password()
     atomic_write(path, password + "\n", mode=0o600)
     return password
+
+
+def rotate_view_only_password(state_dir: Path, account_id: str) -> None:
+    """A new view-only password for the account (the desktop's password file must be rewritten)."""
+    atomic_write(_path(state_dir, account_id), generate_password() + "\n", mode=0o600)
+
+
+def view_only_made_at(state_dir: Path, account_id: str) -> float:
+    """When the account's current view-only password was made (0 if none was yet)."""
+    try:
+        return _path(state_dir, account_id).stat().st_mtime
+    except FileNotFoundError:
+        return 0.0
 
 
 def vncpasswd_input(password: str, view_only: str | None) -> bytes:

@@ -7,11 +7,16 @@
   expires. Only the SHA-256 of the random token is stored, with the account and the expiry; an
   unknown token gets 404, an expired one 410.
 
+* ``POST /admin/api/desktops/{account}/share/revoke`` (admin credential): ends every link of the
+  account now.
+
 Every watch, link and use of a link is written to the audit log.
 
-What a share link does not do: it hands the account's view-only password to the browser (noVNC
-authenticates itself), so whoever holds the link can keep watching with that password after the
-link expired, until the desktop's view-only password changes.
+A share link hands the account's view-only password to the browser (noVNC authenticates itself). So
+that it is not a lasting credential, the view-only password is replaced as soon as a link expires or
+is revoked (:func:`retire_view_only_password`): the account's desktop gets a new password file, which
+Xvnc reads at each authentication, and the old password stops working. Viewers still on a valid link
+(and the admin's own watch page) get the new one when their page is loaded again.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,9 +34,14 @@ from aiohttp import web
 
 from .state import StateStore
 from .status import DesktopSlot
-from .viewonly import view_only_password
+from .viewonly import rotate_view_only_password, view_only_made_at, view_only_password
 
-__all__ = ["WatchLinks", "WatchLink", "add_watch_routes", "DEFAULT_LINK_MINUTES", "MAX_LINK_MINUTES"]
+__all__ = ["WatchLinks", "WatchLink", "add_watch_routes", "DEFAULT_LINK_MINUTES", "MAX_LINK_MINUTES",
+           "retire_view_only_password", "REFRESH_PASSWORDS"]
+
+#: The watcher command that rewrites a running desktop's password file (see AccountWatcher).
+REFRESH_PASSWORDS = "refresh-passwords"
+ActFunction = Callable[[str, str], Awaitable[str]]
 
 log = logging.getLogger("gateway.watch")
 
@@ -78,6 +88,33 @@ class WatchLinks:
                                 "WHERE token_sha256 = ?", (_digest(token),))
         return WatchLink(*rows[0]) if rows else None
 
+    def revoke(self, account: str, *, now: float | None = None) -> int:
+        """End every link of ``account`` that is still valid; returns how many."""
+        now = time.time() if now is None else now
+        with self.store.transaction() as db:
+            cursor = db.execute("UPDATE watch_links SET expires_at = ? WHERE account = ? AND expires_at > ?",
+                                (now, account, now))
+            return cursor.rowcount
+
+    def lapsed(self, state_dir: Path, *, now: float | None = None) -> list[str]:
+        """Accounts with a link that ended after their view-only password was made: it must change."""
+        now = time.time() if now is None else now
+        rows = self.store.query("SELECT account, MAX(expires_at) FROM watch_links WHERE expires_at <= ? "
+                                "GROUP BY account", (now,))
+        return [account for account, ended in rows if ended >= view_only_made_at(state_dir, account)]
+
+
+async def retire_view_only_password(state_dir: Path, account: str, act: ActFunction, store: StateStore,
+                                    why: str) -> None:
+    """Replace the account's view-only password and have its running desktop use the new one."""
+    rotate_view_only_password(state_dir, account)
+    try:
+        await act(account, REFRESH_PASSWORDS)
+    except LookupError:  # no desktop of that account runs; its next start uses the new password
+        pass
+    store.record_event("view-only:rotated", account, why)
+    log.info("view-only password replaced account=%s why=%s", account, why)
+
 
 def add_watch_routes(
     app: web.Application,
@@ -88,6 +125,7 @@ def add_watch_routes(
     check_admin: Callable[[web.Request], str],
     client_address: Callable[[web.Request], str],
     render_page: Callable[..., web.Response],
+    act: ActFunction | None = None,
 ) -> None:
     """The watch page, share-link creation (both behind the admin credential) and /watch/<token>."""
     links = WatchLinks(store)
@@ -141,6 +179,19 @@ def add_watch_routes(
         return web.json_response({"account": slot.account.id, "path": f"watch/{token}",
                                   "expires_at": link.expires_at}, headers={"Cache-Control": "no-store"})
 
+    async def admin_revoke(request: web.Request) -> web.Response:
+        user = check_admin(request)
+        if request.content_type != "application/json":  # the CSRF guard, as for the other actions
+            raise web.HTTPUnsupportedMediaType(text="send application/json")
+        slot = slot_of(request.match_info["account"])
+        ended = links.revoke(slot.account.id)
+        actor = f"{user}@{client_address(request)}"
+        store.record_event("admin:share-revoke", slot.account.id, f"by {actor}: {ended} link(s) ended")
+        if act is not None:
+            await retire_view_only_password(state_dir, slot.account.id, act, store, f"links revoked by {actor}")
+        return web.json_response({"account": slot.account.id, "revoked": ended},
+                                  headers={"Cache-Control": "no-store"})
+
     async def shared_watch(request: web.Request) -> web.Response:
         token = request.match_info["token"]
         link = links.find(token)
@@ -156,4 +207,5 @@ def add_watch_routes(
 
     app.router.add_get("/admin/watch/{account}", admin_watch)
     app.router.add_post("/admin/api/desktops/{account}/share", admin_share)
+    app.router.add_post("/admin/api/desktops/{account}/share/revoke", admin_revoke)
     app.router.add_get("/watch/{token}", shared_watch)

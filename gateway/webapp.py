@@ -19,6 +19,8 @@ from aiohttp import web
 
 from .apache import STATIC_DIR
 from .config import PROJECT_ROOT, Config
+from .frontdoor import FRONT_TOKEN
+from .httpauth import FRONT_TOKEN_KEY
 from .state import StateStore
 from .backends.base import BackendError
 from .status import DesktopSlot
@@ -68,6 +70,8 @@ def make_app(config: Config, slots: Mapping[str, DesktopSlot], *, novnc: Path,
     app = web.Application(middlewares=[_security_headers])
     app[SLOTS] = slots
     app[CONFIG] = config
+    if config.apache.mode == "private":  # only that Apache's X-Forwarded-For is believed
+        app[FRONT_TOKEN_KEY] = FRONT_TOKEN
     app[TEMPLATES] = jinja2.Environment(
         loader=jinja2.FileSystemLoader(TEMPLATES_DIR),
         undefined=jinja2.StrictUndefined,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -13,12 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gateway import rfb
+from gateway.desktop_users import DesktopUser, recorded_users
 from gateway.state import DesktopRecord, StateStore
 from gateway.tokens import Account, format_tokens, generate_password
 from tests.system import free_port, free_ports
 
 __all__ = ["GatewayRun", "make_accounts", "processes_mentioning", "port_is_listening", "handshake_until_ok",
-           "recorded_desktops"]
+           "recorded_desktops", "display_env"]
 
 
 def make_accounts(count: int, prefix: str = "ws") -> list[Account]:
@@ -32,18 +34,62 @@ def make_accounts(count: int, prefix: str = "ws") -> list[Account]:
 
 
 def processes_mentioning(text: str) -> list[int]:
-    """Pids of processes whose command line or environment contains ``text`` (e.g. a state dir)."""
+    """Pids of processes whose command line or environment contains ``text`` (e.g. a state dir).
+
+    When ``text`` is a state dir, the processes of the Unix users that event made for its desktops
+    count too: a desktop's processes run as its user and name nothing of the gateway's state.
+    """
     needle = text.encode()
+    uids = {user.uid for user in recorded_users(Path(text)).values()} if Path(text).is_dir() else set()
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
-            if needle in (entry / "cmdline").read_bytes() or needle in (entry / "environ").read_bytes():
+            if (needle in (entry / "cmdline").read_bytes() or needle in (entry / "environ").read_bytes()
+                    or (uids and _live_uid(entry) in uids)):
                 found.append(int(entry.name))
         except OSError:
             continue
     return found
+
+
+def _live_uid(proc_dir: Path) -> int | None:
+    """The real uid of a process that is not a zombie, else None."""
+    status = (proc_dir / "status").read_text()
+    if "State:\tZ" in status:
+        return None
+    for line in status.splitlines():
+        if line.startswith("Uid:"):
+            return int(line.split()[1])
+    return None
+
+
+def display_env(state_dir: Path, account_id: str) -> dict[str, str]:
+    """The environment an X client (xdotool, xclip, xterm...) of this test needs to open the account's
+    local display: DISPLAY, and XAUTHORITY with the desktop's cookie (Xvnc runs with -auth)."""
+    state = recorded_desktops(state_dir)[account_id].state
+    env = {**os.environ, "DISPLAY": f":{state['display']}"}
+    if state.get("xauthority"):
+        env["XAUTHORITY"] = state["xauthority"]
+    return env
+
+
+def unique_user_prefix() -> str:
+    """A user_prefix no other test (or test run beside this one) uses: created users never collide."""
+    return f"t{secrets.token_hex(3)}-"
+
+
+def with_user_prefix(config_text: str, prefix: str) -> str:
+    """``config_text`` with ``desktop.user_prefix`` set, unless the test set one itself."""
+    if "user_prefix" in config_text:
+        return config_text
+    lines = config_text.splitlines()
+    if "desktop:" in lines:
+        lines.insert(lines.index("desktop:") + 1, f"  user_prefix: {prefix}")
+        return "\n".join(lines) + "\n"
+    return config_text + ("" if not config_text or config_text.endswith("\n") else "\n") + \
+        f"desktop:\n  user_prefix: {prefix}\n"
 
 
 async def handshake_until_ok(url: str, password: str, timeout_s: float = 30) -> rfb.RfbSession:
@@ -92,6 +138,7 @@ class GatewayRun:
         self.tokens.chmod(0o600)
         self.state_dir = self.tmp / "state"
         self.config = self.tmp / "gateway.yaml"
+        self.config_text = with_user_prefix(self.config_text, unique_user_prefix())
         self.config.write_text(self.config_text)
         self.output = self.tmp / "gateway.out"
 
@@ -140,6 +187,15 @@ class GatewayRun:
         assert result.returncode == 0, result.stderr
         return {row["account"]: row for row in json.loads(result.stdout)["desktops"]}
 
+    def users(self) -> dict[str, DesktopUser]:
+        """The Unix user each local desktop of this run runs as, by account."""
+        return recorded_users(self.state_dir)
+
+    def workspace(self, account: Account) -> Path:
+        """The account's HOME: its user's home (created users), else the state dir's workspace."""
+        user = self.users().get(account.id)
+        return Path(user.home) if user else self.state_dir / "workspaces" / account.id
+
     def terminate(self, timeout_s: float = 10) -> int:
         """SIGTERM and wait; returns the exit status."""
         assert self.process is not None
@@ -162,3 +218,11 @@ class GatewayRun:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        if self.users():  # the users made for this run's desktops, their homes and processes
+            self.remove_users(self.state_dir)
+
+    @staticmethod
+    def remove_users(state_dir: Path) -> None:
+        """`gateway users remove --delete-homes`: the event's users, their processes and homes go."""
+        subprocess.run([sys.executable, "-m", "gateway", "users", "remove", "--state-dir", str(state_dir),
+                        "--delete-homes"], capture_output=True, timeout=120)

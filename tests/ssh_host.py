@@ -40,7 +40,10 @@ def _require_sshd() -> str:
     privsep = Path("/run/sshd")  # sshd refuses to start without its privilege separation directory
     if not privsep.is_dir():
         if os.geteuid() != 0:
-            pytest.skip("/run/sshd is missing and only root can create it")
+            message = "/run/sshd is missing and only root can create it"
+            if system_required():
+                pytest.fail(f"{message}, and {REQUIRE_SYSTEM_ENV}=1 requires sshd to run", pytrace=False)
+            pytest.skip(message)
         privsep.mkdir(mode=0o755, parents=True, exist_ok=True)
     return path
 

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from gateway.state import StateStore
-from tests.gateway_run import GatewayRun
+from tests.gateway_run import GatewayRun, display_env
 from tests.system import require_program, system_required
 
 pytestmark = pytest.mark.system
@@ -103,22 +103,20 @@ def test_paste_box_reaches_the_desktop_clipboard_and_quality_applies(browser, ru
     text = "module load gcc && make -j4  # äöü"
     page.fill("#clipboard-text", text)
     page.click("#clipboard-send")
-    store = StateStore(running.state_dir / "gateway.db")
-    display = store.desktops()[account.id].state["display"]
-    store.close()
+    x_env = display_env(running.state_dir, account.id)
     deadline = time.monotonic() + 10
     seen = ""
     while time.monotonic() < deadline and seen != text:
-        result = subprocess.run([xclip, "-o", "-selection", "clipboard", "-display", f":{display}"],
-                                capture_output=True, text=True, timeout=5)
+        result = subprocess.run([xclip, "-o", "-selection", "clipboard"], capture_output=True, text=True, timeout=5,
+                                env=x_env)
         seen = result.stdout
         time.sleep(0.2)
     assert seen == text
 
     # And back: text copied inside the desktop shows up in the page's clipboard panel.
     copied = "result: 42 ✓"
-    subprocess.run([xclip, "-i", "-selection", "clipboard", "-display", f":{display}"], input=copied, text=True,
-                   timeout=10, check=True)
+    subprocess.run([xclip, "-i", "-selection", "clipboard"], input=copied, text=True, timeout=10, check=True,
+                   env=x_env)
     page.wait_for_function("text => document.getElementById('clipboard-received').value === text", arg=copied,
                            timeout=10000)
 
@@ -139,10 +137,8 @@ def test_participant_picks_the_desktop_keyboard_layout(browser, running: Gateway
     page.select_option("#keyboard-layout", "de")
     page.wait_for_function("() => document.getElementById('keyboard-message').textContent.includes('now uses')",
                            timeout=10000)
-    store = StateStore(running.state_dir / "gateway.db")
-    display = store.desktops()[account.id].state["display"]
-    store.close()
-    query = subprocess.run([setxkbmap, "-query", "-display", f":{display}"], capture_output=True, text=True, timeout=10)
+    query = subprocess.run([setxkbmap, "-query"], capture_output=True, text=True, timeout=10,
+                           env=display_env(running.state_dir, account.id))
     assert "layout:     de" in query.stdout
     page.close()
 

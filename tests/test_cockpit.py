@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import rfb
 from gateway.state import StateStore
-from tests.gateway_run import GatewayRun
+from tests.gateway_run import GatewayRun, display_env
 from tests.system import require_program
 
 pytestmark = pytest.mark.system
@@ -151,10 +151,10 @@ def test_metrics_and_admin_page(gateway_factory) -> None:
     assert run.terminate() == 0
 
 
-def _mouse_location(display: int) -> tuple[int, int]:
+def _mouse_location(x_env: dict[str, str]) -> tuple[int, int]:
     xdotool = require_program("xdotool")
     out = subprocess.run([xdotool, "getmouselocation", "--shell"], capture_output=True, text=True, timeout=10,
-                         env={"DISPLAY": f":{display}", "PATH": os.environ["PATH"]}).stdout
+                         env=x_env).stdout
     values = dict(line.split("=", 1) for line in out.split())
     return int(values["X"]), int(values["Y"])
 
@@ -165,9 +165,7 @@ async def test_view_only_password_watches_but_cannot_touch(gateway_factory) -> N
     (account,) = run.accounts
     view_only = (run.state_dir / "secrets" / f"{account.id}.viewonly").read_text().strip()
     assert view_only != account.password
-    store = StateStore(run.state_dir / "gateway.db")
-    display = store.desktops()[account.id].state["display"]
-    store.close()
+    display = display_env(run.state_dir, account.id)
 
     async with rfb.open_tcp("127.0.0.1", account.vnc_port, account.password, timeout_s=10) as full:
         await full.pointer_event(100, 100)

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -169,24 +170,36 @@ def _cluster() -> None:
         pytest.skip(message)
 
 
+def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
+    """A throw-away certificate for the stand-in's HTTPS (DCV makes a self-signed one on each node)."""
+    cert, key = directory / "dcv-cert.pem", directory / "dcv-key.pem"
+    subprocess.run([require_program("openssl"), "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                    "-nodes", "-days", "1", "-subj", "/CN=dcv-standin", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=30)
+    return cert, key
+
+
 class DcvEvent:
-    """One gateway on the test cluster with DCV accounts, and the stand-in it uses as `dcv`."""
+    """One gateway on the test cluster with DCV accounts, and the stand-in it uses as `dcv` (HTTPS only)."""
 
     def __init__(self, tmp: Path, prefix: str, accounts: list[Account], *, wait_s: float, never_report: bool) -> None:
         self.prefix = prefix
         self.sessions = tmp / "dcv-sessions"
         self.sessions.mkdir()
         self.port = free_port()
+        cert, key = self_signed_certificate(tmp)
         wrapper = tmp / "dcv"
         options = (f"--sessions-dir {self.sessions} --port {self.port} --web-url-path /dcv/ "
-                   f"--listen-address 127.0.0.1" + (" --never-report" if never_report else ""))
+                   f"--listen-address 127.0.0.1 --tls-cert {cert} --tls-key {key}"
+                   + (" --never-report" if never_report else ""))
         wrapper.write_text(f"#!/bin/sh\nexec {sys.executable} {STANDIN} {options} \"$@\"\n")
         wrapper.chmod(0o755)
         self.wrapper = wrapper
-        config = (f"backend: slurm\nslurm:\n  job_name_prefix: {prefix}\n  interface: 127.0.0.1\n"
+        # run_as gateway: these test accounts are not users of the test cluster.
+        config = (f"backend: slurm\nslurm:\n  job_name_prefix: {prefix}\n  interface: 127.0.0.1\n  run_as: gateway\n"
                   f"  time_limit_s: 1800\n  event_duration_s: 3600\n"
                   f"dcv:\n  default_protocol: auto\n  partition: gpu\n  gres: gpu:1\n  port: {self.port}\n"
-                  f"  scheme: http\n  wait_s: {wait_s}\n  dcv_path: {wrapper}\n")
+                  f"  wait_s: {wait_s}\n  dcv_path: {wrapper}\n")  # dcv.scheme: https, the default
         directory = tmp / "gw"
         directory.mkdir()
         self.run = GatewayRun(directory, accounts, config)
@@ -236,6 +249,116 @@ def basic(a: Account) -> dict[str, str]:
     return {"Authorization": "Basic " + base64.b64encode(f"{a.id}:{a.password}".encode()).decode()}
 
 
+async def check_cross_site_refused(http: aiohttp.ClientSession, run: GatewayRun, owner: Account,
+                                   session_id: str) -> None:
+    """Another site's page cannot use a participant's browser (its cookie or cached Basic credentials)."""
+    page = f"{run.url}dcv/{owner.id}/"
+    own_origin = f"http://127.0.0.1:{run.listen_port}"
+    for headers in ({"Origin": "https://evil.example"}, {"Origin": "null"}, {"Sec-Fetch-Site": "cross-site"},
+                    {"Origin": f"http://127.0.0.1:{run.listen_port + 1}"}):
+        for url in (page, f"{run.url}dcv/{owner.id}.dcv"):
+            async with http.get(url, headers={**basic(owner), **headers}) as response:
+                assert response.status == 403, (headers, url)
+                assert "refused" in await response.text()
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        await http.ws_connect(f"ws://127.0.0.1:{run.listen_port}/dcv/{owner.id}/ws", headers=basic(owner),
+                              origin="https://evil.example")
+    assert refused.value.status == 403
+    # The gateway's own pages (same origin, or same-origin fetches) are served.
+    for headers in ({"Origin": own_origin}, {"Sec-Fetch-Site": "same-origin"}, {"Sec-Fetch-Site": "none"}):
+        async with http.get(page, headers={**basic(owner), **headers}) as response:
+            assert response.status == 200 and f"session={session_id} " in await response.text()
+    async with http.ws_connect(f"ws://127.0.0.1:{run.listen_port}/dcv/{owner.id}/ws", headers=basic(owner),
+                               origin=own_origin) as ws:
+        await ws.send_str("same site")
+        assert (await ws.receive(timeout=5)).data == f"echo {session_id}: same site"
+
+
+@dataclass
+class RawAnswer:
+    status: int
+    headers: dict[str, str]
+    body: str
+
+
+async def raw_request(port: int, target: str, headers: dict[str, str]) -> RawAnswer:
+    """One HTTP/1.1 request written byte for byte (no client library normalises the target)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        lines = [f"GET {target} HTTP/1.1", *(f"{k}: {v}" for k, v in headers.items()), "Connection: close", "", ""]
+        writer.write("\r\n".join(lines).encode())
+        await writer.drain()
+        data = await asyncio.wait_for(reader.read(), timeout=15)
+    finally:
+        writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    fields = dict(line.split(": ", 1) for line in header_lines if ": " in line)
+    return RawAnswer(int(status_line.split()[1]), {k.lower(): v for k, v in fields.items()},
+                     body.decode(errors="replace"))
+
+
+class Decoy:
+    """A listener on another loopback port that no request may ever reach (SSRF canary)."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.server: asyncio.Server | None = None
+        self.port = 0
+
+    async def __aenter__(self) -> "Decoy":
+        async def count(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self.connections += 1
+            writer.close()
+
+        self.server = await asyncio.start_server(count, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+
+
+async def check_requests_stay_on_the_registered_session(run: GatewayRun, owner: Account, other: Account,
+                                                        session_id: str) -> None:
+    """Traversal and SSRF attempts on /dcv/ACCOUNT/...: through Apache and straight at the gateway's own
+    port, every answer is a refusal or comes from the account's own session at its registered node:port,
+    under its web-url-path; a decoy listener is never contacted; no other route answers."""
+    config = (run.state_dir / "apache" / "httpd.conf").read_text()
+    web_port = int(re.search(r"^ProxyPass / http://127\.0\.0\.1:(\d+)/", config, re.M).group(1))
+    prefix = f"/dcv/{owner.id}/"
+    async with Decoy() as decoy:
+        elsewhere = f"127.0.0.1:{decoy.port}"
+        targets = [f"{prefix}../{other.id}/", f"{prefix}..", f"{prefix}%2e%2e/%2e%2e/admin/",
+                   f"{prefix}.%2e/{other.id}/", f"{prefix}..%2f..%2fadmin/", f"{prefix}%2fetc%2fpasswd",
+                   f"{prefix}%5c..%5cadmin", f"{prefix}/{elsewhere}/", f"{prefix}http://{elsewhere}/",
+                   f"{prefix}@{elsewhere}/", f"{prefix}%40{elsewhere}/", f"http://{elsewhere}{prefix}x",
+                   f"{prefix}x?next=http://{elsewhere}/", f"/dcv/{owner.id}%2f..%2fadmin/"]
+        tricks = [{}, {"Host": elsewhere}, {"X-Forwarded-Host": elsewhere}, {"Host": f"{elsewhere}@127.0.0.1"}]
+        answers = []
+        for port in (run.listen_port, web_port):
+            for target in targets:
+                for trick in tricks:
+                    headers = {"Host": f"127.0.0.1:{port}", **basic(owner), **trick}
+                    answer = await raw_request(port, target, headers)
+                    answers.append((port, target, trick, answer.status))
+                    if answer.status < 400:
+                        assert answer.status == 200, (port, target, trick, answer.status)
+                        assert answer.headers.get("x-dcv-standin") == session_id, (port, target, trick)
+                        path = re.search(r" path=(\S+) ", answer.body).group(1)
+                        assert path.startswith(prefix) and ".." not in path.split("/"), (port, target, path)
+                    else:  # refused; a path that normalises out of /dcv/ meets that route's own sign-in
+                        assert answer.status in (400, 401, 403, 404), (port, target, trick, answer.status)
+                        assert "x-dcv-standin" not in answer.headers
+        assert decoy.connections == 0
+    served = sum(1 for *_, status in answers if status == 200)
+    print(f"\n/dcv/ traversal and SSRF attempts: {len(answers)} requests, {served} reached the own session, "
+          f"the rest refused ({sorted({s for *_, s in answers if s != 200})})")
+    assert served > 0  # the harmless ones (e.g. Host tricks on a plain path) still work
+
+
 async def test_one_gpu_gives_one_dcv_session_and_a_vnc_fallback(dcv_event) -> None:
     first, second = account("gd01", ("protocol", "dcv")), account("gd02", ("gpu", "yes"))
     event: DcvEvent = dcv_event([first, second], wait_s=12)
@@ -268,8 +391,15 @@ async def test_one_gpu_gives_one_dcv_session_and_a_vnc_fallback(dcv_event) -> No
     # The fallback is a real VNC desktop: an RFB handshake through Apache. The DCV account's VNC
     # websocket path reaches nothing (its session is only behind the sign-in).
     await rfb.connect_websocket(run.ws_url(vnc_account), vnc_account.password, timeout_s=10)
-    with pytest.raises(Exception):
+    with pytest.raises(aiohttp.WSServerHandshakeError) as nothing_there:
         await rfb.connect_websocket(run.ws_url(dcv_account), dcv_account.password, timeout_s=5)
+    assert nothing_there.value.status == 503  # Apache: no proxy listens for that path
+
+    # The stand-in speaks HTTPS only, so every answer from it below came over the default dcv.scheme.
+    async with aiohttp.ClientSession() as plain:
+        with pytest.raises(aiohttp.ClientError):
+            async with plain.get(f"http://127.0.0.1:{event.port}/dcv/") as response:
+                await response.read()
 
     base = run.url
     async with aiohttp.ClientSession() as http:
@@ -317,6 +447,8 @@ async def test_one_gpu_gives_one_dcv_session_and_a_vnc_fallback(dcv_event) -> No
             assert (await ws.receive(timeout=5)).data == f"echo {session_id}: hello"
             await ws.send_bytes(b"\x00\x01")
             assert (await ws.receive(timeout=5)).data == b"\x00\x01"
+        await check_cross_site_refused(http, run, dcv_account, session_id)
+    await check_requests_stay_on_the_registered_session(run, dcv_account, vnc_account, session_id)
 
     # Signed in with the session cookie, the personal page offers the same, and the route opens.
     async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:  # cookies for an IP

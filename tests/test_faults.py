@@ -24,14 +24,16 @@ import aiohttp
 import pytest
 
 from gateway import rfb
-from gateway.proc import process_start_time
 from gateway.state import StateStore
+from tests.exec_log import ExecRecorder
 from tests.gateway_run import (
     GatewayRun,
+    display_env,
     handshake_until_ok,
     make_accounts,
     processes_mentioning,
 )
+from tests.os_check import start_time, the_xvnc_on_port
 from tests.secrets_check import assert_secrets_kept
 from tests.ssh_host import SshHost, ssh_accounts, ssh_host  # noqa: F401 - ssh_host is a fixture
 from tests.system import require_program, system_required
@@ -69,7 +71,8 @@ async def test_ssh_desktops_are_readopted_after_a_gateway_sigkill(
     run.up(timeout_s=60)
     for account in remote:
         await rfb.connect_websocket(run.ws_url(account), account.password, timeout_s=10)
-    before = recorded(run)
+    # The OS's view, not the database's: each desktop's X server by pid and start time.
+    servers = {a.id: the_xvnc_on_port(a.vnc_port) for a in remote}
     remote_secrets = [p for p in (ssh_host.remote_dir / "secrets").iterdir()]
     assert len(remote_secrets) == 2
     assert_secrets_kept(run.state_dir, [a.password for a in remote], output=run.output,
@@ -81,14 +84,13 @@ async def test_ssh_desktops_are_readopted_after_a_gateway_sigkill(
 
     kill_gateway(run)
     for account in remote:
-        assert process_start_time(before[account.id]["xvnc"]["pid"]) is not None  # still there
+        assert start_time(servers[account.id][0]) == servers[account.id][1]  # still there
     run.up(timeout_s=60)
 
-    after = recorded(run)
     for account in remote:
-        assert after[account.id]["xvnc"] == before[account.id]["xvnc"], "a new X server was started"
         session = await handshake_until_ok(run.ws_url(account), account.password)
         assert session.name == account.id
+        assert the_xvnc_on_port(account.vnc_port) == servers[account.id], "a new X server was started"
         with pytest.raises(rfb.RfbAuthFailed):
             await rfb.connect_websocket(run.ws_url(account), "wrong-pw", timeout_s=10)
     assert run.text().count("desktop adopted") >= 2
@@ -107,9 +109,8 @@ async def test_ssh_desktops_are_readopted_after_a_gateway_sigkill(
 # -- a connected viewer's session continues ------------------------------------------------------
 
 
-def window_exists(display: int, title: str) -> bool:
-    result = subprocess.run(["xwininfo", "-display", f":{display}", "-name", title], capture_output=True,
-                            text=True, timeout=10)
+def window_exists(display: dict[str, str], title: str) -> bool:
+    result = subprocess.run(["xwininfo", "-name", title], capture_output=True, text=True, timeout=10, env=display)
     return result.returncode == 0
 
 
@@ -121,18 +122,18 @@ async def test_a_connected_viewer_continues_on_the_same_desktop_after_a_gateway_
     run = GatewayRun(tmp_path / "gw", [account])
     runs.append(run)
     run.up()
-    before = recorded(run)[account.id]
-    display = int(before["display"])
+    server = the_xvnc_on_port(account.vnc_port)  # (pid, start time), as the OS sees it
+    display = display_env(run.state_dir, account.id)
     # Work in progress: a window on the desktop and a file in the workspace.
     title = f"unsaved-work-{os.getpid()}"
-    window = subprocess.Popen(["xterm", "-T", title], env={**os.environ, "DISPLAY": f":{display}"},
+    window = subprocess.Popen(["xterm", "-T", title], env=display,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 10
         while not window_exists(display, title):
             assert time.monotonic() < deadline, "the xterm window did not appear"
             await asyncio.sleep(0.1)
-        workspace = run.state_dir / "workspaces" / account.id
+        workspace = run.workspace(account)
         (workspace / "draft.txt").write_text("half a solution")
 
         async with aiohttp.ClientSession() as http:
@@ -157,8 +158,7 @@ async def test_a_connected_viewer_continues_on_the_same_desktop_after_a_gateway_
         session = await handshake_until_ok(run.ws_url(account), account.password)
         print(f"\nviewer reconnected {time.monotonic() - started:.1f} s after the new gateway was ready")
         assert session.name == account.id
-        after = recorded(run)[account.id]
-        assert after["xvnc"] == before["xvnc"]
+        assert the_xvnc_on_port(account.vnc_port) == server, "a new X server was started"
         assert window_exists(display, title)
         assert window.poll() is None  # the X client never lost its server
         assert (workspace / "draft.txt").read_text() == "half a solution"
@@ -276,3 +276,114 @@ async def test_slurm_controller_away_for_a_minute_changes_nothing_for_participan
     print(f"\nslurmctld away {outage_s:.0f} s: {handshakes} handshakes through Apache all succeeded; "
           f"organisers saw: {long_unknown[accounts[0].id]!r}")
     assert run.terminate(timeout_s=60) == 0
+
+
+# -- every exec of a whole cycle: no password on any command line, however short-lived ----------
+#
+# One look at /proc misses a vncpasswd, an sbatch, a job script or a remote command that lives for
+# milliseconds. strace records every execve of the gateway's whole process tree (and of the private
+# sshd, and of the node's slurmd, which start the SSH and Slurm desktops), with argv and environment,
+# through `gateway up`, `gateway desktop restart` and `gateway down`; then the record is searched for
+# every password: participants', view-only, the admin password.
+
+
+def _all_passwords(run: GatewayRun, accounts: list) -> list[str]:
+    values = [a.password for a in accounts]
+    for path in (run.state_dir / "secrets").rglob("*"):
+        if path.is_file() and path.suffix in (".viewonly", ".password"):
+            values.append(path.read_text().strip())
+    assert (run.state_dir / "secrets" / "admin.password").is_file()
+    assert all(len(v) >= 6 for v in values)
+    return values
+
+
+def _gateway_command(recorder: ExecRecorder, run: GatewayRun, what: str, *args: str) -> None:
+    result = subprocess.run(recorder.command([sys.executable, "-m", "gateway", *args, "--state-dir",
+                                              str(run.state_dir)], what), capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+async def _up_restart_down(run: GatewayRun, accounts: list, recorder: ExecRecorder) -> list[str]:
+    """The traced cycle; returns every password the record must not hold."""
+    untraced = run.argv
+    run.argv = lambda: recorder.command(untraced(), "gateway-up")  # type: ignore[method-assign]
+    run.up(timeout_s=90)
+    for account in accounts:
+        await handshake_until_ok(run.ws_url(account), account.password, timeout_s=30)
+    passwords = _all_passwords(run, accounts)
+    victim = accounts[0]
+    before = recorded(run)[victim.id]
+    _gateway_command(recorder, run, "desktop-restart", "desktop", "restart", victim.id)
+    deadline = time.monotonic() + 60
+    while recorded(run).get(victim.id) in (None, before) or run.status()[victim.id]["state"] != "ready":
+        assert time.monotonic() < deadline, "the desktop was not restarted"
+        await asyncio.sleep(0.2)
+    await handshake_until_ok(run.ws_url(victim), victim.password, timeout_s=30)
+    _gateway_command(recorder, run, "gateway-down", "down")
+    assert run.process is not None and run.process.wait(timeout=30) == 0
+    return passwords
+
+
+def _assert_record_clean(recorder: ExecRecorder, passwords: list[str], must_run: dict[str, int]) -> None:
+    programs = recorder.programs()
+    counts = {name: sum(1 for line in recorder.execs() if "= -1" not in line and f'/{name}", [' in line)
+              for name in must_run}
+    # The record is real: it saw the short-lived programs that handle the passwords, the restart included.
+    assert all(counts[name] >= least for name, least in must_run.items()), (counts, sorted(programs))
+    assert recorder.holding(passwords) == []
+
+
+async def test_no_password_in_any_exec_of_a_local_up_restart_down_cycle(runs: list[GatewayRun],
+                                                                       tmp_path: Path) -> None:
+    require_program("strace")
+    recorder = ExecRecorder(tmp_path / "execs")
+    (tmp_path / "gw").mkdir()
+    accounts = make_accounts(2)
+    run = GatewayRun(tmp_path / "gw", accounts)
+    runs.append(run)
+    try:
+        passwords = await _up_restart_down(run, accounts, recorder)
+    finally:
+        recorder.stop()
+    _assert_record_clean(recorder, passwords, {"vncpasswd": len(accounts) + 1, "Xvnc": len(accounts) + 1,
+                                               "apache2": 1})
+
+
+async def test_no_password_in_any_exec_of_an_ssh_up_restart_down_cycle(
+        ssh_host: SshHost, runs: list[GatewayRun], tmp_path: Path) -> None:
+    require_program("strace")
+    recorder = ExecRecorder(tmp_path / "execs")
+    remote = ssh_accounts(2)
+    (tmp_path / "gw").mkdir()
+    run = GatewayRun(tmp_path / "gw", remote, ssh_host.config_text() + RESTART_FAST)
+    runs.append(run)
+    assert ssh_host.process is not None
+    try:
+        recorder.attach(ssh_host.process.pid, "sshd")  # the "host": every remote command starts under it
+        passwords = await _up_restart_down(run, remote, recorder)
+    finally:
+        recorder.stop()
+    _assert_record_clean(recorder, passwords, {"vncpasswd": len(remote) + 1, "Xvnc": len(remote) + 1})
+    assert ssh_host.leftovers() == []
+
+
+def slurmd_pid() -> int:
+    pid = int((SLURM_STATE_DIR / "slurmd.pid").read_text().strip())
+    assert Path(f"/proc/{pid}/comm").read_text().strip() == "slurmd"
+    return pid
+
+
+async def test_no_password_in_any_exec_of_a_slurm_up_restart_down_cycle(slurm_event, tmp_path: Path) -> None:
+    require_cluster()
+    require_program("strace")
+    recorder = ExecRecorder(tmp_path / "execs")
+    accounts = auto_accounts(["sx01", "sx02"])
+    run: GatewayRun = slurm_event(accounts, "desktop:\n  poll_interval_s: 1\n")
+    try:
+        recorder.attach(slurmd_pid(), "slurmd")  # the node: job scripts, vncpasswd and Xvnc start under it
+        passwords = await _up_restart_down(run, accounts, recorder)
+    finally:
+        recorder.stop()
+    _assert_record_clean(recorder, passwords, {"sbatch": len(accounts) + 1, "vncpasswd": len(accounts) + 1,
+                                               "Xvnc": len(accounts) + 1, "scancel": 1})

@@ -23,6 +23,8 @@ from tests.gateway_run import (
     port_is_listening,
     processes_mentioning,
 )
+from tests.os_check import start_time, the_xvnc_on_port
+from tests.secrets_check import passwords_in_command_lines
 
 pytestmark = pytest.mark.system
 
@@ -84,12 +86,14 @@ async def test_every_account_gets_a_desktop_through_apache_and_sigterm_cleans_up
 
 def _assert_no_secret_leaks(run: GatewayRun, pids: list[int]) -> None:
     passwords = [a.password.encode() for a in run.accounts]
+    # Every process on this machine, not only those naming the state dir: websockify's command line
+    # does not, and desktops may run as users of their own. (Short-lived processes: test_faults records
+    # every exec of a whole cycle.)
+    assert passwords_in_command_lines([a.password for a in run.accounts]) == []
+    websockify = [pid for pid in _all_pids() if b"websockify" in _cmdline(pid)]
+    assert len(websockify) >= len(run.accounts), "the check must see the proxies"
     for pid in pids:
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-        assert not any(p in cmdline for p in passwords), f"password in command line of {pid}"
+        assert not any(p in _cmdline(pid) for p in passwords), f"password in command line of {pid}"
     for path in run.state_dir.rglob("*"):
         if path.is_file() and path.suffix in (".log", ".conf", ".db", ".out"):
             data = path.read_bytes()
@@ -98,6 +102,18 @@ def _assert_no_secret_leaks(run: GatewayRun, pids: list[int]) -> None:
     assert stat.S_IMODE(run.state_dir.stat().st_mode) == 0o700
     for secret in (run.state_dir / "secrets").iterdir():
         assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+
+
+
+def _all_pids() -> list[int]:
+    return [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()]
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 async def test_killed_proxy_and_desktop_are_restarted(gateway_factory) -> None:
@@ -119,7 +135,7 @@ async def test_killed_proxy_and_desktop_are_restarted(gateway_factory) -> None:
     assert recorded(run)[1][f"proxy:{victim.id}"].pid != proxy.pid
 
     # Files in the workspace survive the X server being killed, and the desktop comes back.
-    workspace = run.state_dir / "workspaces" / victim.id
+    workspace = run.workspace(victim)
     (workspace / "notes.txt").write_text("my work")
     xvnc_pid = desktops[victim.id].state["xvnc"]["pid"]
     bystander_pid = desktops[bystander.id].state["xvnc"]["pid"]
@@ -138,19 +154,22 @@ async def test_killed_proxy_and_desktop_are_restarted(gateway_factory) -> None:
 async def test_gateway_killed_with_sigkill_readopts_desktops(gateway_factory) -> None:
     run: GatewayRun = gateway_factory(count=2)
     run.up()
-    before, _ = recorded(run)
+    # What the OS says, not the gateway's database: the X server of each desktop, by pid and start time.
+    servers = {a.id: the_xvnc_on_port(a.vnc_port) for a in run.accounts}
     assert run.process is not None
     run.process.kill()
     run.process.wait()
     # The desktops outlive the gateway...
     for account in run.accounts:
-        assert process_start_time(before[account.id].state["xvnc"]["pid"]) is not None
-    # ...and the next gateway keeps them, instead of starting new ones.
+        assert start_time(servers[account.id][0]) == servers[account.id][1]
+    # ...and the next gateway keeps them, instead of starting new ones: the same processes serve them.
     run.up()
-    after, _ = recorded(run)
     for account in run.accounts:
-        assert after[account.id].state["xvnc"] == before[account.id].state["xvnc"]
-        await handshake_until_ok(run.ws_url(account), account.password)
+        session = await handshake_until_ok(run.ws_url(account), account.password)
+        assert session.name == account.id
+        assert the_xvnc_on_port(account.vnc_port) == servers[account.id], "a new X server was started"
+    after, _ = recorded(run)
+    assert {a.id: after[a.id].state["xvnc"]["pid"] for a in run.accounts} == {k: v[0] for k, v in servers.items()}
     assert "desktop adopted" in run.text()
     assert run.terminate() == 0
     assert processes_mentioning(str(run.state_dir)) == []
@@ -166,9 +185,11 @@ def test_malformed_token_file_exits_2_and_starts_nothing(tmp_path: Path) -> None
                              "--listen", "127.0.0.1:1"], capture_output=True, text=True, timeout=30)
     assert time.monotonic() - started < 10
     assert result.returncode == 2
-    assert result.stderr.splitlines() == [
-        f"{tokens}:2: vncpassword is too short (3 characters, at least 6)",
-    ] or all(line.startswith(f"{tokens}:2:") for line in result.stderr.splitlines())
+    lines = result.stderr.splitlines()
+    # The short password is named with its place; any other problem found is on the same line 2
+    # (its path repeats line 1's). Empty output is a failure: the organiser would be told nothing.
+    assert f"{tokens}:2: vncpassword is too short (3 characters, at least 6)" in lines, result.stderr
+    assert all(line.startswith(f"{tokens}:2: ") for line in lines), result.stderr
     assert "Traceback" not in result.stderr
     assert not state.exists()
     assert processes_mentioning(str(state)) == []

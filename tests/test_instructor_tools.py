@@ -25,7 +25,7 @@ from gateway.idle import IdlePolicy, IdleWatcher
 from gateway.state import StateStore
 from gateway.status import DesktopSlot, Phase
 from gateway.tokens import Account
-from tests.gateway_run import GatewayRun
+from tests.gateway_run import GatewayRun, display_env
 from tests.system import require_program
 from tests.test_browser import browser  # noqa: F401 - the fixture
 from tests.test_cockpit import _mouse_location, admin_password, get, wait_for
@@ -195,12 +195,9 @@ def _viewer_config(page: bytes) -> dict:
     return json.loads(match.group(1))
 
 
-def _display(run: GatewayRun, account_id: str) -> int:
-    store = StateStore(run.state_dir / "gateway.db")
-    try:
-        return int(store.desktops()[account_id].state["display"])
-    finally:
-        store.close()
+def _display(run: GatewayRun, account_id: str) -> dict[str, str]:
+    """What an X client needs to open the account's display (DISPLAY and its XAUTHORITY cookie)."""
+    return display_env(run.state_dir, account_id)
 
 
 def _events(run: GatewayRun, password: str) -> list[dict]:
@@ -234,8 +231,7 @@ def test_watch_page_is_view_only_and_share_links_expire(gateway_factory, browser
     assert account.password.encode() not in page
 
     # The pointer is somewhere known; then the instructor's viewer connects by itself and tries to move it.
-    subprocess.run([require_program("xdotool"), "mousemove", "100", "100"], check=True, timeout=10,
-                   env={"DISPLAY": f":{display}", "PATH": os.environ["PATH"]})
+    subprocess.run([require_program("xdotool"), "mousemove", "100", "100"], check=True, timeout=10, env=display)
     assert _mouse_location(display) == (100, 100)
     context = browser.new_context(http_credentials={"username": "admin", "password": password},
                                   viewport={"width": 1280, "height": 900})
@@ -350,10 +346,10 @@ def test_wall_thumbnails_are_grabbed_only_while_the_wall_is_open(gateway_factory
     assert run.terminate() == 0
 
 
-def _xmessage_windows(display: int) -> int:
+def _xmessage_windows(display: dict[str, str]) -> int:
     xdotool = require_program("xdotool")
     result = subprocess.run([xdotool, "search", "--class", "Xmessage"], capture_output=True, text=True, timeout=10,
-                            env={"DISPLAY": f":{display}", "PATH": os.environ["PATH"]})
+                            env=display)
     return len(result.stdout.split())
 
 
@@ -417,7 +413,19 @@ async def test_builtin_relay_reports_input_age(gateway_factory) -> None:
             samples = families["gateway_desktop_last_input_age_seconds"].samples
             return next((s.value for s in samples if s.labels["account"] == account.id), None)
 
-        age = await asyncio.to_thread(wait_for, lambda: input_age() is not None and input_age(), 5)
-        assert age is not None and 0 <= age < 10
+        def sampled_age() -> float | None:
+            deadline = time.monotonic() + 5
+            while (value := input_age()) is None and time.monotonic() < deadline:
+                time.sleep(0.2)
+            return value
+
+        # A sample must appear (no sample means the relay never saw the input), and it is recent.
+        age = await asyncio.to_thread(sampled_age)
+        assert isinstance(age, float), f"no input-age sample for {account.id}: {age!r}"
+        assert 0 <= age < 10, age
+        # With no further input the age grows: it measures the time since the input, not a constant.
+        await asyncio.sleep(1.5)
+        later = await asyncio.to_thread(sampled_age)
+        assert isinstance(later, float) and later >= age + 1.0, (age, later)
         await ws.close()
     assert run.terminate() == 0

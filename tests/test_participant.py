@@ -28,7 +28,6 @@ CONFIG = """\
 registration:
   enabled: true
   documents: [terms.md, privacy.md]
-  repeat: show
   signup_attempts: 12
   signin_failures: 6
 archive:
@@ -93,7 +92,7 @@ async def test_archives_download_only_to_their_owner_resume_and_equal_the_worksp
     run.up()
     ws01, ws02, ws03 = run.accounts
     try:
-        workspaces = {a.id: run.state_dir / "workspaces" / a.id for a in (ws01, ws02)}
+        workspaces = {a.id: run.workspace(a) for a in (ws01, ws02)}
         work = {name: fill_workspace(path, name.encode()) for name, path in workspaces.items()}
 
         result = subprocess.run(
@@ -242,7 +241,8 @@ async def test_signup_hands_out_accounts_records_acceptance_and_checks_csrf(gate
             second, second_pw = shown_account(page)
             assert second != first and passwords[second] == second_pw
             status, page = await sign_up("  ADA@Example.org ")  # the same e-mail, typed differently
-            assert status == 200 and shown_account(page)[0] == first and "already have an account" in page
+            assert status == 200 and "already have an account" in page and f'id="account">{first}<' in page
+            assert first_pw not in page and 'id="password"' not in page  # a password is shown once
 
             # No CSRF token, a forged one, or one from another browser (cookie): refused.
             async with http.post(base + "signup", data={"name": "Eve", "email": "eve@example.org", **accept}) as r:

@@ -193,8 +193,11 @@ def fake_slurm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     return answer
 
 
+AS_GATEWAY = "slurm:\n  run_as: gateway\n"  # the fake commands run as the test's user, not as accounts
+
+
 def backend(tmp_path: Path) -> SlurmBackend:
-    b = make_backend("slurm", config(), tmp_path / "state")
+    b = make_backend("slurm", config(AS_GATEWAY), tmp_path / "state")
     assert isinstance(b, SlurmBackend)
     return b
 
@@ -274,13 +277,13 @@ async def test_reservation_record_is_private_and_only_ours_is_deleted(fake_slurm
     state_dir = tmp_path / "state"
     state_dir.mkdir()
     fake_slurm("scontrol", "Reservation created: x\n")
-    b = SlurmBackend(config("slurm:\n  node_count: 2\n"), state_dir)
+    b = SlurmBackend(config("slurm:\n  node_count: 2\n  run_as: gateway\n"), state_dir)
     await b.open([account()])
     record = state_dir / "slurm-reservation.json"
     assert stat.S_IMODE(record.stat().st_mode) == 0o600
     assert b.reservation and b.reservation.startswith("desktop-event-")
     # A named reservation is used, never created or deleted.
-    named = SlurmBackend(config("slurm:\n  reservation: theirs\n"), tmp_path / "other")
+    named = SlurmBackend(config("slurm:\n  reservation: theirs\n  run_as: gateway\n"), tmp_path / "other")
     fake_slurm("scontrol", "ReservationName=theirs StartTime=now State=ACTIVE\n")
     await named.open([account()])
     await named.close(final=True)
@@ -304,15 +307,79 @@ def test_preflight_needs_slurm_commands_not_xvnc_for_slurm_accounts(monkeypatch:
     tokens = parse_tokens("a1 auto /d/a1 6001 5901 abcdefg\n", "t.txt")
     missing = {"Xvnc", "vncpasswd"}
     monkeypatch.setattr(cli, "_program_exists", lambda program: program not in missing)
-    cli.preflight(config(), tokens)  # no local account: Xvnc is not needed on the gateway
+    cfg = config(AS_GATEWAY)
+    cli.preflight(cfg, tokens)  # no local account: Xvnc is not needed on the gateway
     with pytest.raises(UserError, match="Xvnc"):
-        cli.preflight(config(), parse_tokens("l1 localhost /d/l1 6001 5901 abcdefg\n", "t.txt"))
+        cli.preflight(cfg, parse_tokens("l1 localhost /d/l1 6001 5901 abcdefg\n", "t.txt"))
     missing = {"sbatch"}
     with pytest.raises(UserError, match="program not found: sbatch"):
-        cli.preflight(config(), tokens)
+        cli.preflight(cfg, tokens)
     missing = {"/usr/sbin/apache2"}
     with pytest.raises(UserError, match="apache2"):
-        cli.preflight(config(), tokens)  # Apache is still needed
+        cli.preflight(cfg, tokens)  # Apache is still needed
+
+
+def test_run_as_account_is_the_default_and_up_checks_the_users_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway import cli
+    from gateway.errors import UserError
+    from gateway.tokens import parse_tokens
+
+    monkeypatch.setattr(cli, "_program_exists", lambda program: True)
+    assert config().slurm.run_as == "account"
+    # Accounts that are no users here (nor anywhere NSS looks), and no shared dir: both said, before anything starts.
+    tokens = parse_tokens("nosuchuser-gw1 auto /d/a1 6001 5901 abcdefg\nnosuchuser-gw2 auto /d/a2 6002 5902 abcdefg\n",
+                          "t.txt")
+    with pytest.raises(UserError) as info:
+        cli.preflight(config(), tokens)
+    lines = str(info.value).splitlines()
+    assert any(line.startswith("slurm.shared_dir: ") for line in lines), lines
+    (users,) = [line for line in lines if line.startswith("t.txt:1: ")]
+    assert "nosuchuser-gw1, nosuchuser-gw2" in users and "useradd" in users and "run_as: gateway" in users
+    # With a shared dir, the missing users are the whole message: one line.
+    with pytest.raises(UserError) as info:
+        cli.preflight(config("slurm:\n  shared_dir: /shared/gw\n"), tokens)
+    assert str(info.value) == users
+    # A system account (uid 0 here) never runs a participant's job.
+    with pytest.raises(UserError, match=r"t.txt:1: these accounts are system users .*: root"):
+        cli.preflight(config("slurm:\n  shared_dir: /shared/gw\n"),
+                      parse_tokens("root auto /d/a1 6001 5901 abcdefg\n", "t.txt"))
+    # run_as: gateway, chosen explicitly, needs no users.
+    cli.preflight(config(AS_GATEWAY), tokens)
+
+
+async def test_a_report_that_disagrees_with_slurm_is_refused(fake_slurm, tmp_path: Path, caplog) -> None:
+    b = backend(tmp_path)
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    state = {"job_id": 41, "user": None, "workdir": str(workdir)}
+    fake_slurm("squeue", "41|RUNNING|vm|None|desktop-ws01|root\n")
+    report = workdir / "report-41"
+    forged = [
+        "job=41\nnode=evil\nhost=10.9.9.9\nport=5901\ndisplay=2\n",   # another node
+        "job=41\nnode=vm\nhost=vm\nport=22\ndisplay=2\n",              # another port
+        "job=41\nhost=10.9.9.9\nport=5901\n",                           # no node, a host of its own
+    ]
+    for text in forged:
+        report.write_text(text)
+        b.queue.invalidate()
+        result = await b.poll(account(), state)
+        assert result.status is Status.RUNNING and result.endpoint is None, text
+        assert "report was refused" in result.reason
+    refusals = [r for r in caplog.records if "job report refused" in r.getMessage()]
+    assert len(refusals) == 1  # logged once per job, not at every poll
+    # A directory or a pipe in its place is no report at all (and does not hang or crash the poll).
+    report.unlink()
+    report.mkdir()
+    b.queue.invalidate()
+    assert (await b.poll(account(), state)).endpoint is None
+    report.rmdir()
+    os.mkfifo(report)
+    assert (await b.poll(account(), state)).endpoint is None
+    report.unlink()
+    # Agreeing with Slurm: the endpoint is the node's address and the account's port, never the report's host.
+    report.write_text("job=41\nnode=vm\nhost=10.9.9.9\nport=5901\ndisplay=2\n")
+    result = await b.poll(account(), state)
+    assert (result.endpoint.host, result.endpoint.port) == ("127.0.0.1", 5901)
 
 
 async def test_sbatch_is_retried_when_slurmctld_is_away(fake_slurm, tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -117,8 +118,10 @@ def slurm_event(tmp_path: Path) -> Iterator:
     runs: list[GatewayRun] = []
 
     def make(accounts: list[Account], extra: str = "") -> GatewayRun:
+        # Accounts like sl01 are no OS users: unless the test says otherwise, jobs run as the gateway's user.
+        run_as = "" if "run_as:" in extra else "  run_as: gateway\n"
         config = (f"backend: slurm\nslurm:\n  job_name_prefix: {prefix}\n  interface: 127.0.0.1\n"
-                  f"  time_limit_s: 1800\n  event_duration_s: 3600\n{extra}")
+                  f"  time_limit_s: 1800\n  event_duration_s: 3600\n{run_as}{extra}")
         directory = tmp_path / f"gw{len(runs)}"
         directory.mkdir()
         run = GatewayRun(directory, accounts, config)
@@ -271,6 +274,8 @@ def os_users() -> Iterator[list[str]]:
         yield names
     finally:
         for name in created:
+            # Jobs a test submitted as the user (from inside a desktop), then whatever still runs as it.
+            subprocess.run(["scancel", "-u", name], capture_output=True, timeout=30)
             _kill_processes_of(name)
             subprocess.run(["userdel", "-r", name], capture_output=True, timeout=30)
 
@@ -316,6 +321,179 @@ async def test_run_as_account_submits_as_each_user_and_down_after_a_crash_cleans
         assert reservations(prefix) == []
         assert processes_mentioning(str(run.state_dir)) == []
     finally:
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+def test_up_refuses_accounts_that_are_no_users_before_starting_anything(tmp_path: Path) -> None:
+    """run_as: account is the default: accounts that are no users here stop `up` at once (exit 2)."""
+    prefix = f"gwn{os.getpid() % 10000}r{random.randint(100, 999)}"
+    shared = tmp_path / "shared"
+    accounts = auto_accounts([f"nouser{prefix}a", f"nouser{prefix}b"])
+    run = GatewayRun(tmp_path, accounts, f"backend: slurm\nslurm:\n  job_name_prefix: {prefix}\n"
+                                         f"  shared_dir: {shared}\n")
+    result = subprocess.run(run.argv(), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert re.match(rf"gateway: error: {re.escape(str(run.tokens))}:[0-9]+: slurm.run_as is account", line), line
+    assert f"nouser{prefix}a, nouser{prefix}b" in line and "slurm.run_as: gateway" in line
+    # Nothing half-started: no state dir, no shared dir, no reservation, no job, no process.
+    assert not run.state_dir.exists() and not shared.exists()
+    assert reservations(prefix) == [] and our_jobs(prefix) == {}
+    assert processes_mentioning(str(tmp_path)) == []
+
+
+def _job_processes(job_id: int) -> dict[int, tuple[str, int]]:
+    """What job ``job_id`` runs on this node: {pid: (command name, uid)} of every process whose
+    environment names the job (slurmstepd, Slurm's own root helper, is not the job's)."""
+    needle = f"\0SLURM_JOB_ID={job_id}\0".encode()
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if needle in b"\0" + (entry / "environ").read_bytes():
+                comm = (entry / "comm").read_text().strip()
+                if comm != "slurmstepd":
+                    found[int(entry.name)] = (comm, entry.stat().st_uid)
+        except OSError:
+            continue
+    return found
+
+
+def _environment(pid: int) -> dict[str, str]:
+    pairs = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(p.decode(errors="replace").partition("=")[::2] for p in pairs if b"=" in p)
+
+
+def _as_user(user: str, *argv: str, timeout_s: float = 30) -> subprocess.CompletedProcess[str]:
+    """``argv`` run as ``user`` (runuser: a real login of nobody's choosing, no shell string)."""
+    return subprocess.run(["runuser", "-u", user, "--", *argv], capture_output=True, text=True, timeout=timeout_s)
+
+
+def _type_into_xterm(user: str, environment: dict[str, str], text: str) -> None:
+    """Type ``text`` and Return into the desktop's terminal as ``user`` would: through its X display."""
+    env = ["env", "-i", "PATH=/usr/bin:/bin", f"DISPLAY={environment['DISPLAY']}"]
+    if environment.get("XAUTHORITY"):
+        env.append(f"XAUTHORITY={environment['XAUTHORITY']}")
+
+    def xdotool(*args: str) -> str:
+        result = _as_user(user, *env, "xdotool", *args)
+        assert result.returncode == 0, f"xdotool {' '.join(args)}: {result.stderr}"
+        return result.stdout
+
+    deadline = time.monotonic() + 20
+    while not (windows := xdotool("search", "--onlyvisible", "--class", "xterm").split()):
+        assert time.monotonic() < deadline, "no xterm window on the desktop"
+        time.sleep(0.3)
+    xdotool("windowactivate", "--sync", windows[0])
+    xdotool("type", "--delay", "15", text)
+    xdotool("key", "Return")
+
+
+async def test_a_participant_submits_a_job_from_inside_the_desktop_as_their_own_user(slurm_event, os_users) -> None:
+    require_program("xdotool")
+    require_program("runuser")
+    shared = Path(tempfile.mkdtemp(prefix="gw-shared-", dir="/tmp"))
+    try:
+        accounts = auto_accounts(os_users)
+        run: GatewayRun = slurm_event(accounts, f"  run_as: account\n  shared_dir: {shared}\n")
+        prefix = run.prefix  # type: ignore[attr-defined]
+        run.up(timeout_s=READY_WITHIN_S)
+        alice, bob = accounts
+        uid = {a.id: int(subprocess.run(["id", "-u", a.id], capture_output=True, text=True).stdout) for a in accounts}
+        (info,) = our_jobs(prefix)[alice.id]
+        assert info.user == alice.id
+
+        # Everything of the desktop runs as the participant's uid: the job script, Xvnc, the window
+        # manager, the terminal (nothing as root, nothing as the gateway's user).
+        processes = {}
+        deadline = time.monotonic() + 20
+        while "xterm" not in {comm for comm, _ in processes.values()}:
+            assert time.monotonic() < deadline, f"no terminal in job {info.job_id}: {processes}"
+            await asyncio.sleep(0.3)
+            processes = _job_processes(info.job_id)
+        assert {"Xvnc", "openbox", "xterm"} <= {comm for comm, _ in processes.values()}, processes
+        assert {owner for _, owner in processes.values()} == {uid[alice.id]}, processes
+        xterm = next(pid for pid, (comm, _) in processes.items() if comm == "xterm")
+
+        # The participant types into the desktop's terminal: the job they submit is theirs.
+        inner = f"inner{prefix}"
+        _type_into_xterm(alice.id, _environment(xterm), f"sbatch -t 1 -J {inner} --wrap 'sleep 60'")
+        deadline = time.monotonic() + 20
+        while not (mine := [j for j in parse_squeue(subprocess.run(
+                ["squeue", "--noheader", "--states=all", f"--format={SQUEUE_FORMAT}"], capture_output=True,
+                text=True, timeout=30).stdout).values() if j.name == inner]):
+            assert time.monotonic() < deadline, "the job typed into the desktop never reached Slurm"
+            await asyncio.sleep(0.3)
+        (submitted,) = mine
+        assert submitted.user == alice.id and submitted.state in (JobState.PENDING, JobState.RUNNING), submitted
+        print(f"\njob {submitted.job_id} submitted from {alice.id}'s desktop: user {submitted.user}, "
+              f"{submitted.raw_state}")
+
+        # The shared dir: traversable only; each account's files readable by its user (and root) only.
+        assert shared.stat().st_uid == os.geteuid() and (shared.stat().st_mode & 0o777) == 0o711
+        for account in accounts:
+            (job,) = our_jobs(prefix)[account.id]
+            workdir = shared / account.id
+            files = [workdir / ".vnc-secret", workdir / f"report-{job.job_id}"]
+            assert workdir.stat().st_uid == uid[account.id] and (workdir.stat().st_mode & 0o777) == 0o700
+            for path in files:
+                assert path.stat().st_uid == uid[account.id] and (path.stat().st_mode & 0o777) == 0o600, path
+            other = bob if account is alice else alice
+            for path in files:
+                attempt = _as_user(other.id, "cat", str(path))
+                assert attempt.returncode != 0 and "Permission denied" in attempt.stderr, (other.id, path)
+                assert account.password not in attempt.stdout
+            assert _as_user(account.id, "cat", str(files[1])).returncode == 0  # its own: yes
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+async def test_a_report_forged_by_the_participant_is_not_believed(os_users, tmp_path: Path, caplog) -> None:
+    """The job's report lives in the participant's directory: a host or port written there is refused."""
+    from gateway.backends.slurm import SlurmBackend
+    from gateway.config import parse_config
+
+    require_program("runuser")
+    prefix = f"gwf{os.getpid() % 10000}r{random.randint(100, 999)}"
+    shared = Path(tempfile.mkdtemp(prefix="gw-shared-", dir="/tmp"))
+    state_dir = tmp_path / "state"
+    state_dir.mkdir(mode=0o700)
+    config = parse_config(f"backend: slurm\nslurm:\n  job_name_prefix: {prefix}\n  interface: 127.0.0.1\n"
+                          f"  time_limit_s: 600\n  event_duration_s: 3600\n  shared_dir: {shared}\n")
+    (account,) = auto_accounts(os_users[:1])
+    backend = SlurmBackend(config, state_dir)
+    state = None
+    try:
+        await backend.open([account])
+        state = await backend.start(account)
+        deadline = time.monotonic() + READY_WITHIN_S
+        while (result := await backend.poll(account, state)).endpoint is None:
+            assert time.monotonic() < deadline, result
+            await asyncio.sleep(0.3)
+        assert (result.endpoint.host, result.endpoint.port) == ("127.0.0.1", account.vnc_port)
+        report = Path(state["workdir"]) / f"report-{state['job_id']}"
+        node = report.read_text().split("node=")[1].split()[0]
+
+        # The participant's user rewrites the report: elsewhere, and here on another port.
+        decoy = free_port()
+        for forged in (f"job={state['job_id']}\nnode=elsewhere\nhost=10.66.0.1\nport={decoy}\ndisplay=1\n",
+                       f"job={state['job_id']}\nnode={node}\nhost=127.0.0.1\nport={decoy}\ndisplay=1\n"):
+            written = _as_user(account.id, "sh", "-c", 'printf %s "$1" >"$2.tmp" && mv -f "$2.tmp" "$2"', "forge",
+                               forged, str(report))
+            assert written.returncode == 0, written.stderr
+            backend.queue.invalidate()
+            result = await backend.poll(account, state)
+            assert result.endpoint is None and "report was refused" in result.reason, result
+        refused = [r.getMessage() for r in caplog.records if "job report refused" in r.getMessage()]
+        assert len(refused) == 1 and "elsewhere" in refused[0], refused
+    finally:
+        if state is not None:
+            await backend.stop(account, state)
+        await backend.close(final=True)
+        subprocess.run(["scancel", "-n", f"{prefix}-{account.id}"], capture_output=True, timeout=30)
+        for name in reservations(prefix):
+            subprocess.run(["scontrol", "delete", "reservation", name], capture_output=True, timeout=30)
         shutil.rmtree(shared, ignore_errors=True)
 
 

@@ -31,6 +31,7 @@ from tests.gateway_run import (
     make_accounts,
     recorded_desktops,
 )
+from tests.os_check import the_xvnc_on_port
 from tests.secrets_check import passwords_in_command_lines
 from tests.ssh_host import HOST, SshHost, ssh_accounts, ssh_host  # noqa: F401 - ssh_host is a fixture
 from tests.system import require_program
@@ -237,6 +238,7 @@ async def test_poll_is_unknown_while_the_host_is_unreachable_and_a_new_gateway_a
     try:
         state = await backend.start(account)
         assert (await backend.poll(account, state)).status is Status.RUNNING
+        server = the_xvnc_on_port(account.vnc_port)  # (pid, start time), as the OS sees it
         await rfb.probe(HOST, account.vnc_port, timeout_s=5)
         assert passwords_in_command_lines([account.password]) == []
 
@@ -253,6 +255,9 @@ async def test_poll_is_unknown_while_the_host_is_unreachable_and_a_new_gateway_a
         backend = _backend(ssh_host, tmp_path)
         await backend.open([account])
         assert (await backend.adopt(account, state)).status is Status.RUNNING
+        # Adopted means kept: the very same X server process, not a new one on the same port.
+        assert the_xvnc_on_port(account.vnc_port) == server
+        await rfb.probe(HOST, account.vnc_port, timeout_s=5)
 
         # The X server dies: positive evidence, GONE; stop then cleans up what is left.
         os.kill(state["xvnc"]["pid"], signal.SIGKILL)

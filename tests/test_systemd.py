@@ -19,7 +19,9 @@ def test_install_writes_a_unit_that_systemd_accepts(tmp_path: Path) -> None:
     tokens.write_text("ws01 localhost /desktop/ws01 6001 5901 abcdefg\n")
     tokens.chmod(0o600)
     config = tmp_path / "gateway.yaml"
-    config.write_text("event:\n  title: Winter School\n")
+    # A public address: TLS is terminated by the site's proxy in front (else the install is refused).
+    config.write_text("event:\n  title: Winter School\npublic_url: https://desktops.example.org/\n"
+                      "tls:\n  terminated_by_proxy: true\n")
     units = tmp_path / "units"
     units.mkdir()
     result = subprocess.run([sys.executable, "-m", "gateway", "systemd", "install", str(tokens), "--config", str(config),

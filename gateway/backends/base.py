@@ -115,6 +115,15 @@ class Backend(abc.ABC):
         logging.getLogger("gateway.backend").info(
             "notice not shown (the %s backend cannot show messages) account=%s", self.name, account.id)
 
+    async def refresh_passwords(self, account: Account, state: DesktopState) -> None:
+        """Rewrite the running desktop's password file with the account's current view-only password.
+
+        The default cannot reach a running desktop's file: the new password applies from the next start.
+        """
+        logging.getLogger("gateway.backend").warning(
+            "view-only password changes at the next start (the %s backend cannot rewrite it now) account=%s",
+            self.name, account.id)
+
     def protocol(self, state: DesktopState) -> str:
         """The protocol the participant gets with this desktop: "vnc" (the default) or "dcv".
 

@@ -1,5 +1,9 @@
 """The embedded default: each desktop is a TigerVNC ``Xvnc`` plus a session on the gateway machine.
 
+Each desktop runs as its account's own Unix user (see :mod:`gateway.desktop_users`), under the
+desktop limits, with an X cookie of its own (``-auth``): no desktop can open another's display or
+read anything of the gateway.
+
 Xvnc and the session (window manager, terminal) each lead a session and process group of their
 own, so each can be stopped whole, and neither dies with the gateway. The X display number is picked by Xvnc itself
 (``-displayfd``), so desktops never race each other, or another X server, for a display.
@@ -12,14 +16,18 @@ import contextlib
 import logging
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import Config
+from ..desktop_users import (DesktopUser, ensure_runtime_dir, ensure_users, kill_user_processes, launch_argv,
+                             workspace_for)
 from ..files import atomic_write, ensure_private_dir
 from ..proc import ProcessIdentity, is_alive, run, spawn, terminate_group
 from ..tokens import Account
 from ..viewonly import view_only_password, vncpasswd_input
+from ..xauth import write_xauthority
 from .base import Backend, BackendError, DesktopState, Endpoint, PollResult, Status
 
 __all__ = ["LocalBackend", "xvnc_argv", "vnc_password_file_bytes"]
@@ -51,10 +59,14 @@ def xvnc_argv(
     desktop_name: str,
     max_cut_text: int,
     interface: str = "127.0.0.1",
+    xauthority: Path | None = None,
 ) -> list[str]:
     """The Xvnc command line. The password is in a file: command lines are public."""
+    # With -auth only clients holding the cookie open the display (its user's and root).
+    auth = ["-auth", str(xauthority)] if xauthority is not None else []
     return [
         xvnc,
+        *auth,
         "-displayfd", str(displayfd),
         "-rfbport", str(rfb_port),
         "-rfbauth", str(password_file),
@@ -75,11 +87,23 @@ def xvnc_argv(
 
 
 @dataclass(frozen=True, slots=True)
+class DesktopFiles:
+    """Where one desktop's password file, X cookie and XDG_RUNTIME_DIR are."""
+
+    password_file: Path
+    xauthority: Path
+    runtime_dir: Path
+
+
+@dataclass(frozen=True, slots=True)
 class LocalDesktop:
     xvnc: ProcessIdentity
     display: int
     password_file: str
     session: ProcessIdentity | None
+    #: None: the desktop runs as the gateway's user (desktop.users: gateway).
+    user: DesktopUser | None = None
+    xauthority: str | None = None
 
     def to_state(self) -> DesktopState:
         return {
@@ -87,17 +111,24 @@ class LocalDesktop:
             "display": self.display,
             "password_file": self.password_file,
             "session": self.session.to_json() if self.session else None,
+            "user": self.user.to_json() if self.user else None,
+            "xauthority": self.xauthority,
         }
 
     @classmethod
     def from_state(cls, state: DesktopState) -> "LocalDesktop":
-        session = state.get("session")
+        session, user = state.get("session"), state.get("user")
         return cls(
             ProcessIdentity.from_json(state["xvnc"]),
             int(state["display"]),
             str(state["password_file"]),
             ProcessIdentity.from_json(session) if session else None,
+            DesktopUser.from_json(user) if user else None,
+            state.get("xauthority"),
         )
+
+    def with_session(self, session: ProcessIdentity) -> "LocalDesktop":
+        return LocalDesktop(self.xvnc, self.display, self.password_file, session, self.user, self.xauthority)
 
 
 class LocalBackend(Backend):
@@ -112,41 +143,78 @@ class LocalBackend(Backend):
         self.vncpasswd = vncpasswd
         # Our own children, so that they are reaped; adopted desktops are watched through /proc.
         self._children: dict[int, asyncio.subprocess.Process] = {}
+        #: Each account's Unix user (empty when desktops run as the gateway's user); made by open().
+        self.users: dict[str, DesktopUser] = {}
         #: Message windows shown by notify(); each exits by itself after NOTICE_SECONDS.
         self._notices: list[asyncio.subprocess.Process] = []
 
+    async def open(self, accounts: Sequence[Account]) -> None:
+        self.users = await ensure_users(accounts, self.config, self.state_dir)
+
     def workspace(self, account: Account) -> Path:
-        return Path(self.config.desktop.workspace.format(account=account.id, state_dir=self.state_dir))
+        user = self.users.get(account.id)
+        if user is not None:
+            return Path(user.home)
+        return Path(workspace_for(account.id, None, self.config, self.state_dir, None))
+
+    def _files(self, account: Account, user: DesktopUser | None) -> DesktopFiles:
+        if user is None:  # the gateway's own user: its private state dir
+            runtime_dir = ensure_private_dir(self.state_dir / "run" / account.id)
+            return DesktopFiles(ensure_private_dir(self.secrets_dir) / f"{account.id}.vncpasswd",
+                                runtime_dir / "Xauthority", runtime_dir)
+        xdg = ensure_runtime_dir(user)
+        return DesktopFiles(xdg.parent / "vncpasswd", xdg.parent / "Xauthority", xdg)
 
     async def start(self, account: Account) -> DesktopState:
-        ensure_private_dir(self.secrets_dir)
-        password_file = self.secrets_dir / f"{account.id}.vncpasswd"
+        user = self.users.get(account.id)
+        files = self._files(account, user)
+        owner = (user.uid, user.gid) if user else None
+        await self.write_password_file(account, files.password_file, owner)
+        write_xauthority(files.xauthority, owner=owner)
+        xvnc_proc, xvnc_id, display = await self._start_xvnc(account, user, files)
+        desktop = LocalDesktop(xvnc_id, display, str(files.password_file), None, user, str(files.xauthority))
+        try:
+            desktop = desktop.with_session(await self._start_session(account, desktop))
+        except BaseException:
+            await terminate_group(xvnc_id, proc=xvnc_proc, grace_s=2)
+            raise
+        log.info("desktop started account=%s user=%s display=:%d vncport=%d pid=%d", account.id,
+                 user.name if user else "(gateway)", display, account.vnc_port, xvnc_id.pid)
+        return desktop.to_state()
+
+    async def write_password_file(self, account: Account, path: Path, owner: tuple[int, int] | None) -> None:
+        """The account's password and its current view-only password, as TigerVNC reads them.
+
+        Xvnc reads the file at every authentication, so rewriting it changes the passwords of a running
+        desktop (a revoked share link's view-only password stops working at once).
+        """
         view_only = view_only_password(self.state_dir, account.id)
         file_bytes = await vnc_password_file_bytes(account.password, view_only=view_only, vncpasswd=self.vncpasswd)
         # Unchanged on a restart (vncpasswd's output is deterministic): not rewriting it lets a
         # desktop come back even when the state dir's disk is full.
-        if not password_file.exists() or password_file.read_bytes() != file_bytes:
-            atomic_write(password_file, file_bytes, mode=0o600)
-        xvnc_proc, xvnc_id, display = await self._start_xvnc(account, password_file)
-        try:
-            session = await self._start_session(account, display)
-        except BaseException:
-            await terminate_group(xvnc_id, proc=xvnc_proc, grace_s=2)
-            raise
-        desktop = LocalDesktop(xvnc_id, display, str(password_file), session)
-        log.info("desktop started account=%s display=:%d vncport=%d pid=%d",
-                 account.id, display, account.vnc_port, xvnc_id.pid)
-        return desktop.to_state()
+        current = path.stat() if path.exists() else None
+        if current is None or path.read_bytes() != file_bytes or (owner and current.st_uid != owner[0]):
+            atomic_write(path, file_bytes, mode=0o600, owner=owner)
 
-    async def _start_xvnc(self, account: Account, password_file: Path) -> tuple[asyncio.subprocess.Process, ProcessIdentity, int]:
+    async def refresh_passwords(self, account: Account, state: DesktopState) -> None:
+        desktop = LocalDesktop.from_state(state)
+        owner = (desktop.user.uid, desktop.user.gid) if desktop.user else None
+        await self.write_password_file(account, Path(desktop.password_file), owner)
+        log.info("password file rewritten account=%s", account.id)
+
+    async def _start_xvnc(self, account: Account, user: DesktopUser | None,
+                          files: DesktopFiles) -> tuple[asyncio.subprocess.Process, ProcessIdentity, int]:
         read_fd, write_fd = os.pipe()
         try:
             argv = xvnc_argv(
-                xvnc=self.xvnc, displayfd=write_fd, rfb_port=account.vnc_port, password_file=password_file,
+                xvnc=self.xvnc, displayfd=write_fd, rfb_port=account.vnc_port, password_file=files.password_file,
                 geometry=self.config.desktop.geometry, depth=self.config.desktop.depth,
                 desktop_name=account.id, max_cut_text=self.config.desktop.max_cut_text,
+                xauthority=files.xauthority,
             )
-            proc, identity = await spawn(argv, log_path=self.logs_dir / f"{account.id}.xvnc.log",
+            proc, identity = await spawn(launch_argv(argv, user, self.config.desktop.limits),
+                                         env=self._environment(account, user, files, display=None),
+                                         cwd="/", log_path=self.logs_dir / f"{account.id}.xvnc.log",
                                          pass_fds=(write_fd,))
         except BaseException:
             os.close(read_fd)
@@ -168,13 +236,27 @@ class LocalBackend(Backend):
         await terminate_group(identity, proc=proc, grace_s=2)
         self._children.pop(proc.pid, None)
 
-    async def _start_session(self, account: Account, display: int) -> ProcessIdentity:
+    def _environment(self, account: Account, user: DesktopUser | None, files: DesktopFiles,
+                     display: int | None) -> dict[str, str]:
+        return session_environment(self.workspace(account), display, files.runtime_dir,
+                                   self.config.desktop.keyboard_layout, user_name=user.name if user else None,
+                                   xauthority=files.xauthority)
+
+    def _desktop_files(self, account: Account, desktop: LocalDesktop) -> DesktopFiles:
+        if desktop.xauthority is None:  # recorded by a version without X cookies
+            return self._files(account, desktop.user)
+        xauthority = Path(desktop.xauthority)
+        runtime_dir = xauthority.parent / "xdg" if desktop.user else xauthority.parent
+        return DesktopFiles(Path(desktop.password_file), xauthority, runtime_dir)
+
+    async def _start_session(self, account: Account, desktop: LocalDesktop) -> ProcessIdentity:
         home = self.workspace(account)
-        home.mkdir(parents=True, exist_ok=True)
-        runtime_dir = ensure_private_dir(self.state_dir / "run" / account.id)
-        env = session_environment(home, display, runtime_dir, self.config.desktop.keyboard_layout)
+        if desktop.user is None:
+            home.mkdir(parents=True, exist_ok=True)
+        env = self._environment(account, desktop.user, self._desktop_files(account, desktop), desktop.display)
         proc, identity = await spawn(
-            self.config.desktop.session, env=env, cwd=home,
+            launch_argv(self.config.desktop.session, desktop.user, self.config.desktop.limits),
+            env=env, cwd=home if home.is_dir() else "/",
             log_path=self.logs_dir / f"{account.id}.session.log",
         )
         self._children[proc.pid] = proc
@@ -195,13 +277,14 @@ class LocalBackend(Backend):
             return None
         self._reap(desktop.session.pid)
         await terminate_group(desktop.session, grace_s=1)  # what is left of the old session's group
-        session = await self._start_session(account, desktop.display)
+        session = await self._start_session(account, desktop)
         log.warning("session restarted account=%s display=:%d", account.id, desktop.display)
-        return LocalDesktop(desktop.xvnc, desktop.display, desktop.password_file, session).to_state()
+        return desktop.with_session(session).to_state()
 
     async def set_keyboard_layout(self, account: Account, state: DesktopState, layout: str) -> None:
         desktop = LocalDesktop.from_state(state)
-        result = await run(["setxkbmap", "-display", f":{desktop.display}", "-layout", layout], timeout_s=10)
+        env = {"PATH": "/usr/bin:/bin", **_xauthority_env(desktop)}
+        result = await run(["setxkbmap", "-display", f":{desktop.display}", "-layout", layout], timeout_s=10, env=env)
         if not result.ok:
             detail = result.stderr.decode(errors="replace").strip().splitlines()
             raise BackendError(f"setxkbmap refused {layout!r}: {detail[-1] if detail else result.returncode}")
@@ -216,9 +299,10 @@ class LocalBackend(Backend):
             return
         # Earlier notices that closed by now are reaped; a notice's process never outlives its X server.
         self._notices = [proc for proc in self._notices if proc.returncode is None]
-        env = {"DISPLAY": f":{desktop.display}", "PATH": "/usr/bin:/bin"}
+        env = {"DISPLAY": f":{desktop.display}", "PATH": "/usr/bin:/bin", **_xauthority_env(desktop)}
+        argv = [xmessage, "-center", "-timeout", str(NOTICE_SECONDS), text]
         try:
-            proc, _ = await spawn([xmessage, "-center", "-timeout", str(NOTICE_SECONDS), text], env=env,
+            proc, _ = await spawn(launch_argv(argv, desktop.user, self.config.desktop.limits), env=env, cwd="/",
                                   log_path=self.logs_dir / f"{account.id}.session.log")
         except OSError as exc:
             log.warning("notice not shown account=%s error=%s", account.id, exc)
@@ -238,23 +322,37 @@ class LocalBackend(Backend):
             stopping.append(terminate_group(desktop.session, proc=self._children.pop(desktop.session.pid, None),
                                             grace_s=5))
         await asyncio.gather(*stopping)
-        with contextlib.suppress(FileNotFoundError):
-            Path(desktop.password_file).unlink()
+        if desktop.user is not None and desktop.user.owned:
+            # Whatever the participant left running (nohup, setsid) belongs to the desktop too.
+            await kill_user_processes(desktop.user.uid)
+        for path in (desktop.password_file, desktop.xauthority):
+            with contextlib.suppress(FileNotFoundError, TypeError):
+                Path(path).unlink()  # type: ignore[arg-type]
         log.info("desktop stopped account=%s", account.id)
 
 
-def session_environment(home: Path, display: int, runtime_dir: Path, keyboard_layout: str) -> dict[str, str]:
+def _xauthority_env(desktop: LocalDesktop) -> dict[str, str]:
+    return {"XAUTHORITY": desktop.xauthority} if desktop.xauthority else {}
+
+
+def session_environment(home: Path, display: int | None, runtime_dir: Path, keyboard_layout: str, *,
+                        user_name: str | None = None, xauthority: Path | None = None) -> dict[str, str]:
     """A clean environment for the desktop session: nothing of the gateway's own leaks in."""
+    user = user_name or os.environ.get("USER", "root")
     env = {
-        "DISPLAY": f":{display}",
         "HOME": str(home),
         "XDG_RUNTIME_DIR": str(runtime_dir),
         "PATH": "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin",
         "LANG": os.environ.get("LANG", "C.UTF-8"),
         "SHELL": "/bin/bash",
-        "USER": os.environ.get("USER", "root"),
+        "USER": user,
+        "LOGNAME": user,
         "TERM": "xterm-256color",
     }
+    if display is not None:
+        env["DISPLAY"] = f":{display}"
+    if xauthority is not None:
+        env["XAUTHORITY"] = str(xauthority)
     if keyboard_layout:
         env["GATEWAY_KEYBOARD_LAYOUT"] = keyboard_layout
     return env

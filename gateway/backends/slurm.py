@@ -2,9 +2,12 @@
 
 Each job runs Xvnc and the desktop session (in the desktop container unless the runtime is
 ``none``) from the job script ``templates/desktop-job.sh.j2``, and writes a small report (node,
-port, display) into the account's directory under ``slurm.shared_dir``. The gateway learns the
-endpoint from that report and Slurm's node address; readiness is still the supervisor's RFB
-handshake.
+port, display) into the account's directory under ``slurm.shared_dir``. With ``run_as: account``
+(the default) each job is submitted as the OS user named like the account, so the desktop and all
+it starts run with that uid; ``gateway up`` checks those users exist first (:func:`run_as_problems`).
+The report lives in a directory that user owns, so it only says *that* Xvnc listens: the endpoint
+is always Slurm's node for the job (its NodeAddr) and the account's configured port, and a report
+naming anything else is logged and not used. Readiness is still the supervisor's RFB handshake.
 
 How the password reaches the job (never argv, never the script): the gateway writes it to a 0600
 file, owned by the job's user, in the account's directory of the shared dir, and the job feeds
@@ -27,6 +30,7 @@ import logging
 import os
 import pwd
 import secrets
+import stat
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -171,6 +175,20 @@ def parse_report(text: str) -> dict[str, str]:
     return fields
 
 
+def report_mismatch(report: Mapping[str, str], *, node: str, port: int) -> str | None:
+    """Why a job's report disagrees with Slurm's node for the job or the account's port (None: it agrees).
+
+    The report lives in a directory the participant's user owns: it may say anything, so it is only
+    believed where it repeats what the gateway already knows.
+    """
+    reported_node, reported_port = report.get("node", ""), report.get("port", "")
+    if reported_node != node:
+        return f"it names node {reported_node[:64]!r}, but Slurm runs the job on {node!r}"
+    if reported_port != str(port):
+        return f"it names port {reported_port[:16]!r}, but the account's VNC port is {port}"
+    return None
+
+
 # -- talking to Slurm ----------------------------------------------------------------------------
 
 
@@ -259,6 +277,8 @@ class SlurmBackend(Backend):
         self._node_addresses: dict[str, str] = {}
         self._node_addresses_at = 0.0
         self._node_lock = asyncio.Lock()
+        #: The job whose report was last refused, by account (logged once per job).
+        self._refused_reports: dict[str, int] = {}
 
     # -- commands ------------------------------------------------------------------------------
 
@@ -509,23 +529,32 @@ class SlurmBackend(Backend):
             return PollResult(Status.GONE, reason=f"job {desktop.job_id} ended ({raw})")
         if job_state_ is JobState.UNKNOWN:
             return PollResult(Status.UNKNOWN, reason=f"job {desktop.job_id} is in state {raw}")
+        # Where the desktop is comes from Slurm (the job's node) and the token file (the port); the
+        # report, which the participant's user can write, only says that Xvnc listens, and must agree.
+        node = info.nodes if info is not None else ""
+        port = self.config.dcv.port if state.get("protocol") == "dcv" else account.vnc_port
         report = self._read_report(desktop)
-        if report is None:
-            where = info.nodes if info is not None else "?"
-            return PollResult(Status.RUNNING, None, f"job {desktop.job_id} runs on {where}; its desktop is starting")
-        node = report.get("node") or (info.nodes if info is not None else "") or report.get("host", "")
-        try:
-            port = int(report.get("port", ""))
-        except ValueError:
-            port = account.vnc_port
+        if report is None or not node:
+            return PollResult(Status.RUNNING, None,
+                              f"job {desktop.job_id} runs on {node or '?'}; its desktop is starting")
+        mismatch = report_mismatch(report, node=node, port=port)
+        if mismatch is not None:
+            if self._refused_reports.get(account.id) != desktop.job_id:
+                self._refused_reports[account.id] = desktop.job_id
+                log.warning("job report refused account=%s job=%d reason=%s", account.id, desktop.job_id, mismatch)
+            return PollResult(Status.RUNNING, None, f"job {desktop.job_id}: its report was refused ({mismatch})")
         host = await self._node_address(node)
         return PollResult(Status.RUNNING, Endpoint(host, port))
 
     def _read_report(self, desktop: SlurmDesktop) -> dict[str, str] | None:
+        """The job's report, if it is a regular file (never a link, pipe or directory) about this job."""
         path = Path(desktop.workdir) / f"report-{desktop.job_id}"
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError:
+            return None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
             return None
         with os.fdopen(fd, "rb") as handle:
             report = parse_report(handle.read(4096).decode(errors="replace"))
@@ -587,6 +616,45 @@ def _user_exists(name: str) -> bool:
     except KeyError:
         return False
     return True
+
+
+def uid_min(login_defs: Path = Path("/etc/login.defs")) -> int:
+    """UID_MIN from login.defs (1000 when it says nothing): accounts below it are system accounts."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in login_defs.read_text().splitlines():
+            words = line.split()
+            if len(words) >= 2 and words[0] == "UID_MIN":
+                return int(words[1])
+    return 1000
+
+
+def run_as_problems(config: Config, accounts: Sequence[Account], tokens_path: str) -> list[str]:
+    """Why Slurm jobs can't run as their accounts' users (one line each); [] when they can.
+
+    Checked by ``gateway up`` before anything starts. With ``run_as: account`` every Slurm account
+    must be a user here (pwd/NSS, as getent sees it) with a uid of a normal user, and the jobs need
+    a shared directory those users can reach.
+    """
+    if config.slurm.run_as != "account" or not accounts:
+        return []
+    problems = []
+    if config.slurm.shared_dir is None:
+        problems.append("slurm.shared_dir: slurm.run_as is account (the default), which needs a directory that the "
+                        "gateway, every node and every account's user reach at the same path; set slurm.shared_dir")
+    lowest = uid_min()
+    missing = [a for a in accounts if not _user_exists(a.id)]
+    unfit = [a for a in accounts if a not in missing and pwd.getpwnam(a.id).pw_uid < lowest]
+    if missing:
+        problems.append(
+            f"{tokens_path}:{missing[0].line}: slurm.run_as is account (the default), but these accounts are not "
+            f"users here: {', '.join(a.id for a in missing)}; create them (cluster accounts, or useradd NAME) or set "
+            "slurm.run_as: gateway (every job as the gateway's user, which can read every password: never with "
+            "participants you don't know)")
+    if unfit:
+        problems.append(
+            f"{tokens_path}:{unfit[0].line}: these accounts are system users (uid below {lowest}), never used for a "
+            f"participant's job: {', '.join(a.id for a in unfit)}")
+    return problems
 
 
 def _private_dir(path: Path, owner: pwd.struct_passwd | None) -> None:

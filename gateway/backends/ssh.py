@@ -1,7 +1,10 @@
 """``backend: ssh``: desktops on named VNC hosts, started, checked and stopped over SSH (asyncssh).
 
 Each host gets one SSH connection, opened on first use and shared by all of its accounts; at most
-``ssh.max_sessions_per_host`` commands run over it at once. Host keys are checked against
+``ssh.max_sessions_per_host`` commands run over it at once. With ``ssh.user: "{account}"`` each
+account logs in as the user named like it instead (one connection per user and host, keyed
+``user@host``), so its Xvnc, session and password file (under that user's ``ssh.state_dir``)
+belong to that user and no other account's login can read them. Host keys are checked against
 ``ssh.known_hosts``: a host with no entry there, or with another key, is refused and only its
 accounts fail, with a message that says which.
 
@@ -63,6 +66,8 @@ log = logging.getLogger("gateway.ssh")
 
 #: The fd on which the remote Xvnc writes its display number (redirected to a file by LAUNCH).
 DISPLAY_FD = 3
+#: ssh.user meaning "each account logs in as the user named like it".
+PER_ACCOUNT_USER = "{account}"
 #: How long stop() waits between SIGTERM and SIGKILL, and how often it looks meanwhile.
 STOP_GRACE_S = 5.0
 STOP_CHECK_INTERVAL_S = 0.2
@@ -166,6 +171,17 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, OSError) and errno_:
         return os.strerror(errno_)
     return getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+
+
+def login_key(host: str, user: str | None) -> str:
+    """One SSH login: ``user@host`` for an account's own user, just the host for the shared ssh.user."""
+    return f"{user}@{host}" if user else host
+
+
+def split_login(where: str) -> tuple[str | None, str]:
+    """(user or None, host) of a :func:`login_key` (host names never contain ``@``)."""
+    user, sep, host = where.rpartition("@")
+    return (user or None) if sep else None, host
 
 
 def _shown(argv: Sequence[str]) -> str:
@@ -313,10 +329,18 @@ class SshDesktop:
     password_file: str
     #: pid and display files to remove with the desktop.
     run_files: tuple[str, ...]
+    #: The account's own login user (ssh.user: "{account}"); None: ssh.user, the same for all.
+    user: str | None = None
+
+    @property
+    def where(self) -> str:
+        """The login the desktop was started over: ``user@host``, or the host for the shared login."""
+        return login_key(self.host, self.user)
 
     def to_state(self) -> DesktopState:
         return {
             "host": self.host,
+            "user": self.user,
             "boot_id": self.boot_id,
             "xvnc": self.xvnc.to_json(),
             "session": self.session.to_json() if self.session else None,
@@ -336,6 +360,7 @@ class SshDesktop:
             int(state["display"]),
             str(state["password_file"]),
             tuple(str(f) for f in state.get("run_files", ())),
+            str(state["user"]) if state.get("user") else None,
         )
 
     def processes(self) -> list[RemoteProcess]:
@@ -439,6 +464,24 @@ class SshBackend(Backend):
             if container.runtime != "none" else None
         )
 
+    # -- logins --------------------------------------------------------------------------------
+
+    @property
+    def per_account(self) -> bool:
+        return self.settings.user == PER_ACCOUNT_USER
+
+    def _user_of(self, account: Account) -> str | None:
+        """The account's own login user with ssh.user "{account}", else None (the shared ssh.user)."""
+        return account.id if self.per_account else None
+
+    def _where(self, account: Account) -> str:
+        return login_key(account.vnc_host, self._user_of(account))
+
+    def _username(self, where: str) -> str | None:
+        """Who logs in for ``where``: its own user, else ssh.user (None: the gateway's user)."""
+        user, _ = split_login(where)
+        return user or (None if self.per_account else self.settings.user)
+
     # -- paths -----------------------------------------------------------------------------------
 
     @property
@@ -466,9 +509,11 @@ class SshBackend(Backend):
                                    f"{getattr(exc, 'strerror', None) or exc}") from None
         return self._client_key
 
-    async def _connect(self, host: str) -> asyncssh.SSHClientConnection:
+    async def _connect(self, where: str) -> asyncssh.SSHClientConnection:
         """Connect, retrying with jittered backoff; HostUnreachable with the reason if it can't."""
         s = self.settings
+        username = self._username(where)
+        _, host = split_login(where)
         key = self._load_key()
         if not os.access(self.known_hosts_path, os.R_OK):
             raise HostUnreachable(f"cannot read ssh.known_hosts {self.known_hosts_path}: host keys can't be checked")
@@ -487,8 +532,8 @@ class SshBackend(Backend):
             "keepalive_interval": KEEPALIVE_INTERVAL_S,
             "keepalive_count_max": 3,
         }
-        if s.user:
-            options["username"] = s.user
+        if username:
+            options["username"] = username
         policy = RestartPolicy(RestartConfig(max_attempts=s.connect_attempts, window_s=3600,
                                              backoff_initial_s=0.5, backoff_max_s=5.0))
         reason = "no attempt made"
@@ -500,13 +545,14 @@ class SshBackend(Backend):
                 raise HostUnreachable(self._host_key_problem(host)) from None
             except asyncssh.PermissionDenied:
                 raise HostUnreachable(
-                    f"{s.user or 'the gateway user'}@{host} refused the key {self.private_key_path} "
+                    f"{username or 'the gateway user'}@{host} refused the key {self.private_key_path} "
                     "(is its public key in that user's authorized_keys?)") from None
             except TimeoutError:
                 reason = f"no answer within {s.connect_timeout_s:g} s"
             except (OSError, asyncssh.Error) as exc:
                 reason = _describe(exc)
-            log.warning("ssh connect failed host=%s attempt=%d reason=%s", host, attempt, reason)
+            log.warning("ssh connect failed host=%s user=%s attempt=%d reason=%s", host, username or "-",
+                        attempt, reason)
             delay = policy.next_delay()
             if attempt < s.connect_attempts and delay is not None:
                 await asyncio.sleep(delay)
@@ -597,7 +643,7 @@ class SshBackend(Backend):
         """Check the key can be read; connections are opened when each host is first used."""
         self._load_key()
         for account in accounts:
-            self._link(account.vnc_host)
+            self._link(self._where(account))
 
     async def close(self, *, final: bool) -> None:
         await asyncio.gather(*(link.close() for link in self._links.values()))
@@ -612,11 +658,12 @@ class SshBackend(Backend):
             "session_pid": f"{base}/run/{account.id}.session.pid",
             "display": f"{base}/run/{account.id}.display",
             "runtime": f"{base}/run/{account.id}",
-            "workspace": self.config.desktop.workspace.format(account=account.id, state_dir=base),
+            "workspace": (self.config.desktop.workspace or "{state_dir}/workspaces/{account}").format(
+                account=account.id, user=self._username(self._where(account)) or account.id, state_dir=base),
         }
 
     async def start(self, account: Account) -> DesktopState:
-        host = account.vnc_host
+        host = self._where(account)  # the login: the account's own user on its host, or the shared user
         info = await self._host_info(host)
         paths = self._paths(info, account)
         result = await self._exec(
@@ -634,11 +681,12 @@ class SshBackend(Backend):
             raise
         assert xvnc.display is not None
         desktop = SshDesktop(
-            host, info.boot_id,
+            account.vnc_host, info.boot_id,
             RemoteProcess(xvnc.pid, xvnc.start_time, paths["password"]),
             RemoteProcess(session.pid, session.start_time),
             xvnc.display, paths["password"],
             (paths["xvnc_pid"], paths["session_pid"], paths["display"]),
+            self._user_of(account),
         )
         self._session_alive[account.id] = True
         log.info("desktop started account=%s host=%s display=:%d vncport=%d pid=%d",
@@ -672,7 +720,7 @@ class SshBackend(Backend):
         )
         if self.container is not None:
             argv = exec_argv(self.container, argv)
-        return await self._launch(account.vnc_host, argv, log_file=paths["xvnc_log"],
+        return await self._launch(self._where(account), argv, log_file=paths["xvnc_log"],
                                   pid_file=paths["xvnc_pid"], display_file=paths["display"])
 
     async def _start_session(self, account: Account, info: _HostInfo, paths: Mapping[str, str],
@@ -689,13 +737,14 @@ class SshBackend(Backend):
             "SHELL": "/bin/bash",
             "TERM": "xterm-256color",
         }
-        if self.settings.user:
-            env["USER"] = env["LOGNAME"] = self.settings.user
+        login = self._username(self._where(account))
+        if login:
+            env["USER"] = env["LOGNAME"] = login
         if self.config.desktop.keyboard_layout:
             env["GATEWAY_KEYBOARD_LAYOUT"] = self.config.desktop.keyboard_layout
         # A clean environment: nothing of the SSH session's leaks into the desktop.
         argv = ["env", "-i", *(f"{k}={v}" for k, v in env.items()), *session]
-        return await self._launch(account.vnc_host, argv, log_file=paths["session_log"],
+        return await self._launch(self._where(account), argv, log_file=paths["session_log"],
                                   pid_file=paths["session_pid"], display_file=None)
 
     async def _abort_start(self, host: str, info: _HostInfo, paths: Mapping[str, str]) -> None:
@@ -717,7 +766,7 @@ class SshBackend(Backend):
         desktop = SshDesktop.from_state(state)
         endpoint = Endpoint(account.vnc_host, account.vnc_port)
         try:
-            report = await self._probe(desktop.host, desktop.processes())
+            report = await self._probe(desktop.where, desktop.processes())
         except HostUnreachable as exc:
             return PollResult(Status.UNKNOWN, endpoint, str(exc))
         if report.boot_id != desktop.boot_id:
@@ -735,15 +784,15 @@ class SshBackend(Backend):
         desktop = SshDesktop.from_state(state)
         if desktop.session is None:
             return None
-        info = await self._host_info(desktop.host)
+        info = await self._host_info(desktop.where)
         paths = self._paths(info, account)
-        await self._terminate(desktop.host, desktop.boot_id, [desktop.session], grace_s=1)
+        await self._terminate(desktop.where, desktop.boot_id, [desktop.session], grace_s=1)
         launched = await self._start_session(account, info, paths, desktop.display)
         self._session_alive[account.id] = True
         log.warning("session restarted account=%s host=%s display=:%d", account.id, desktop.host, desktop.display)
         session = RemoteProcess(launched.pid, launched.start_time)
         return SshDesktop(desktop.host, desktop.boot_id, desktop.xvnc, session, desktop.display,
-                          desktop.password_file, desktop.run_files).to_state()
+                          desktop.password_file, desktop.run_files, desktop.user).to_state()
 
     async def stop(self, account: Account, state: DesktopState) -> None:
         """Stop exactly the processes start() launched (checked by identity first), remove the secret.
@@ -754,8 +803,8 @@ class SshBackend(Backend):
         desktop = SshDesktop.from_state(state)
         self._session_alive.pop(account.id, None)
         try:
-            await self._terminate(desktop.host, desktop.boot_id, desktop.processes(), grace_s=STOP_GRACE_S)
-            await self._exec(desktop.host, ["rm", "-f", "--", desktop.password_file, *desktop.run_files])
+            await self._terminate(desktop.where, desktop.boot_id, desktop.processes(), grace_s=STOP_GRACE_S)
+            await self._exec(desktop.where, ["rm", "-f", "--", desktop.password_file, *desktop.run_files])
         except HostUnreachable as exc:
             raise BackendError(f"could not stop the desktop of {account.id} on {desktop.host}: {exc}") from None
         log.info("desktop stopped account=%s host=%s", account.id, desktop.host)

@@ -1,0 +1,172 @@
+"""ssh.user: "{account}": each account logs in to its VNC host as the user named like it.
+
+A real `gateway up` against the project's loopback test sshd (tests/ssh_host.py), configured here to
+read each user's own ~/.ssh/authorized_keys; two OS users made for the test (useradd, removed with
+userdel -r afterwards, their processes killed first, even when the test fails). Nothing mocked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pwd
+import random
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from gateway import rfb
+from gateway.config import parse_config
+from gateway.errors import InputError
+from gateway.tokens import Account, generate_password
+from tests.gateway_run import GatewayRun, recorded_desktops
+from tests.ssh_host import HOST, SshHost, _require_sshd, free_port_on
+from tests.system import free_port, require_program
+
+pytestmark = pytest.mark.system
+
+
+@pytest.fixture
+def per_user_ssh_host(tmp_path: Path) -> Iterator[SshHost]:
+    """The test sshd, but reading each user's own ~/.ssh/authorized_keys (as a real host does)."""
+    host = SshHost(tmp_path / "sshhost", _require_sshd())
+    shared_keys = f"AuthorizedKeysFile {host.directory / 'authorized_keys'}\n"
+    text = host.config.read_text()
+    assert shared_keys in text
+    host.config.write_text(text.replace(shared_keys, "AuthorizedKeysFile .ssh/authorized_keys\n"))
+    host.start()
+    try:
+        yield host
+    finally:
+        host.stop()
+
+
+def _kill_processes_of(uid: int) -> None:
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if entry.stat().st_uid == uid:
+                    os.kill(int(entry.name), signal.SIGKILL)
+            except OSError:
+                continue
+
+
+@pytest.fixture
+def account_users(per_user_ssh_host: SshHost) -> Iterator[list[str]]:
+    """Two fresh users whose authorized_keys hold the organiser's (the test's) key."""
+    require_program("useradd")
+    tag = random.randint(1000, 9999)
+    names = [f"gws{tag}a", f"gws{tag}b"]
+    created: list[str] = []
+    public_key = per_user_ssh_host.user_key.with_suffix(".pub").read_text()
+    try:
+        for name in names:
+            subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", name], check=True,
+                           capture_output=True, timeout=30)
+            created.append(name)
+            # No password, but not locked ("!"): sshd without PAM refuses locked accounts even with a key.
+            subprocess.run(["usermod", "-p", "*", name], check=True, capture_output=True, timeout=30)
+            user = pwd.getpwnam(name)
+            ssh_dir = Path(user.pw_dir) / ".ssh"
+            ssh_dir.mkdir(mode=0o700)
+            (ssh_dir / "authorized_keys").write_text(public_key)
+            for path in (ssh_dir, ssh_dir / "authorized_keys"):
+                os.chown(path, user.pw_uid, user.pw_gid)
+        yield names
+    finally:
+        for name in created:
+            _kill_processes_of(pwd.getpwnam(name).pw_uid)
+            subprocess.run(["userdel", "-r", name], capture_output=True, timeout=30)
+
+
+def _ssh_as(host: SshHost, user: str, *argv: str) -> subprocess.CompletedProcess[str]:
+    """A command run over the OpenSSH client, logged in as ``user`` with the organiser's key."""
+    return subprocess.run(
+        ["ssh", "-F", "/dev/null", "-i", str(host.user_key), "-p", str(host.port), "-o", "BatchMode=yes",
+         "-o", "IdentitiesOnly=yes", "-o", f"UserKnownHostsFile={host.known_hosts}", "-o", "StrictHostKeyChecking=yes",
+         f"{user}@{HOST}", "--", *argv],
+        capture_output=True, text=True, timeout=30)
+
+
+def test_account_user_needs_a_relative_state_dir() -> None:
+    config = parse_config('backend: ssh\nssh:\n  user: "{account}"\n')
+    assert config.ssh.user == "{account}" and config.ssh.state_dir == "workshop-gateway"
+    with pytest.raises(InputError, match=r"<config>:4: ssh.state_dir: must be relative"):
+        parse_config('backend: ssh\nssh:\n  user: "{account}"\n  state_dir: /srv/gateway\n')
+
+
+async def test_each_account_logs_in_as_itself_and_owns_its_desktop_and_password_file(
+        per_user_ssh_host: SshHost, account_users: list[str], runs: list[GatewayRun], tmp_path: Path) -> None:
+    host = per_user_ssh_host
+    accounts = [Account(name, HOST, f"/desktop/{name}", free_port(), free_port_on(HOST), generate_password(), i,
+                        (("backend", "ssh"),)) for i, name in enumerate(account_users, start=1)]
+    (tmp_path / "gw").mkdir()
+    config = host.config_text(user='"{account}"', state_dir="workshop-gateway")
+    run = GatewayRun(tmp_path / "gw", accounts, config)
+    runs.append(run)
+    seconds = run.up(timeout_s=60)
+    print(f"\n{len(accounts)} per-account ssh desktops ready in {seconds:.1f} s")
+    assert host.logins() == 2  # one connection per account's user
+
+    desktops = recorded_desktops(run.state_dir)
+    password_files = {}
+    for account in accounts:
+        session = await rfb.connect_websocket(run.ws_url(account), account.password, timeout_s=10)
+        assert session.name == account.id
+        user = pwd.getpwnam(account.id)
+        state = desktops[account.id].state
+        assert state["user"] == account.id
+        # Xvnc and the session run as the account's user, not as the gateway's (root).
+        for process in ("xvnc", "session"):
+            proc = Path(f"/proc/{state[process]['pid']}")
+            assert proc.stat().st_uid == user.pw_uid, (account.id, process)
+            status = dict(line.split(":", 1) for line in (proc / "status").read_text().splitlines())
+            assert status["Uid"].split() == [str(user.pw_uid)] * 4, (account.id, process)
+        # Its password file is in the user's home, owned by it, 0600; its directory 0700.
+        password_file = Path(state["password_file"])
+        assert password_file.is_relative_to(user.pw_dir), password_file
+        info = password_file.stat()
+        assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (user.pw_uid, 0o600)
+        assert stat.S_IMODE(password_file.parent.stat().st_mode) == 0o700
+        password_files[account.id] = password_file
+
+    # Each account's SSH login reads its own password file, never the other's.
+    alice, bob = accounts
+    assert _ssh_as(host, alice.id, "test", "-r", str(password_files[alice.id])).returncode == 0
+    for reader, owner in ((alice, bob), (bob, alice)):
+        attempt = _ssh_as(host, reader.id, "cat", str(password_files[owner.id]))
+        assert attempt.returncode != 0 and "Permission denied" in attempt.stderr, attempt
+        assert attempt.stdout == ""
+
+    # `gateway down`: both desktops and their password files are gone; nothing runs as the users.
+    down = subprocess.run([sys.executable, "-m", "gateway", "down", "--state-dir", str(run.state_dir)],
+                          capture_output=True, text=True, timeout=60)
+    assert down.returncode == 0, down.stderr
+    assert run.process is not None and run.process.wait(timeout=10) == 0
+    for account in accounts:
+        assert not password_files[account.id].exists()
+        uid = pwd.getpwnam(account.id).pw_uid
+        deadline = time.monotonic() + 5  # SIGKILLed processes take a moment to leave
+        while (left := _live_processes_of(uid)) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert left == [], (account.id, left)
+
+
+def _live_processes_of(uid: int) -> list[str]:
+    """Command names of the processes (not zombies) running as ``uid``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and entry.stat().st_uid == uid:
+                text = (entry / "stat").read_text()
+                if text[text.rindex(")") + 2:].split()[0] != "Z":
+                    found.append(text[text.index("(") + 1:text.rindex(")")])
+        except OSError:
+            continue
+    return found
