@@ -55,6 +55,7 @@ __all__ = [
     "account_workspace",
     "workspace_for",
     "ensure_runtime_dir",
+    "uid_min",
 ]
 
 #: Per-desktop files that the desktop's user must read (password file, Xauthority).

@@ -11,7 +11,6 @@ from collections.abc import Iterator
 
 import pytest
 
-from gateway.state import StateStore
 from tests.gateway_run import GatewayRun, display_env
 from tests.system import require_program, system_required
 

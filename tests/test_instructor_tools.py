@@ -7,7 +7,6 @@ import asyncio
 import datetime
 import io
 import json
-import os
 import re
 import struct
 import subprocess

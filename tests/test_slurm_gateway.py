@@ -415,6 +415,11 @@ async def test_a_participant_submits_a_job_from_inside_the_desktop_as_their_own_
         assert {"Xvnc", "openbox", "xterm"} <= {comm for comm, _ in processes.values()}, processes
         assert {owner for _, owner in processes.values()} == {uid[alice.id]}, processes
         xterm = next(pid for pid, (comm, _) in processes.items() if comm == "xterm")
+        # The node is shared: the other participant cannot open this desktop's display (Xvnc -auth).
+        display = _environment(xterm)["DISPLAY"]
+        intruder = _as_user(bob.id, "env", "-i", "PATH=/usr/bin:/bin", f"DISPLAY={display}", "xdpyinfo")
+        assert intruder.returncode != 0 and "unable to open display" in intruder.stderr, intruder
+        assert _environment(xterm).get("XAUTHORITY"), "the session has no X cookie"
 
         # The participant types into the desktop's terminal: the job they submit is theirs.
         inner = f"inner{prefix}"

@@ -143,6 +143,13 @@ async def test_each_account_logs_in_as_itself_and_owns_its_desktop_and_password_
         attempt = _ssh_as(host, reader.id, "cat", str(password_files[owner.id]))
         assert attempt.returncode != 0 and "Permission denied" in attempt.stderr, attempt
         assert attempt.stdout == ""
+        # Nor can it open the other's display (Xvnc -auth, the cookie readable by its owner only).
+        display = f":{desktops[owner.id].state['display']}"
+        intruder = _ssh_as(host, reader.id, "env", f"DISPLAY={display}", "xdpyinfo")
+        assert intruder.returncode != 0 and "unable to open display" in intruder.stderr, intruder
+    cookie = password_files[alice.id].with_name(f"{alice.id}.Xauthority")
+    assert _ssh_as(host, alice.id, "env", f"DISPLAY=:{desktops[alice.id].state['display']}",
+                   f"XAUTHORITY={cookie}", "xdpyinfo").returncode == 0  # its own user: yes
 
     # `gateway down`: both desktops and their password files are gone; nothing runs as the users.
     down = subprocess.run([sys.executable, "-m", "gateway", "down", "--state-dir", str(run.state_dir)],

@@ -32,6 +32,10 @@ def test_install_writes_a_unit_that_systemd_accepts(tmp_path: Path) -> None:
     assert f"up {tokens} --config {config} --listen 0.0.0.0:8443 --state-dir /var/lib/workshop-gateway" in text
     assert "KillMode=process" in text and "Restart=on-failure" in text and "NoNewPrivileges=yes" in text
     assert "abcdefg" not in text
+    # Root, for making the event's users and starting desktops as them, and no more than that takes.
+    assert "CapabilityBoundingSet=CAP_SETUID CAP_SETGID" in text and "CAP_SYS_ADMIN" not in text
+    assert "ReadWritePaths=/var/lib/workshop-gateway /tmp /etc /home" in text
+    assert "RuntimeDirectoryMode=0711" in text and "RuntimeDirectoryPreserve=yes" in text
     verify = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True)
     assert verify.returncode == 0, verify.stderr
     # systemd-analyze only warns about bad settings: any output about our unit is a failure.

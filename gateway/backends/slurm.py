@@ -38,6 +38,7 @@ from pathlib import Path
 
 from ..config import Config, RestartConfig
 from ..container import ContainerSpec, exec_argv
+from ..desktop_users import uid_min
 from ..files import atomic_write, ensure_private_dir
 from ..proc import CommandResult, CommandTimeout, run
 from ..render import render, shell_quote
@@ -68,6 +69,8 @@ QUEUE_TTL_S = 1.0
 #: How long stop() waits for a cancelled job to leave the node.
 STOP_WAIT_S = 45.0
 _PASSWORD_MARK = "\0password-file\0"
+_XAUTHORITY_MARK = "\0xauthority\0"
+_SCRIPT_VARIABLES = {_PASSWORD_MARK: '"$passwd_file"', _XAUTHORITY_MARK: '"$XAUTHORITY"'}
 
 # Failures worth retrying: slurmctld restarting, unreachable, or busy.
 _TRANSIENT = (
@@ -89,8 +92,8 @@ _TRANSIENT = (
 
 
 def _shell_line(argv: Sequence[str]) -> str:
-    """``argv`` as one shell command line: each word quoted, the password file left to the script."""
-    return " ".join('"$passwd_file"' if word == _PASSWORD_MARK else shell_quote(word) for word in argv)
+    """``argv`` as one shell command line: each word quoted, the password and cookie files left to the script."""
+    return " ".join(_SCRIPT_VARIABLES.get(word) or shell_quote(word) for word in argv)
 
 
 def container_spec(config: Config) -> ContainerSpec:
@@ -105,7 +108,7 @@ def render_job_script(config: Config, account: Account, *, home: str, workdir: s
     xvnc = xvnc_argv(
         xvnc="Xvnc", displayfd=3, rfb_port=account.vnc_port, password_file=Path(_PASSWORD_MARK),
         geometry=d.geometry, depth=d.depth, desktop_name=account.id, max_cut_text=d.max_cut_text,
-        interface=config.slurm.interface,
+        interface=config.slurm.interface, xauthority=Path(_XAUTHORITY_MARK),
     )
     return render(
         "desktop-job.sh.j2",
@@ -616,16 +619,6 @@ def _user_exists(name: str) -> bool:
     except KeyError:
         return False
     return True
-
-
-def uid_min(login_defs: Path = Path("/etc/login.defs")) -> int:
-    """UID_MIN from login.defs (1000 when it says nothing): accounts below it are system accounts."""
-    with contextlib.suppress(OSError, ValueError):
-        for line in login_defs.read_text().splitlines():
-            words = line.split()
-            if len(words) >= 2 and words[0] == "UID_MIN":
-                return int(words[1])
-    return 1000
 
 
 def run_as_problems(config: Config, accounts: Sequence[Account], tokens_path: str) -> list[str]:

@@ -77,13 +77,16 @@ KEEPALIVE_INTERVAL_S = 15
 
 #: $1 vncpasswd, $2 password file, $3... directories to create. The password comes on stdin.
 WRITE_PASSWORD = r"""set -eu
-vncpasswd=$1 file=$2
-shift 2
+vncpasswd=$1 file=$2 xauthority=$3
+shift 3
 umask 077
 mkdir -p -- "$@"
 "$vncpasswd" -f >"$file.tmp"
 if [ "$(wc -c <"$file.tmp")" -lt 8 ]; then echo "vncpasswd -f wrote no password" >&2; exit 3; fi
 mv -f -- "$file.tmp" "$file"
+# The desktop's X cookie (Xvnc -auth): one MIT-MAGIC-COOKIE-1 for any display, in libXau's format.
+{ printf '\377\377\000\000\000\000\000\022MIT-MAGIC-COOKIE-1\000\020'; head -c 16 /dev/urandom; } >"$xauthority.tmp"
+mv -f -- "$xauthority.tmp" "$xauthority"
 """
 
 #: $1 log file, $2 pid file, $3 display file or "-", $4 seconds to wait for the display, then argv.
@@ -657,6 +660,7 @@ class SshBackend(Backend):
             "xvnc_pid": f"{base}/run/{account.id}.xvnc.pid",
             "session_pid": f"{base}/run/{account.id}.session.pid",
             "display": f"{base}/run/{account.id}.display",
+            "xauthority": f"{base}/secrets/{account.id}.Xauthority",
             "runtime": f"{base}/run/{account.id}",
             "workspace": (self.config.desktop.workspace or "{state_dir}/workspaces/{account}").format(
                 account=account.id, user=self._username(self._where(account)) or account.id, state_dir=base),
@@ -667,7 +671,8 @@ class SshBackend(Backend):
         info = await self._host_info(host)
         paths = self._paths(info, account)
         result = await self._exec(
-            host, _script("write-password", self.settings.vncpasswd, paths["password"], paths["workspace"],
+            host, _script("write-password", self.settings.vncpasswd, paths["password"], paths["xauthority"],
+                          paths["workspace"],
                           paths["runtime"]),
             input=vncpasswd_input(account.password, view_only_password(self.state_dir, account.id)).decode(),
         )
@@ -685,7 +690,7 @@ class SshBackend(Backend):
             RemoteProcess(xvnc.pid, xvnc.start_time, paths["password"]),
             RemoteProcess(session.pid, session.start_time),
             xvnc.display, paths["password"],
-            (paths["xvnc_pid"], paths["session_pid"], paths["display"]),
+            (paths["xvnc_pid"], paths["session_pid"], paths["display"], paths["xauthority"]),
             self._user_of(account),
         )
         self._session_alive[account.id] = True
@@ -717,6 +722,7 @@ class SshBackend(Backend):
             xvnc=self.settings.xvnc, displayfd=DISPLAY_FD, rfb_port=account.vnc_port,
             password_file=Path(paths["password"]), geometry=d.geometry, depth=d.depth,
             desktop_name=account.id, max_cut_text=d.max_cut_text, interface=self.settings.interface,
+            xauthority=Path(paths["xauthority"]),
         )
         if self.container is not None:
             argv = exec_argv(self.container, argv)
@@ -732,6 +738,7 @@ class SshBackend(Backend):
             "DISPLAY": f":{display}",
             "HOME": paths["workspace"],
             "XDG_RUNTIME_DIR": paths["runtime"],
+            "XAUTHORITY": paths["xauthority"],
             "PATH": "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin",
             "LANG": "C.UTF-8",
             "SHELL": "/bin/bash",
@@ -757,7 +764,7 @@ class SshBackend(Backend):
                 if pid.isdigit() and start.strip().isdigit():
                     launched.append(RemoteProcess(int(pid), int(start)))
             await self._terminate(host, info.boot_id, launched, grace_s=2)
-            await self._exec(host, ["rm", "-f", "--", paths["password"], paths["xvnc_pid"],
+            await self._exec(host, ["rm", "-f", "--", paths["password"], paths["xauthority"], paths["xvnc_pid"],
                                     paths["session_pid"], paths["display"]])
         except BackendError as exc:
             log.error("could not clean up a failed start host=%s: %s", host, exc)
