@@ -73,8 +73,9 @@ async def test_ssh_desktops_are_readopted_after_a_gateway_sigkill(
         await rfb.connect_websocket(run.ws_url(account), account.password, timeout_s=10)
     # The OS's view, not the database's: each desktop's X server by pid and start time.
     servers = {a.id: the_xvnc_on_port(a.vnc_port) for a in remote}
-    remote_secrets = [p for p in (ssh_host.remote_dir / "secrets").iterdir()]
-    assert len(remote_secrets) == 2
+    remote_secrets = sorted((ssh_host.remote_dir / "secrets").iterdir())
+    # A password file and an X cookie for each desktop.
+    assert [p.suffix for p in remote_secrets] == [".Xauthority", ".vncpasswd"] * 2, remote_secrets
     assert_secrets_kept(run.state_dir, [a.password for a in remote], output=run.output,
                         other_secret_files=remote_secrets, other_dirs=[ssh_host.remote_dir])
     # Unsaved work in the remote workspace.

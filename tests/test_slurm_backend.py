@@ -59,8 +59,10 @@ def test_job_script_runtime_none() -> None:
     assert 'vncpasswd -f <"$secret" >"$passwd_file"' in text
     assert "secret=/shared/ws01/.vnc-secret\n" in text
     xvnc = line_with(text, "-rfbport")
-    assert xvnc.startswith("Xvnc -displayfd 3 -rfbport 5901 -rfbauth \"$passwd_file\" -SecurityTypes VncAuth "
-                           "-UseBlacklist=0 -interface 0.0.0.0 ")
+    assert xvnc.startswith("Xvnc -auth \"$XAUTHORITY\" -displayfd 3 -rfbport 5901 -rfbauth \"$passwd_file\" "
+                           "-SecurityTypes VncAuth -UseBlacklist=0 -interface 0.0.0.0 ")
+    # The X cookie comes from builtins and head, never a command line, and is the job's user's alone.
+    assert 'export XAUTHORITY="$XDG_RUNTIME_DIR/Xauthority"' in text and "head -c 16 /dev/urandom" in text
     assert xvnc.endswith(' 3>"$display_file" &')
     session = line_with(text, "desktop-session")
     assert session.strip().endswith("containers/desktop-session &")
@@ -85,10 +87,10 @@ def test_job_script_singularity_exec_lines() -> None:
     binds = "--bind /home --bind /scratch:/scratch:rw --bind /opt/modules:/opt/modules:ro"
     assert f'singularity exec {binds} /images/desktop.sif vncpasswd -f <"$secret"' in text
     assert line_with(text, "-rfbport").strip().startswith(
-        f'singularity exec {binds} /images/desktop.sif Xvnc -displayfd 3 -rfbport 5901 -rfbauth "$passwd_file"')
+        f'singularity exec {binds} /images/desktop.sif Xvnc -auth "$XAUTHORITY" -displayfd 3 -rfbport 5901 -rfbauth "$passwd_file"')
     assert f"singularity exec {binds} /images/desktop.sif /opt/desktop/desktop-session &" in text
     apptainer = script(config("container:\n  runtime: apptainer\n  image: /i.sif\n"))
-    assert "apptainer exec /i.sif Xvnc -displayfd 3" in apptainer
+    assert "apptainer exec /i.sif Xvnc -auth \"$XAUTHORITY\" -displayfd 3" in apptainer
     assert subprocess.run(["bash", "-n"], input=text, text=True).returncode == 0
 
 
