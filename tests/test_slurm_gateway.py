@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from gateway import rfb
+from gateway.desktop_users import kill_user_processes
 from gateway.slurm_parse import JobState, parse_squeue
 from gateway.state import StateStore
 from gateway.tokens import Account, generate_password
@@ -515,15 +516,7 @@ def _pids_of(comm: str) -> list[int]:
 
 
 def _kill_processes_of(user: str) -> None:
-    """SIGKILL, by pid, what still runs as a user this test created (so userdel can remove it)."""
+    """SIGKILL what still runs as a user this test created (so userdel can remove it)."""
     import pwd
-    import signal
 
-    uid = pwd.getpwnam(user).pw_uid
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if entry.stat().st_uid == uid:
-                    os.kill(int(entry.name), signal.SIGKILL)
-            except OSError:
-                continue
+    asyncio.run(kill_user_processes(pwd.getpwnam(user).pw_uid))

@@ -11,7 +11,6 @@ import asyncio
 import os
 import pwd
 import random
-import signal
 import stat
 import subprocess
 import sys
@@ -23,6 +22,7 @@ import pytest
 
 from gateway import rfb
 from gateway.config import parse_config
+from gateway.desktop_users import kill_user_processes
 from gateway.errors import InputError
 from gateway.tokens import Account, generate_password
 from tests.gateway_run import GatewayRun, recorded_desktops
@@ -48,13 +48,7 @@ def per_user_ssh_host(tmp_path: Path) -> Iterator[SshHost]:
 
 
 def _kill_processes_of(uid: int) -> None:
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if entry.stat().st_uid == uid:
-                    os.kill(int(entry.name), signal.SIGKILL)
-            except OSError:
-                continue
+    asyncio.run(kill_user_processes(uid))
 
 
 @pytest.fixture
