@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("tokens", type=Path, help="token file: account vnchost websocketpath websocketport vncport vncpassword")
     _common_options(up)
     up.add_argument("--listen", help="HOST:PORT participants connect to (default from config: 127.0.0.1:8080)")
+    up.add_argument("--after-event", action="store_true",
+                    help="start no desktops: serve only the landing page, sign-in, /me, the archives, admin and /metrics")
     up.set_defaults(handler=cmd_up)
 
     down = commands.add_parser("down", help="stop the gateway running with this state dir, and all it started")
@@ -87,6 +89,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("-o", "--output", type=Path, help="file to write (default: standard output)")
     gen.add_argument("--force", action="store_true", help="overwrite an existing file")
     gen.set_defaults(handler=cmd_tokens_generate)
+    sheet = token_commands.add_parser("sheet", help="one slip per account (URL, account, password, QR code) to "
+                                                    "print and hand out; written mode 0600")
+    sheet.add_argument("file", type=Path, help="token file")
+    sheet.add_argument("--url", required=True, help="the landing page URL participants open")
+    sheet.add_argument("-o", "--output", type=Path, default=Path("slips.pdf"),
+                       help="slips.pdf or slips.html (the format follows the suffix; default slips.pdf)")
+    sheet.add_argument("--per-page", type=int, default=8, help="slips per page (1-24, default 8)")
+    sheet.add_argument("--config", type=Path, help="gateway.yaml (for event.title)")
+    sheet.add_argument("--force", action="store_true", help="overwrite an existing file")
+    sheet.set_defaults(handler=cmd_tokens_sheet)
 
     container = commands.add_parser("container", help="build the desktop container image")
     container_commands = container.add_subparsers(dest="container_command", required=True, metavar="ACTION")
@@ -110,6 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
     desktop.add_argument("--state-dir", type=Path)
     desktop.add_argument("--config", type=Path)
     desktop.set_defaults(handler=cmd_desktop)
+
+    extend = commands.add_parser("extend", help="give the running event and its desktops more time (Slurm "
+                                                "time limits, the reservation, the idle event window)")
+    extend.add_argument("duration", help="how much longer: 30m, 1h, 1h30m (a plain number is minutes)")
+    extend.add_argument("--accounts", help="comma-separated accounts (default: every desktop)")
+    extend.add_argument("--state-dir", type=Path)
+    extend.add_argument("--config", type=Path)
+    extend.set_defaults(handler=cmd_extend)
 
     systemd = commands.add_parser("systemd", help="run the gateway as a systemd service")
     systemd_commands = systemd.add_subparsers(dest="systemd_command", required=True, metavar="ACTION")
@@ -151,14 +171,22 @@ def cmd_up(args: argparse.Namespace) -> int:
     check_listen(listen, config)
     check_signup(listen, config)
     state_dir = resolve_state_dir(args.state_dir, config)
-    preflight(config, tokens)
-    check_users(tokens, config, state_dir, listen)
+    if args.after_event:
+        _after_event_preflight(config)
+    else:
+        preflight(config, tokens)
+        check_users(tokens, config, state_dir, listen)
     for warning in tokens.warnings:
         log.warning("%s", warning)
     ensure_private_dir(state_dir)
     try:
         add_log_file(state_dir / "logs" / "gateway.log")
         with hold_lock(state_dir):
+            from .after_event import record_invocation
+
+            record_invocation(state_dir, args.tokens, args.config)  # for `gateway down`'s last line
+            if args.after_event:
+                return asyncio.run(_run_after_event(tokens, config, state_dir, listen))
             return asyncio.run(_run_gateway(tokens, config, state_dir, listen))
     except (OSError, sqlite3.Error) as exc:
         if not is_disk_full(exc):
@@ -207,6 +235,33 @@ async def _run_gateway(tokens: TokenFile, config: Config, state_dir: Path, liste
     print(f"Starting {len(tokens.accounts)} desktops; state in {state_dir}", file=sys.stderr)
     await gateway.run(stop, on_ready=lambda message: print(message, flush=True))
     print("Stopped: every desktop, proxy and web server of this gateway has exited.", file=sys.stderr)
+    return 0
+
+
+def _after_event_preflight(config: Config) -> None:
+    """Downloads only: archives must be offered, and the front must be there; nothing else is needed."""
+    from .after_event import after_event_problems
+
+    problems = after_event_problems(config)
+    if config.apache.mode == "private" and not _program_exists(config.apache.binary):
+        problems.append(f"program not found: {config.apache.binary}")
+    if problems:
+        raise UserError("\n".join(problems))
+
+
+async def _run_after_event(tokens: TokenFile, config: Config, state_dir: Path, listen: str) -> int:
+    from .after_event import AfterEventGateway
+    from .supervisor import GatewayOptions
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    gateway = AfterEventGateway(tokens, config, GatewayOptions(state_dir=state_dir, listen=listen))
+    print(f"After the event: serving downloads for {len(tokens.accounts)} accounts; state in {state_dir}",
+          file=sys.stderr)
+    await gateway.run(stop, on_ready=lambda message: print(message, flush=True))
+    print("Stopped: the download pages are no longer served.", file=sys.stderr)
     return 0
 
 
@@ -392,6 +447,9 @@ def cmd_down(args: argparse.Namespace) -> int:
         asyncio.run(_clean_up_after_crash(state_dir, config))
     if args.remove_users:
         _remove_users(state_dir, args.delete_homes)
+    from .after_event import downloads_line
+
+    print(downloads_line(state_dir, args.config), file=sys.stderr)
     return 0
 
 
@@ -490,6 +548,23 @@ def cmd_tokens_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tokens_sheet(args: argparse.Namespace) -> int:
+    from .slips import MAX_PER_PAGE, check_url, make_slips, render_sheet
+
+    url = check_url(args.url)
+    if not 1 <= args.per_page <= MAX_PER_PAGE:
+        raise UserError(f"--per-page {args.per_page}: use 1 to {MAX_PER_PAGE}")
+    tokens, config = load_inputs(args.file, args.config)
+    if args.output.exists() and not args.force:
+        raise UserError(f"{args.output} exists; use --force to overwrite it")
+    data = render_sheet(args.output, make_slips(tokens.accounts, url), title=config.event.title,
+                        per_page=args.per_page)
+    atomic_write(args.output, data, mode=0o600)
+    print(f"Wrote {len(tokens.accounts)} slips to {args.output} (mode 0600). It holds every password: print it, "
+          "then delete it.", file=sys.stderr)
+    return 0
+
+
 # -- container ------------------------------------------------------------------------------------
 
 
@@ -565,6 +640,42 @@ def cmd_desktop(args: argparse.Namespace) -> int:
         raise UserError(f"no desktop {args.account} in the running gateway") from None
     print(f"{args.account}: {result}")
     return 0
+
+
+def parse_duration(text: str) -> float:
+    """``30m``, ``1h``, ``1h30m`` or a plain number of minutes, as seconds; ValueError if not."""
+    import re
+
+    match = re.fullmatch(r"\s*(?:(\d+(?:\.\d+)?)\s*h)?\s*(?:(\d+(?:\.\d+)?)\s*(?:m|min)?)?\s*", text)
+    if not text.strip() or match is None or not any(match.groups()):
+        raise ValueError(f"{text!r}: give a duration such as 30m, 1h or 1h30m")
+    seconds = float(match.group(1) or 0) * 3600 + float(match.group(2) or 0) * 60
+    if not 0 < seconds <= 24 * 3600:
+        raise ValueError(f"{text!r}: give more than 0 and at most 24 hours")
+    return seconds
+
+
+def cmd_extend(args: argparse.Namespace) -> int:
+    from .cockpit import request_extend
+
+    try:
+        seconds = parse_duration(args.duration)
+    except ValueError as exc:
+        raise UserError(f"extend: {exc}") from None
+    accounts = [a.strip() for a in args.accounts.split(",") if a.strip()] if args.accounts else None
+    try:
+        answer = asyncio.run(request_extend(_control_socket(args), seconds / 60, accounts))
+    except LookupError as exc:
+        raise UserError(f"extend: {exc}") from None
+    except ValueError as exc:
+        raise UserError(f"extend: {exc}") from None
+    lines = answer["lines"]
+    for line in lines:
+        print(line)
+    refused = [line for line in lines if "refused" in line or "not extended" in line]
+    print(f"Extended by {seconds / 60:g} min; recorded in the audit log."
+          + (f" {len(refused)} not extended (see above)." if refused else ""), file=sys.stderr)
+    return 1 if refused else 0
 
 
 # -- systemd --------------------------------------------------------------------------------------
@@ -702,12 +813,22 @@ def cmd_archive(args: argparse.Namespace) -> int:
     if unknown:
         raise UserError(f"not in {args.tokens}: {', '.join(unknown)}")
     fmt = args.format or config.archive.format
-    jobs, results = [], {}
+    jobs, remote, results = [], [], {}
     for name in wanted:
-        if backend_name_for(by_id[name], config) == "ssh":
-            results[name] = f"its workspace is on {by_id[name].vnc_host}; remote workspaces are not packed yet"
+        backend = backend_name_for(by_id[name], config)
+        if backend == "ssh":
+            remote.append(by_id[name])
+        elif backend in ("slurm", "dcv"):  # where the jobs wrote it: the shared dir or the user's home
+            from .backends.slurm import job_home
+
+            try:
+                jobs.append((name, job_home(config, state_dir, name)))
+            except KeyError:
+                results[name] = f"no user {name} on this host (slurm.run_as: account)"
         else:
             jobs.append((name, account_workspace(name, config, state_dir)))
+    for account in remote:
+        results[account.id] = f"its workspace is on {account.vnc_host}; remote workspaces are not packed yet"
     ensure_private_dir(state_dir)
     store = StateStore(state_dir / "gateway.db")
     try:

@@ -55,6 +55,10 @@ log = logging.getLogger("gateway.cockpit")
 ACTIONS = ("restart", "stop", "start", "disconnect")
 
 ActFunction = Callable[[str, str], Awaitable[str]]
+#: Gateway.extend: (seconds, accounts or None for all, who asked) -> one line per thing done or refused.
+ExtendFunction = Callable[[float, "list[str] | None", str], Awaitable[list[str]]]
+#: The longest single `gateway extend` (a day).
+MAX_EXTEND_S = 24 * 3600.0
 
 #: Client addresses whose failed admin sign-ins are remembered at most.
 MAX_FAILURE_ADDRESSES = 10_000
@@ -133,6 +137,9 @@ def status_rows(slots: Mapping[str, DesktopSlot], now: float | None = None) -> l
     connections = established_by_remote()
     rows = []
     for slot in slots.values():
+        reason = slot.reason or ""
+        if slot.output_tail:  # organisers only: what a desktop that ended printed last (no passwords)
+            reason = f"{reason}; last output: {slot.output_tail}" if reason else f"last output: {slot.output_tail}"
         rows.append({
             "account": slot.account.id,
             "backend": slot.backend,
@@ -140,7 +147,9 @@ def status_rows(slots: Mapping[str, DesktopSlot], now: float | None = None) -> l
             "host": slot.endpoint.host if slot.endpoint else None,
             "port": slot.endpoint.port if slot.endpoint else None,
             "state": slot.phase.value,
-            "reason": slot.reason or None,
+            "reason": reason or None,
+            "output_tail": slot.output_tail or None,
+            "ends_at": slot.ends_at,
             "job_id": slot.detail.get("job_id"),
             "uptime_s": round(now - slot.ready_since, 1) if slot.ready_since else None,
             "restarts": slot.restarts,
@@ -165,6 +174,8 @@ class Cockpit:
     state_dir: Path | None = None
     #: What confines each local desktop (its user, limits), for `gateway status`.
     isolation: str = ""
+    #: `gateway extend` and the admin page's Extend (None: this gateway cannot extend).
+    extend: ExtendFunction | None = None
     #: Failed admin sign-ins per client address (the oldest addresses are dropped past the bound).
     _failures: BoundedTable[str, list[float]] = field(default_factory=lambda: BoundedTable(MAX_FAILURE_ADDRESSES))
 
@@ -246,6 +257,7 @@ def add_admin_routes(app: web.Application, cockpit: Cockpit,
 
         add_wall_routes(app, cockpit.thumbnails, slots=cockpit.slots, check_admin=_check_admin,
                         render_page=render_page)
+    app.router.add_post("/admin/api/extend", admin_extend)
     app.router.add_post("/admin/api/desktops/{account}/{action}", admin_action)
     app.router.add_get("/metrics", metrics)
 
@@ -254,9 +266,17 @@ async def _redirect(request: web.Request, location: str) -> web.Response:
     raise web.HTTPFound(location)
 
 
+def admin_rows(cockpit: Cockpit) -> list[dict[str, Any]]:
+    """The status rows with who signed up for each account (the admin page's Participant column)."""
+    from .accounts import claims
+
+    by_account = {c.account: {"name": c.name, "email": c.email} for c in claims(cockpit.store)}
+    return [dict(row, participant=by_account.get(row["account"])) for row in status_rows(cockpit.slots)]
+
+
 async def admin_desktops(request: web.Request) -> web.Response:
     _check_admin(request)
-    return web.json_response({"desktops": status_rows(request.app[COCKPIT].slots)},
+    return web.json_response({"desktops": admin_rows(request.app[COCKPIT])},
                              headers={"Cache-Control": "no-store"})
 
 
@@ -266,10 +286,10 @@ async def admin_events(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
                                            "X-Accel-Buffering": "no"})
     await response.prepare(request)
-    slots = request.app[COCKPIT].slots
+    cockpit = request.app[COCKPIT]
     try:
         while True:
-            payload = json.dumps({"desktops": status_rows(slots), "at": time.time()})
+            payload = json.dumps({"desktops": admin_rows(cockpit), "at": time.time()})
             await response.write(f"data: {payload}\n\n".encode())
             await asyncio.sleep(2)
     except (ConnectionResetError, asyncio.CancelledError):
@@ -300,6 +320,45 @@ async def admin_action(request: web.Request) -> web.Response:
     return web.json_response({"account": account, "action": action, "result": result})
 
 
+def extend_request(body: object) -> tuple[float, list[str] | None]:
+    """``{"minutes": N, "accounts": [...]}`` (accounts optional) as seconds and accounts; ValueError if bad."""
+    if not isinstance(body, dict):
+        raise ValueError("send {\"minutes\": N, \"accounts\": [...]}")
+    minutes = body.get("minutes")
+    if isinstance(minutes, bool) or not isinstance(minutes, (int, float)) or not 0 < minutes * 60 <= MAX_EXTEND_S:
+        raise ValueError(f"minutes must be a number above 0 and at most {MAX_EXTEND_S / 60:g}")
+    accounts = body.get("accounts")
+    if accounts is not None and (not isinstance(accounts, list) or not all(isinstance(a, str) for a in accounts)
+                                 or not accounts):
+        raise ValueError("accounts must be a list of account names")
+    return float(minutes) * 60.0, accounts
+
+
+async def _run_extend(cockpit: Cockpit, body: object, actor: str) -> web.Response:
+    if cockpit.extend is None:
+        raise web.HTTPNotFound(text="this gateway cannot extend")
+    try:
+        seconds, accounts = extend_request(body)
+        lines = await cockpit.extend(seconds, accounts, actor)
+    except ValueError as exc:
+        return web.json_response({"error": str(exc)}, status=400)
+    except LookupError as exc:
+        return web.json_response({"error": str(exc).strip("'\"")}, status=404)
+    return web.json_response({"minutes": seconds / 60, "lines": lines})
+
+
+async def admin_extend(request: web.Request) -> web.Response:
+    """The admin page's Extend: the same as `gateway extend`, recorded with who asked from where."""
+    user = _check_admin(request)
+    if request.content_type != "application/json":  # the CSRF guard, as for the other actions
+        raise web.HTTPUnsupportedMediaType(text="send application/json")
+    try:
+        body = await request.json()
+    except ValueError:
+        return web.json_response({"error": "send JSON"}, status=400)
+    return await _run_extend(request.app[COCKPIT], body, f"{user}@{_client_address(request)}")
+
+
 async def metrics(request: web.Request) -> web.Response:
     _check_admin(request)
     return web.Response(body=request.app[COCKPIT].metrics.render(),
@@ -325,7 +384,11 @@ def make_control_app(cockpit: Cockpit) -> web.Application:
         cockpit.record("control-socket", name, account, result)
         return web.json_response({"account": account, "action": name, "result": result})
 
+    async def extend(request: web.Request) -> web.Response:
+        return await _run_extend(cockpit, await request.json(), "control-socket")
+
     app.router.add_get("/status", status)
+    app.router.add_post("/extend", extend)
     app.router.add_post("/desktops/{account}/{action}", action)
     return app
 
@@ -351,3 +414,21 @@ async def request_action(socket_path: Path, account: str, action: str) -> str:
                 raise LookupError(await response.text())
             response.raise_for_status()
             return str((await response.json())["result"])
+
+
+async def request_extend(socket_path: Path, minutes: float, accounts: list[str] | None) -> dict[str, Any]:
+    """Ask the running gateway to extend (see Gateway.extend); its answer, or ValueError/LookupError."""
+    import aiohttp
+
+    connector = aiohttp.UnixConnector(path=str(socket_path))
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as session:
+        body: dict[str, Any] = {"minutes": minutes}
+        if accounts is not None:
+            body["accounts"] = accounts
+        async with session.post("http://gateway/extend", json=body) as response:
+            answer = dict(await response.json())
+            if response.status == 404:
+                raise LookupError(answer.get("error", "not found"))
+            if response.status != 200:
+                raise ValueError(answer.get("error", f"HTTP {response.status}"))
+            return answer

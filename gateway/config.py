@@ -131,6 +131,10 @@ class ProxyConfig:
     max_viewers_per_account: int = 4
     #: builtin mode: a websocket that has not finished VNC authentication by then is closed.
     auth_timeout_s: float = 20.0
+    #: builtin mode: accept the permessage-deflate a browser offers (zlib level 1 on every frame).
+    #: Off by default: VNC's Tight and ZRLE data is compressed already, so deflating it again
+    #: costs relay CPU and saves few bytes (measured by bench/, README "Capacity").
+    compression: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -386,6 +390,9 @@ class IdleConfig:
     event_action: Literal["none", "disconnect", "stop"] = "none"
     #: How often desktops are checked.
     check_interval_s: float = 30.0
+    #: Warnings inside each desktop this many minutes before its end: a Slurm job's time limit, or
+    #: event_end (each extended by `gateway extend`); [] for none.
+    end_warnings_minutes: tuple[float, ...] = (15.0, 5.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -398,6 +405,31 @@ class WallConfig:
     interval_s: float = 5.0
     #: Desktops grabbed at the same time.
     concurrency: int = 8
+
+
+@dataclass(frozen=True, slots=True)
+class ViewerConfig:
+    """The event's viewer defaults; a participant's own choice (kept in their browser) still wins."""
+
+    #: noVNC's JPEG quality, 0 (small, blurry) to 9 (sharp, about 3x the bytes of 6 on photos).
+    quality: int = 6
+    #: zlib level, 0 to 9: higher saves bandwidth on slow Wi-Fi at some CPU cost on both ends.
+    compression: int = 2
+
+
+@dataclass(frozen=True, slots=True)
+class TransferConfig:
+    """Files in and out of local desktops from the viewer (see gateway/transfer.py)."""
+
+    #: Offer the Upload button and the Downloads panel (local desktops only).
+    enabled: bool = True
+    #: Uploads land in this folder of the desktop's home (made when missing).
+    upload_dir: str = "Uploads"
+    #: The Downloads panel lists and serves this folder of the desktop's home.
+    download_dir: str = "Downloads"
+    #: Largest file accepted, and all uploads of one account together (the home's files are not counted).
+    max_file_mb: float = 100.0
+    quota_mb: float = 500.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -429,6 +461,8 @@ class Config:
     archive: ArchiveConfig = field(default_factory=ArchiveConfig)
     idle: IdleConfig = field(default_factory=IdleConfig)
     wall: WallConfig = field(default_factory=WallConfig)
+    viewer: ViewerConfig = field(default_factory=ViewerConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
     #: Where the file came from, for messages.
     source: str = "<defaults>"
 
@@ -525,7 +559,7 @@ class _Reader:
                 return _INVALID
             return raw
         if origin is tuple:
-            return self.string_list(node, dotted)
+            return self.string_list(node, dotted, float if args and args[0] is float else str)
         return self.typed_scalar(hint, node, dotted)
 
     def scalar(self, node: yaml.Node, dotted: str) -> Any:
@@ -560,14 +594,15 @@ class _Reader:
             return _INVALID
         return raw
 
-    def string_list(self, node: yaml.Node, dotted: str) -> Any:
+    def string_list(self, node: yaml.Node, dotted: str, item_type: type = str) -> Any:
         if isinstance(node, yaml.ScalarNode):
-            self.bad(node, f"{dotted} must be a list of strings, e.g. [program, --option]")
+            example = "[15, 5]" if item_type is float else "[program, --option]"
+            self.bad(node, f"{dotted} must be a list, e.g. {example}")
             return _INVALID
         if not isinstance(node, yaml.SequenceNode):
             self.bad(node, f"{dotted} must be a list of strings")
             return _INVALID
-        items = [self.typed_scalar(str, item, dotted) for item in node.value]
+        items = [self.typed_scalar(item_type, item, dotted) for item in node.value]
         return _INVALID if _INVALID in items else tuple(items)
 
 
@@ -779,6 +814,8 @@ def _cockpit_checks(config: Config, check) -> None:
         check(value is None or value > 0, f"idle.{key}", "must be positive (or null: never)")
     check(i.warn_minutes_before >= 0, "idle.warn_minutes_before", "must be 0 or more")
     check(i.check_interval_s > 0, "idle.check_interval_s", "must be positive")
+    check(all(0 < m <= 24 * 60 for m in i.end_warnings_minutes), "idle.end_warnings_minutes",
+          "give minutes before the end, each more than 0 and at most 1440, e.g. [15, 5]")
     moments = {}
     for key in ("event_start", "event_end"):
         value = getattr(i, key)
@@ -797,6 +834,20 @@ def _cockpit_checks(config: Config, check) -> None:
           "use WIDTHxHEIGHT up to 1920x1200, e.g. 320x200")
     check(w.interval_s >= 0.5, "wall.interval_s", "must be at least 0.5")
     check(1 <= w.concurrency <= 64, "wall.concurrency", "must be 1 to 64")
+    _viewer_checks(config, check)
+
+
+def _viewer_checks(config: Config, check) -> None:
+    """The viewer: and transfer: blocks."""
+    for key in ("quality", "compression"):
+        check(0 <= getattr(config.viewer, key) <= 9, f"viewer.{key}", "must be 0 to 9")
+    t = config.transfer
+    for key in ("upload_dir", "download_dir"):
+        parts = getattr(t, key).split("/")
+        check(bool(getattr(t, key)) and not getattr(t, key).startswith("/") and all(p not in ("", ".", "..") for p in parts),
+              f"transfer.{key}", "use a folder inside the desktop's home, e.g. Uploads")
+    check(t.max_file_mb > 0, "transfer.max_file_mb", "must be positive")
+    check(t.quota_mb >= t.max_file_mb, "transfer.quota_mb", "must be at least transfer.max_file_mb")
 
 
 def parse_moment(value: str) -> datetime.datetime:

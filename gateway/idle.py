@@ -8,6 +8,11 @@ the desktop (Backend.notify); the action follows no earlier than that long after
 never while a viewer typed within the warning time. Inside the event window ``event_action``
 applies (default: nothing), outside it ``action``. Actions go through Gateway.act, like an
 organiser's, and every warning and action is written to the audit log.
+
+The same task warns inside each ready desktop before its end (``end_warnings_minutes``, default 15
+and 5): the end of its Slurm job (its time limit, as the watcher's polls report it) or ``event_end``,
+whichever comes first. `gateway extend` moves both (:meth:`IdleWatcher.extend_window`), and the
+warnings then count down to the new end.
 """
 
 from __future__ import annotations
@@ -54,6 +59,16 @@ class IdlePolicy:
         self.window: tuple[datetime.datetime, datetime.datetime] | None = None
         if config.event_start and config.event_end:
             self.window = (parse_moment(config.event_start), parse_moment(config.event_end))
+        #: What `gateway extend` added to the window's end: for every account, and for some alone.
+        self.extended_s = 0.0
+        self.extended_for: dict[str, float] = {}
+
+    def window_end(self, account: str | None = None) -> float | None:
+        """The end of the event window (time.time()), extensions included; None without a window."""
+        if self.window is None:
+            return None
+        extra = self.extended_for.get(account, self.extended_s) if account is not None else self.extended_s
+        return self.window[1].timestamp() + extra
 
     @property
     def enabled(self) -> bool:
@@ -66,11 +81,10 @@ class IdlePolicy:
     def warn_s(self) -> float:
         return self.config.warn_minutes_before * 60.0
 
-    def action_at(self, now: float) -> str:
-        if self.window is not None:
-            moment = datetime.datetime.fromtimestamp(now, datetime.timezone.utc)
-            if self.window[0] <= moment < self.window[1]:
-                return self.config.event_action
+    def action_at(self, now: float, account: str | None = None) -> str:
+        end = self.window_end(account)
+        if self.window is not None and end is not None and self.window[0].timestamp() <= now < end:
+            return self.config.event_action
         return self.config.action
 
     def decide(self, slot: DesktopSlot, *, no_viewers_since: float | None, active_since: float) -> IdleDecision | None:
@@ -118,10 +132,29 @@ class IdleWatcher:
         self._acted_at: dict[str, float] = {}
         self._warned_at: dict[str, float] = {}
         self._spared_at: dict[str, float] = {}
+        #: Per account: the end last warned about, and the smallest warning (minutes) given for it.
+        self._end_warned: dict[str, tuple[float, float]] = {}
+
+    def extend_window(self, seconds: float, accounts: list[str] | None) -> str:
+        """`gateway extend`: the event window ends ``seconds`` later (for ``accounts`` only, if given)."""
+        p = self.policy
+        if accounts is None:
+            p.extended_s += seconds
+            p.extended_for = {a: extra + seconds for a, extra in p.extended_for.items()}
+        else:
+            for account in accounts:
+                p.extended_for[account] = p.extended_for.get(account, p.extended_s) + seconds
+        end = p.window_end(accounts[0] if accounts else None)
+        return time.strftime("%Y-%m-%d %H:%M", time.localtime(end)) if end is not None else "?"
+
+    @property
+    def end_warnings(self) -> list[float]:
+        """Minutes before a desktop's end at which it is warned, largest first."""
+        return sorted(self.policy.config.end_warnings_minutes, reverse=True)
 
     async def run(self) -> None:
-        if not self.policy.enabled:
-            log.info("idle handling off")
+        if not self.policy.enabled and not self.end_warnings:
+            log.info("idle handling and end warnings off")
             return
         c = self.policy.config
         log.info("idle handling on viewers_min=%s input_min=%s warn_min=%g action=%s event_action=%s",
@@ -132,12 +165,42 @@ class IdleWatcher:
             await self.check(time.time())
 
     async def check(self, now: float) -> None:
-        connections = established_by_remote()
+        connections = established_by_remote() if self.policy.enabled else {}
         for account, slot in self.slots.items():
             try:
-                await self._check_one(account, slot, now, connections)
+                if self.policy.enabled:
+                    await self._check_one(account, slot, now, connections)
+                await self._check_end(account, slot, now)
             except Exception:  # one desktop's trouble must not end idle handling for all
                 log.exception("idle check failed account=%s", account)
+
+    def desktop_end(self, account: str, slot: DesktopSlot) -> float | None:
+        """When the desktop ends: its job's time limit or the event window's end, whichever is first."""
+        ends = [end for end in (slot.ends_at, self.policy.window_end(account)) if end is not None]
+        return min(ends) if ends else None
+
+    async def _check_end(self, account: str, slot: DesktopSlot, now: float) -> None:
+        """Warn inside the desktop as its end comes closer: once per configured warning, per end."""
+        end = self.desktop_end(account, slot) if slot.phase is Phase.READY else None
+        if end is None or not self.end_warnings or now >= end:
+            return
+        due = [m for m in self.end_warnings if now >= end - m * 60.0]
+        if not due:
+            return
+        warned_end, warned_minutes = self._end_warned.get(account, (None, None))
+        smallest = due[-1]
+        if warned_end is not None and abs(warned_end - end) < 1.0 and warned_minutes is not None \
+                and warned_minutes <= smallest:
+            return
+        self._end_warned[account] = (end, smallest)
+        left = _duration(end - now)
+        at = time.strftime("%H:%M", time.localtime(end))
+        what = "its time limit" if slot.ends_at is not None and abs(end - slot.ends_at) < 1.0 else "the end of the event"
+        text = (f"This desktop ends in about {left} (at {at}, {what}).\n"
+                "Save your work now; files in your home folder are kept for download.")
+        log.info("end warning account=%s in=%s", account, left)
+        self.store.record_event("end:warn", account, f"ends at {at} ({what}), in {left}")
+        await self.notify(account, text)
 
     def _forget(self, account: str) -> None:
         for table in (self._no_viewers_since, self._warned_at, self._acted_at, self._spared_at):

@@ -35,7 +35,7 @@ from pathlib import Path
 from aiohttp import web
 from markdown_it import MarkdownIt
 
-from .accounts import claim_account
+from .accounts import claim_account, claims
 from .archive import FORMATS, ArchiveRecord, archive_record, archives_dir
 from .config import Config, parse_moment
 from .errors import UserError
@@ -43,7 +43,7 @@ from .files import atomic_write, ensure_private_dir
 from .state import StateStore
 from .status import DesktopSlot
 from .httpauth import basic_credentials, client_address
-from .webapp import CONFIG, SLOTS, _page, desktop_links
+from .webapp import CONFIG, SLOTS, _page, desktop_links, find_slot
 
 __all__ = ["add_routes", "PARTICIPANTS", "TermsDocument", "load_documents", "render_markdown", "RateLimit"]
 
@@ -170,7 +170,11 @@ def add_routes(app: web.Application, *, config: Config, store: StateStore, state
     app.router.add_post("/signup", signup)
     app.router.add_get("/login", signin_form)
     app.router.add_post("/login", signin)
+    app.router.add_get("/logout", signout_form)
     app.router.add_post("/logout", signout)
+    app.router.add_get("/welcome", welcome)
+    app.router.add_get("/me/password", my_password)
+    app.router.add_post("/api/session", session_from_viewer)
     app.router.add_get("/me", me)
     app.router.add_get("/archive/{account}", download_archive)
 
@@ -269,6 +273,11 @@ def _session_account(request: web.Request) -> DesktopSlot | None:
     return slot
 
 
+def session_account(request: web.Request) -> DesktopSlot | None:
+    """The signed-in participant's account (None: not signed in, or sign-in is not offered)."""
+    return _session_account(request) if PARTICIPANTS in request.app else None
+
+
 def _too_many(seconds: float, what: str) -> web.HTTPTooManyRequests:
     wait = max(1, int(seconds + 0.999))
     return web.HTTPTooManyRequests(text=f"Too many {what} from your address; try again in {wait} s.",
@@ -293,21 +302,53 @@ def _control_message(fields: list[str]) -> str:
             + ", ".join(dict.fromkeys(labels)) + ".")
 
 
-# -- sign-up --------------------------------------------------------------------------------------------
+# -- sign-up ------------------------------------------------------------------------------------------------
+
+SIGNUP_COOKIE = "gw_signup"
 
 
-def _signup_page(request: web.Request, *, status: int = 200, errors: tuple[str, ...] = (),
-                 name: str = "", email: str = "", result: Mapping[str, object] | None = None) -> web.Response:
+def normalise_code(code: str) -> str:
+    """Event codes are read aloud and typed on phones: case and surrounding spaces don't matter."""
+    return " ".join(code.split()).casefold()
+
+
+def free_accounts(request: web.Request) -> int:
+    """Accounts of the token file that no sign-up has claimed yet."""
+    taken = {c.account for c in claims(request.app[PARTICIPANTS].store)}
+    return sum(1 for account in request.app[SLOTS] if account not in taken)
+
+
+def _signup_page(request: web.Request, *, status: int = 200, errors: Mapping[str, str] | None = None,
+                 values: Mapping[str, object] | None = None) -> web.Response:
     p = request.app[PARTICIPANTS]
-    return _render(request, "signup.html.j2", status=status, documents=p.documents, errors=errors,
-                   name=name, email=email, result=result,
-                   needs_code=p.config.registration.event_code is not None)
+    values = values or {}
+    return _render(request, "signup.html.j2", status=status, documents=p.documents, errors=errors or {},
+                   name=values.get("name", ""), email=values.get("email", ""),
+                   event_code=values.get("event_code", ""), accepted=values.get("accepted", set()),
+                   needs_code=p.config.registration.event_code is not None, free=free_accounts(request))
 
 
 async def signup_form(request: web.Request) -> web.Response:
     if not request.app[CONFIG].registration.enabled:
         raise web.HTTPNotFound(text="Sign-up is not open.")
     return _signup_page(request)
+
+
+def _signup_errors(p: _Participants, form: Mapping[str, str], name: str, email: str) -> dict[str, str]:
+    """What is wrong with the form, by field (shown next to each field)."""
+    r = p.config.registration
+    errors: dict[str, str] = {}
+    if not name or len(name) > MAX_NAME:
+        errors["name"] = f"Please give your name (at most {MAX_NAME} characters)."
+    if len(email) > MAX_EMAIL or not _EMAIL_RE.fullmatch(email):
+        errors["email"] = "Please give a valid e-mail address, e.g. ada@example.org."
+    if r.event_code is not None and not hmac.compare_digest(
+            normalise_code(form.get("event_code", "")).encode(), normalise_code(r.event_code).encode()):
+        errors["event_code"] = "The event code is not right; it was announced at the event."
+    for i, d in enumerate(p.documents):
+        if form.get(f"accept-{i}") != "yes":
+            errors[f"accept-{i}"] = f"Please read and accept: {d.title}."
+    return errors
 
 
 async def signup(request: web.Request) -> web.Response:
@@ -327,47 +368,78 @@ async def signup(request: web.Request) -> web.Response:
     form = await _read_form(request)
     unsafe = _fields_with_control_characters(form)
     if unsafe:
-        return _signup_page(request, status=400, errors=(_control_message(unsafe),))
+        return _signup_page(request, status=400, errors={"form": _control_message(unsafe)})
     name = form.get("name", "").strip()
     email = form.get("email", "").strip()
-    errors = []
-    if not name or len(name) > MAX_NAME or _CONTROL_RE.search(name):
-        errors.append(f"Please give your name (at most {MAX_NAME} characters).")
-    if len(email) > MAX_EMAIL or not _EMAIL_RE.fullmatch(email):
-        errors.append("Please give a valid e-mail address.")
-    if r.event_code is not None and not hmac.compare_digest(
-            form.get("event_code", "").strip().encode(), r.event_code.encode()):
-        errors.append("The event code is not right; it was announced at the event.")
-    missing = [d.title for i, d in enumerate(p.documents) if form.get(f"accept-{i}") != "yes"]
-    if missing:
-        errors.append("Please read and accept: " + ", ".join(missing) + ".")
+    # What was typed comes back with the errors: nobody should type it twice.
+    values = {"name": name[:MAX_NAME], "email": email[:MAX_EMAIL], "event_code": form.get("event_code", "")[:200],
+              "accepted": {i for i in range(len(p.documents)) if form.get(f"accept-{i}") == "yes"}}
+    errors = _signup_errors(p, form, name, email)
     if errors:
-        return _signup_page(request, status=400, errors=tuple(errors), name=name[:MAX_NAME], email=email[:MAX_EMAIL])
+        return _signup_page(request, status=400, errors=errors, values=values)
 
     accounts = list(request.app[SLOTS])
     outcome = claim_account(p.store, accounts, email=email, name=name, address=address,
                             documents=[(d.title, d.sha256) for d in p.documents])
     if outcome.claim is None:
         log.warning("sign-up refused: every account is taken")
-        return _signup_page(request, status=409, errors=(
-            "Sorry, every account has been given out. Please ask the organisers.",), name=name, email=email)
+        return _signup_page(request, status=409, values=values, errors={
+            "form": "Sorry, every account has been given out. Please ask the organisers."})
     slot = request.app[SLOTS][outcome.claim.account]
     log.info("account %s account=%s", "claimed again" if outcome.existing else "claimed", slot.account.id)
-    # Shown once, in the answer to the sign-up that claimed the account: whoever types the same
-    # e-mail later (a neighbour who read it off a badge) learns only that it has an account.
-    show = not outcome.existing
-    result = {"account": slot.account.id, "existing": outcome.existing, "shown": show,
-              "password": slot.account.password if show else "", "view_url": f"view/{slot.account.id}"}
-    return _signup_page(request, result=result)
+    # POST-redirect-GET: the result page survives Back and reload. A new account signs its
+    # participant in (the personal page and the viewer then need no password typed); the same
+    # e-mail again (a neighbour who read it off a badge) only learns that it has an account.
+    response = web.HTTPSeeOther("welcome")
+    lifetime = int(r.session_lifetime_s)
+    kind = "existing" if outcome.existing else "new"
+    expires = str(int(time.time()) + lifetime)
+    _set_cookie(response, p, SIGNUP_COOKIE,
+                f"{slot.account.id}:{kind}:{expires}:{p.sign('signup', slot.account.id, kind, expires)}", lifetime)
+    if not outcome.existing:
+        _set_cookie(response, p, SESSION_COOKIE, _session_cookie(p, slot), lifetime)
+    raise response
+
+
+def _signup_result(request: web.Request) -> tuple[DesktopSlot, str] | None:
+    """The account and kind ("new", "existing") of this browser's last sign-up, if its cookie is genuine."""
+    p = request.app[PARTICIPANTS]
+    account, kind, expires, mac = (request.cookies.get(SIGNUP_COOKIE, "").split(":") + ["", "", "", ""])[:4]
+    slot = request.app[SLOTS].get(account)
+    if slot is None or kind not in ("new", "existing") or not expires.isdigit() or int(expires) < time.time():
+        return None
+    if not hmac.compare_digest(mac.encode(), p.sign("signup", account, kind, expires).encode()):
+        return None
+    return slot, kind
+
+
+async def welcome(request: web.Request) -> web.Response:
+    """The sign-up's result: the password (to the session it signed in only), with a copy button."""
+    found = _signup_result(request)
+    if found is None:
+        raise web.HTTPSeeOther("me" if _session_account(request) is not None else "signup")
+    slot, kind = found
+    session = _session_account(request)
+    shown = kind == "new" and session is slot
+    result = {"account": slot.account.id, "existing": kind == "existing", "shown": shown,
+              "password": slot.account.password if shown else "", "view_url": f"view/{slot.account.id}"}
+    return _render(request, "welcome.html.j2", result=result)
 
 
 # -- sign-in, sign-out -------------------------------------------------------------------------------------
 
 
+def _signin_page(request: web.Request, *, status: int = 200, errors: Mapping[str, str] | None = None,
+                 account: str = "") -> web.Response:
+    return _render(request, "signin.html.j2", status=status, errors=errors or {}, account=account,
+                   signed_out=request.query.get("signed_out") == "1",
+                   registration=request.app[CONFIG].registration.enabled)
+
+
 async def signin_form(request: web.Request) -> web.Response:
     if _session_account(request) is not None:
         raise web.HTTPSeeOther("me")
-    return _render(request, "signin.html.j2", errors=(), account="")
+    return _signin_page(request)
 
 
 async def signin(request: web.Request) -> web.StreamResponse:
@@ -379,26 +451,71 @@ async def signin(request: web.Request) -> web.StreamResponse:
     form = await _read_form(request)
     unsafe = _fields_with_control_characters(form)
     if unsafe:
-        return _render(request, "signin.html.j2", status=400, errors=(_control_message(unsafe),), account="")
+        return _signin_page(request, status=400, errors={"form": _control_message(unsafe)})
     account = form.get("account", "").strip()[:64]
-    slot = request.app[SLOTS].get(account)
+    slot = find_slot(request.app[SLOTS], account)
     if not _password_matches(slot, form.get("password", "")[:MAX_PASSWORD]) or slot is None:
         p.signin_failures.add(address)
-        log.info("sign-in failed account=%s", account if slot is not None else "(unknown)")
-        return _render(request, "signin.html.j2", status=401, errors=("Wrong account or password.",),
-                       account=account if _ACCOUNT_RE.fullmatch(account) else "")
+        log.info("sign-in failed account=%s", slot.account.id if slot is not None else "(unknown)")
+        return _signin_page(request, status=401, errors={"password": "Wrong account or password."},
+                            account=account if _ACCOUNT_RE.fullmatch(account) else "")
     response = web.HTTPSeeOther("me")
     _set_cookie(response, p, SESSION_COOKIE, _session_cookie(p, slot), int(p.config.registration.session_lifetime_s))
     log.info("signed in account=%s", slot.account.id)
     raise response
 
 
+async def session_from_viewer(request: web.Request) -> web.Response:
+    """The viewer signs its participant in with the password typed there (files need a session).
+
+    JSON only: a cross-site form cannot send it without a CORS preflight, so it is the CSRF guard."""
+    p = request.app[PARTICIPANTS]
+    if request.content_type != "application/json":
+        raise web.HTTPUnsupportedMediaType(text="send application/json")
+    address = _client_address(request, p.config)
+    wait = p.signin_failures.blocked(address)
+    if wait:
+        raise _too_many(wait, "failed sign-ins")
+    try:
+        body = await request.json()
+        account, password = str(body["account"]), str(body["password"])
+    except (ValueError, KeyError, TypeError):
+        return web.json_response({"error": "send account and password"}, status=400)
+    slot = find_slot(request.app[SLOTS], account[:64])
+    if not _password_matches(slot, password[:MAX_PASSWORD]) or slot is None:
+        p.signin_failures.add(address)
+        return web.json_response({"error": "wrong account or password"}, status=401)
+    response = web.json_response({"account": slot.account.id})
+    _set_cookie(response, p, SESSION_COOKIE, _session_cookie(p, slot), int(p.config.registration.session_lifetime_s))
+    return response
+
+
+async def signout_form(request: web.Request) -> web.Response:
+    """Sign-out asks first: a participant who taps it by mistake keeps their session."""
+    slot = _session_account(request)
+    if slot is None:
+        raise web.HTTPSeeOther("login")
+    return _render(request, "signout.html.j2", account=slot.account.id)
+
+
 async def signout(request: web.Request) -> web.StreamResponse:
     await _read_form(request)
-    response = web.HTTPSeeOther("login")
+    response = web.HTTPSeeOther("login?signed_out=1")
     p = request.app[PARTICIPANTS]
     response.del_cookie(SESSION_COOKIE, path="/", secure=p.secure, httponly=True, samesite="Strict")
+    response.del_cookie(SIGNUP_COOKIE, path="/", secure=p.secure, httponly=True, samesite="Strict")
     raise response
+
+
+async def my_password(request: web.Request) -> web.Response:
+    """The signed-in participant's own password (the personal page's "Show", the viewer's auto-connect).
+
+    Only to the session's own account; never in a URL; a cross-site page cannot read it (no CORS)."""
+    slot = _session_account(request)
+    if slot is None:
+        return web.json_response({"error": "not signed in"}, status=401, headers={"Cache-Control": "no-store"})
+    return web.json_response({"account": slot.account.id, "password": slot.account.password},
+                             headers={"Cache-Control": "no-store"})
 
 
 # -- the personal page ---------------------------------------------------------------------------------
@@ -518,7 +635,7 @@ def authenticated_slot(request: web.Request, *, realm: str) -> DesktopSlot:
     if wait:
         raise _too_many(wait, "failed sign-ins")
     account, password = credentials
-    slot = request.app[SLOTS].get(account)
+    slot = find_slot(request.app[SLOTS], account)
     if not _password_matches(slot, password[:MAX_PASSWORD]) or slot is None:
         p.signin_failures.add(address)
         log.info("%s refused: wrong credentials account=%s", realm, account if slot is not None else "(unknown)")

@@ -52,6 +52,8 @@ class BuiltinRelay(ProxyMode):
         self.max_viewers = config.proxy.max_viewers_per_account
         self.auth_timeout_s = config.proxy.auth_timeout_s
         self.behind_apache = config.apache.mode != "none"
+        #: Browsers offer permessage-deflate on every websocket; aiohttp accepts it unless told not to.
+        self.compression = config.proxy.compression
         #: Failed VNC authentications slow down the next attempt of that account and client address.
         self.backoff = GuessBackoff()
         self._targets: dict[str, Endpoint] = {}
@@ -90,7 +92,7 @@ class BuiltinRelay(ProxyMode):
         if target is None:
             raise web.HTTPServiceUnavailable(text="This desktop is not ready yet.")
         ws = web.WebSocketResponse(protocols=("binary",), heartbeat=self.heartbeat_s,
-                                   max_msg_size=MAX_CLIENT_MESSAGE)
+                                   max_msg_size=MAX_CLIENT_MESSAGE, compress=self.compression)
         if not ws.can_prepare(request).ok:
             raise web.HTTPBadRequest(text="Expected a websocket upgrade.")
         viewer = _Viewer(account_id, client_address(request, behind_apache=self.behind_apache))

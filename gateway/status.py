@@ -49,6 +49,10 @@ class DesktopSlot:
     viewers: int = 0
     #: When a viewer last sent keyboard or mouse input (time.time(); builtin proxy mode only).
     last_input_at: float | None = None
+    #: When the scheduler will end the desktop (a Slurm job's time limit; time.time()), if it has an end.
+    ends_at: float | None = None
+    #: The last lines a desktop printed when it ended before it was ready (organisers only, no passwords).
+    output_tail: str = ""
 
     def set(self, phase: Phase, reason: str = "") -> None:
         self.phase = phase

@@ -25,13 +25,13 @@ from aiohttp import web
 from . import rfb
 from .apache import ApacheLayout, PrivateApache, install_system_rules, novnc_dir, render_apache_config
 from .backends import backend_name_for, make_backends
-from .backends.base import Backend, BackendError, DesktopState, Endpoint, Status
+from .backends.base import Backend, BackendError, DesktopState, Endpoint, PollResult, Status
 from .cockpit import Cockpit, GatewayMetrics, load_or_create_admin_password, make_control_app
 from .config import Config, parse_listen
 from .desktop_users import limits_in_force
 from .errors import UserError
 from .files import ensure_private_dir
-from .idle import idle_watcher_for
+from .idle import IdleWatcher, idle_watcher_for
 from .proc import terminate_group, is_alive
 from .progress import Progress
 from .proxy import ProxyMode, RunningProxy, make_proxy_mode
@@ -63,8 +63,10 @@ class GatewayOptions:
     listen: str
 
 
-#: Requests whose caller waits until the watcher has carried them out.
-AWAITED_COMMANDS = frozenset({REFRESH_PASSWORDS})
+#: The watcher command that gives a running desktop more time: "extend:SECONDS" (see Gateway.extend).
+EXTEND = "extend"
+#: Requests whose caller waits until the watcher has carried them out (the part before ":").
+AWAITED_COMMANDS = frozenset({REFRESH_PASSWORDS, EXTEND})
 AWAITED_COMMAND_TIMEOUT_S = 30.0
 
 
@@ -112,6 +114,7 @@ class Gateway:
         self.store: StateStore | None = None
         self.apache: PrivateApache | None = None
         self.web_port: int | None = None
+        self.idle: IdleWatcher | None = None
 
     # -- the whole life -------------------------------------------------------------------------
 
@@ -140,7 +143,8 @@ class Gateway:
                         group.create_task(watcher.run(), name=f"desktop:{account.id}")
                     group.create_task(self._report_progress(on_ready), name="progress")
                     group.create_task(self.thumbnails.run(), name="thumbnails")
-                    group.create_task(idle_watcher_for(self).run(), name="idle")
+                    self.idle = idle_watcher_for(self)
+                    group.create_task(self.idle.run(), name="idle")
                     group.create_task(self._retire_lapsed_share_links(), name="share-links")
                     await stop.wait()
                     log.info("stopping: %d desktops", len(self.slots))
@@ -167,10 +171,56 @@ class Gateway:
         command = Command(action, asyncio.get_running_loop().create_future())
         watcher.commands.put_nowait(command)
         log.info("request queued account=%s action=%s", account_id, action)
-        if action in AWAITED_COMMANDS:  # the caller relies on it being done (a password changed)
+        if action.split(":", 1)[0] in AWAITED_COMMANDS:  # the caller relies on it being done
             async with asyncio.timeout(AWAITED_COMMAND_TIMEOUT_S):
                 return await command.done
         return f"{action} requested"
+
+    async def extend(self, seconds: float, accounts: list[str] | None, actor: str) -> list[str]:
+        """`gateway extend` and the admin page: the event and its running desktops get ``seconds`` more.
+
+        First what belongs to the whole event (the Slurm reservation the gateway made, the limit of jobs
+        submitted from now on, the idle policy's event window), then each running desktop through its
+        own watcher (a Slurm job's TimeLimit). Returns one line per thing done or refused; every line is
+        written to the audit log.
+        """
+        assert self.store is not None
+        wanted = list(self.slots) if accounts is None else accounts
+        unknown = [a for a in wanted if a not in self.slots]
+        if unknown:
+            raise LookupError(f"no desktop {', '.join(unknown)}")
+        lines = []
+        for name, backend in self.backends.items():
+            if not any(self.slots[a].backend == name for a in wanted):
+                continue
+            try:
+                lines += await backend.extend_event(seconds)
+            except BackendError as exc:
+                lines.append(str(exc))
+        lines += self.extend_event_window(seconds, None if accounts is None else wanted)
+        results = await asyncio.gather(*(self._extend_one(a, seconds) for a in wanted))
+        lines += [f"{account}: {result}" for account, result in zip(wanted, results)]
+        for line in lines:
+            self.store.record_event("extend", line.split(":", 1)[0] if line.split(":", 1)[0] in self.slots else None,
+                                    f"by {actor}: +{seconds / 60:g} min: {line}")
+        return lines
+
+    def extend_event_window(self, seconds: float, accounts: list[str] | None) -> list[str]:
+        """The idle policy's event window (and the end warnings that follow it) ends later."""
+        watcher = self.idle
+        if watcher is None or watcher.policy.window is None:
+            return []
+        end = watcher.extend_window(seconds, accounts)
+        return [f"event window (idle policy): now ends {end}" + ("" if accounts is None else f" for {', '.join(accounts)}")]
+
+    async def _extend_one(self, account_id: str, seconds: float) -> str:
+        slot = self.slots[account_id]
+        if slot.phase is not Phase.READY:
+            return f"not extended: the desktop is {slot.phase.value}"
+        try:
+            return await self.act(account_id, f"{EXTEND}:{seconds:g}")
+        except TimeoutError:
+            return "not extended: its watcher did not answer in time"
 
     async def set_keyboard_layout(self, account_id: str, layout: str) -> None:
         """Apply a participant's keyboard layout to their running desktop (BackendError if it can't)."""
@@ -200,7 +250,7 @@ class Gateway:
                        admin_user=self.config.admin.user,
                        admin_password=load_or_create_admin_password(password_file),
                        thumbnails=self.thumbnails, state_dir=self.state_dir,
-                       isolation=limits_in_force(self.config))
+                       isolation=limits_in_force(self.config), extend=self.extend)
 
     async def _start_control(self, stack: contextlib.AsyncExitStack) -> None:
         """`gateway status` and friends talk to this Unix socket; only our own user may open it."""
@@ -293,6 +343,7 @@ class Gateway:
                        state_dir=self.state_dir, cockpit=self.cockpit,
                        set_keyboard_layout=self.set_keyboard_layout)
         app.router.add_routes(self.proxy_mode.web_routes(self.tokens.accounts))
+        self.customise_app(app)
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
@@ -307,6 +358,9 @@ class Gateway:
         assert server is not None and server.sockets
         self.web_port = server.sockets[0].getsockname()[1]
         log.info("web app listening port=%d", self.web_port)
+
+    def customise_app(self, app: web.Application) -> None:
+        """A hook for variants of the gateway (after the event: the pages' notice); nothing here."""
 
     def _tls_context(self) -> ssl.SSLContext | None:
         """Without Apache the gateway serves https itself when a certificate is configured."""
@@ -521,6 +575,7 @@ class AccountWatcher:
         if failure is not None:
             return failure
         self.desktop_policy.record_healthy()
+        self.slot.output_tail = ""
         if fresh:
             self.gateway.metrics.spawn_seconds.observe(time.monotonic() - started)
         # A backend's note (e.g. why an account got VNC instead of DCV) stays visible while ready.
@@ -536,7 +591,7 @@ class AccountWatcher:
         while True:
             result = await self.backend.poll(self.account, self.state)
             if result.status is Status.GONE:
-                return result.reason or "the desktop exited while starting"
+                return self._gone(result, "the desktop exited while starting")
             if result.status is Status.RUNNING and result.endpoint is not None:
                 await self._set_endpoint(result.endpoint)
                 return None
@@ -548,6 +603,14 @@ class AccountWatcher:
                 return f"did not run within {timeout_s:g} s ({result.reason or result.status.value})"
             await asyncio.sleep(delay)
             delay = min(delay * 1.5, 1.0)
+
+    def _gone(self, result: PollResult, default: str) -> str:
+        """Why the desktop went; what it printed last is kept for organisers (status, admin page)."""
+        if result.output_tail:
+            self.slot.output_tail = result.output_tail
+            self.gateway.changed.set()
+        self.slot.ends_at = None
+        return result.reason or default
 
     async def _set_endpoint(self, endpoint: Endpoint) -> None:
         self.endpoint = endpoint
@@ -578,7 +641,7 @@ class AccountWatcher:
                 last_error = str(exc) or type(exc).__name__
             result = await self.backend.poll(self.account, self.state)
             if result.status is Status.GONE:
-                return result.reason or "the desktop exited while starting"
+                return self._gone(result, "the desktop exited while starting")
             await asyncio.sleep(delay)
             delay = min(delay * 1.5, 0.5)
         what = "no RFB handshake" if self.slot.protocol == "vnc" else f"its {self.slot.protocol} server did not answer"
@@ -617,6 +680,9 @@ class AccountWatcher:
                 if value.action == REFRESH_PASSWORDS:
                     await self._refresh_passwords(value)
                     continue
+                if value.action.startswith(f"{EXTEND}:"):
+                    await self._extend(value)
+                    continue
                 value.finish(f"{value.action} done")
                 if value.action in ("stop", "restart"):
                     log.info("organiser request account=%s command=%s", self.account.id, value.action)
@@ -634,9 +700,20 @@ class AccountWatcher:
                 continue
             result = await self.backend.poll(self.account, self.state)
             if result.status is Status.GONE:
-                return result.reason or "the desktop exited"
+                return self._gone(result, "the desktop exited")
+            if result.status is Status.RUNNING:
+                self.slot.ends_at = result.ends_at
             self._note_unknown(result.status, result.reason)
             await self._maintain()
+
+    async def _extend(self, command: Command) -> None:
+        assert self.state is not None
+        seconds = float(command.action.split(":", 1)[1])
+        try:
+            command.finish(await self.backend.extend(self.account, self.state, seconds))
+        except (BackendError, OSError) as exc:  # the desktop carries on with its old limit; the caller hears why
+            log.error("desktop not extended account=%s error=%s", self.account.id, exc)
+            command.finish(f"not extended: {exc}")
 
     async def _refresh_passwords(self, command: Command) -> None:
         assert self.state is not None

@@ -93,6 +93,10 @@ def make_app(config: Config, slots: Mapping[str, DesktopSlot], *, novnc: Path,
         from . import dcv_proxy
 
         dcv_proxy.add_routes(app, config)
+        if config.transfer.enabled:  # files in and out of local desktops, behind the same sign-in
+            from . import transfer
+
+            transfer.add_routes(app, config=config, state_dir=state_dir)
     if cockpit is not None:  # the organisers' admin page and /metrics
         from .cockpit import add_admin_routes
 
@@ -130,12 +134,38 @@ def welcome_html(text: str) -> str:
     return "".join(f"<p>{html.escape(p)}</p>" for p in paragraphs)
 
 
+def find_slot(slots: Mapping[str, DesktopSlot], name: str) -> DesktopSlot | None:
+    """The account called ``name``, ignoring case and surrounding spaces ("WS01 " is ws01): account
+    names are unique ignoring case (tokens.py), and phones capitalise the first letter."""
+    name = name.strip()
+    slot = slots.get(name)
+    if slot is None:
+        wanted = name.casefold()
+        slot = next((s for key, s in slots.items() if key.casefold() == wanted), None)
+    return slot
+
+
+def _participant_session(request: web.Request) -> tuple[DesktopSlot | None, int | None]:
+    """The signed-in account and the number of accounts still free for sign-up (None: no sign-up)."""
+    if not request.app[CONFIG].registration.enabled and not request.cookies:
+        return None, None
+    from .participant import PARTICIPANTS, free_accounts, session_account
+
+    if PARTICIPANTS not in request.app:
+        return None, None
+    free = free_accounts(request) if request.app[CONFIG].registration.enabled else None
+    return session_account(request), free
+
+
 async def landing(request: web.Request) -> web.Response:
     slots = request.app[SLOTS]
     desktops = [dict(slot.public(), view_url=f"view/{slot.account.id}", **desktop_links(slot))
                 for slot in slots.values()]
+    signed_in, free = _participant_session(request)
     return _page(request, "landing.html.j2", "./", desktops=desktops,
-                 welcome_html=welcome_html(request.app[CONFIG].event.welcome))
+                 welcome_html=welcome_html(request.app[CONFIG].event.welcome),
+                 registration=request.app[CONFIG].registration.enabled, free=free,
+                 signed_in=signed_in.account.id if signed_in else None)
 
 
 def desktop_links(slot: DesktopSlot) -> dict[str, object]:
@@ -147,16 +177,38 @@ def desktop_links(slot: DesktopSlot) -> dict[str, object]:
     return {"protocol": slot.protocol, "dcv_url": None, "dcv_file_url": None, "note": slot.detail.get("note")}
 
 
-async def viewer(request: web.Request) -> web.Response:
-    slot = request.app[SLOTS].get(request.match_info["account"])
-    if slot is None:
-        raise web.HTTPNotFound(text="No such account.")
+def viewer_context(request: web.Request, slot: DesktopSlot) -> dict[str, object]:
+    """What every viewer page needs (the participant's and the instructors' watch pages)."""
+    config = request.app[CONFIG]
     layouts = list(KEYBOARD_LAYOUTS)
     if slot.keyboard_layout not in dict(layouts):
         layouts.insert(0, (slot.keyboard_layout, slot.keyboard_layout))
-    return _page(request, "viewer.html.j2", "../", account=slot.account.id,
-                 websocket_path=slot.account.websocket_path.lstrip("/"), novnc_url="../novnc/",
-                 keyboard_layout=slot.keyboard_layout, keyboard_layouts=layouts)
+    return {"account": slot.account.id, "websocket_path": slot.account.websocket_path.lstrip("/"),
+            "novnc_url": "../novnc/", "keyboard_layout": slot.keyboard_layout, "keyboard_layouts": layouts,
+            "defaults": {"quality": config.viewer.quality, "compression": config.viewer.compression},
+            "desktop_state": slot.phase.value, "desktop_reason": slot.reason or ""}
+
+
+async def viewer(request: web.Request) -> web.Response:
+    name = request.match_info["account"]
+    slot = find_slot(request.app[SLOTS], name)
+    if slot is None:
+        raise web.HTTPNotFound(text="No such account.")
+    if slot.account.id != name:  # /view/WS01: the one address of ws01's viewer
+        raise web.HTTPFound(slot.account.id)
+    signed_in, _ = _participant_session(request)
+    mine = signed_in is slot
+    files = mine and _transfer_offered(request, slot)
+    return _page(request, "viewer.html.j2", "../", signed_in=signed_in.account.id if signed_in else None,
+                 auto_connect=mine, files=files, files_possible=_transfer_offered(request, slot),
+                 **viewer_context(request, slot))
+
+
+def _transfer_offered(request: web.Request, slot: DesktopSlot) -> bool:
+    """Files in and out: local desktops only (their home is on this machine)."""
+    from .transfer import TRANSFER
+
+    return TRANSFER in request.app and slot.backend == "local" and slot.protocol == "vnc"
 
 
 async def api_keyboard_layout(request: web.Request) -> web.Response:

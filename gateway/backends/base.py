@@ -50,6 +50,11 @@ class PollResult:
     endpoint: Endpoint | None = None
     #: Why, in words an organiser understands (shown on the landing page when it failed).
     reason: str = ""
+    #: When the desktop will be ended by its scheduler (a Slurm job's time limit; time.time()), if known.
+    ends_at: float | None = None
+    #: For organisers only (never on participants' pages): the last lines a desktop that ended printed,
+    #: passwords removed.
+    output_tail: str = ""
 
 
 #: A backend's own record of one desktop; must round-trip through JSON.
@@ -114,6 +119,21 @@ class Backend(abc.ABC):
         """
         logging.getLogger("gateway.backend").info(
             "notice not shown (the %s backend cannot show messages) account=%s", self.name, account.id)
+
+    async def extend(self, account: Account, state: DesktopState, seconds: float) -> str:
+        """Let the running desktop live ``seconds`` longer (`gateway extend`); returns what was done.
+
+        Raises :class:`BackendError` saying why when the scheduler refuses. The default: the desktop
+        has no end of its own (local, SSH: only the idle policy's event window, which the gateway extends).
+        """
+        return "no time limit of its own; the event window is extended"
+
+    async def extend_event(self, seconds: float) -> list[str]:
+        """What the whole event holds beyond its desktops (a Slurm reservation) gets ``seconds`` more.
+
+        Called once per `gateway extend`, before the desktops; returns a line per thing extended.
+        """
+        return []
 
     async def refresh_passwords(self, account: Account, state: DesktopState) -> None:
         """Rewrite the running desktop's password file with the account's current view-only password.

@@ -25,9 +25,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import json
 import logging
+import math
 import os
+import re
 import pwd
 import secrets
 import stat
@@ -68,6 +71,16 @@ RESERVATION_RECORD = "slurm-reservation.json"
 QUEUE_TTL_S = 1.0
 #: How long stop() waits for a cancelled job to leave the node.
 STOP_WAIT_S = 45.0
+#: Run inside the job (srun step) as its user: $1 the display, $2 the text. The X cookie is where the job
+#: script put it (templates/desktop-job.sh.j2: XDG_RUNTIME_DIR under the job's TMPDIR, else /tmp).
+_NOTICE_SCRIPT = r"""export PATH=/usr/local/bin:/usr/bin:/bin
+for dir in "${TMPDIR:-/tmp}" /tmp; do
+    XAUTHORITY="$dir/workshop-desktop-$(id -u)-$SLURM_JOB_ID/Xauthority"
+    [ -r "$XAUTHORITY" ] && break
+done
+export XAUTHORITY DISPLAY=":$1"
+exec xmessage -center -timeout 300 "$2"
+"""
 _PASSWORD_MARK = "\0password-file\0"
 _XAUTHORITY_MARK = "\0xauthority\0"
 _SCRIPT_VARIABLES = {_PASSWORD_MARK: '"$passwd_file"', _XAUTHORITY_MARK: '"$XAUTHORITY"'}
@@ -134,17 +147,31 @@ def slurm_duration(seconds: float) -> str:
     return f"{days}-{hours:02d}:{minutes:02d}:{secs:02d}"
 
 
+def job_home(config: Config, state_dir: Path, account_id: str) -> Path:
+    """The HOME of an account's desktop jobs, where its files are (`gateway archive` packs it from there):
+    the account user's home on the cluster file system (run_as: account), else its directory in the
+    shared dir. KeyError when run_as is account and the user does not exist."""
+    if config.slurm.run_as == "account":
+        return Path(pwd.getpwnam(account_id).pw_dir)
+    shared = Path(config.slurm.shared_dir) if config.slurm.shared_dir else state_dir / "slurm"
+    return shared / account_id / "home"
+
+
 def job_name(config: Config, account: Account) -> str:
     return f"{config.slurm.job_name_prefix}-{account.id}"
 
 
-def sbatch_argv(config: Config, account: Account, *, reservation: str | None, workdir: str) -> list[str]:
-    """``sbatch`` with every option as its own argument; the script goes on stdin."""
+def sbatch_argv(config: Config, account: Account, *, reservation: str | None, workdir: str,
+                extra_time_s: float = 0.0) -> list[str]:
+    """``sbatch`` with every option as its own argument; the script goes on stdin.
+
+    ``extra_time_s``: what `gateway extend` added to the event, given to jobs submitted since.
+    """
     s = config.slurm
     argv = [
         "sbatch", "--parsable",
         f"--job-name={job_name(config, account)}",
-        f"--time={slurm_duration(s.time_limit_s)}",
+        f"--time={slurm_duration(s.time_limit_s + extra_time_s)}",
         "--nodes=1", "--ntasks=1",
         f"--cpus-per-task={s.cpus_per_desktop}",
         f"--chdir={workdir}",
@@ -209,6 +236,57 @@ def is_transient(result: CommandResult) -> bool:
     return any(marker in text for marker in _TRANSIENT)
 
 
+@dataclass(frozen=True, slots=True)
+class JobTimes:
+    """A job's start (expected, while it is pending) and end (its time limit), as time.time() values."""
+
+    start: float | None
+    end: float | None
+
+
+#: Columns the snapshot asks for before SQUEUE_FORMAT: start (expected while pending, as squeue --start
+#: shows it) and end time.
+TIMES_FORMAT = "%S|%e|"
+
+
+def parse_slurm_time(text: str) -> float | None:
+    """A Slurm time such as 2026-11-23T09:00:00 (the cluster's local time); None for N/A, Unknown, ..."""
+    text = text.strip()
+    if not re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}(:[0-9]{2})?", text):
+        return None
+    return datetime.datetime.fromisoformat(text).timestamp()
+
+
+def split_times(stdout: str) -> tuple[dict[int, JobTimes], str]:
+    """Lines of ``squeue --format=%S|%e|`` + SQUEUE_FORMAT: each job's times, and the lines parse_squeue reads."""
+    times: dict[int, JobTimes] = {}
+    rest_lines = []
+    for line in stdout.splitlines():
+        if not line.strip():
+            continue
+        start, end, rest = (line.split("|", 2) + ["", ""])[:3]
+        if start.strip().isdigit():  # no times in front (an squeue that ignored them): a plain line
+            rest_lines.append(line)
+            continue
+        job_id = rest.split("|", 1)[0].strip()
+        if job_id.isdigit():
+            times[int(job_id)] = JobTimes(parse_slurm_time(start), parse_slurm_time(end))
+        rest_lines.append(rest)
+    return times, "\n".join(rest_lines)
+
+
+def clock(moment: float, now: float | None = None) -> str:
+    """A moment for participants: "14:05 (in 3 min)"."""
+    now = time.time() if now is None else now
+    left = moment - now
+    when = time.strftime("%H:%M", time.localtime(moment))
+    if left < 60:
+        return f"{when} (in less than a minute)"
+    if left < 5400:
+        return f"{when} (in {round(left / 60)} min)"
+    return f"{when} (in {left / 3600:.1f} h)"
+
+
 class JobQueue:
     """One ``squeue`` snapshot of all jobs, shared by every account's poll for ``ttl_s``.
 
@@ -223,7 +301,12 @@ class JobQueue:
         self._lock = asyncio.Lock()
         self._taken_at: float | None = None
         self._jobs: dict[int, JobInfo] = {}
+        self._times: dict[int, JobTimes] = {}
         self._error: str | None = None
+
+    def times(self, job_id: int) -> JobTimes | None:
+        """The job's expected start and end from the last snapshot (None: not in it)."""
+        return self._times.get(job_id)
 
     def invalidate(self) -> None:
         self._taken_at = None
@@ -240,12 +323,15 @@ class JobQueue:
     async def _refresh(self) -> None:
         self.calls += 1
         # squeue --json ignores -j/-u/-t in 22.05; plain squeue lists everything and we filter here.
-        argv = ["squeue", "--noheader", "--states=all", f"--format={SQUEUE_FORMAT}"]
+        # The same one command also gives every queued job's expected start (what squeue --start shows).
+        argv = ["squeue", "--noheader", "--states=all", f"--format={TIMES_FORMAT}{SQUEUE_FORMAT}"]
         try:
             result = await run(argv, timeout_s=self.timeout_s)
             if not result.ok:
                 raise SlurmUnavailable(f"squeue failed: {_last_line(result)}")
-            self._jobs = parse_squeue(result.stdout.decode(errors="replace"))
+            times, lines = split_times(result.stdout.decode(errors="replace"))
+            self._jobs = parse_squeue(lines)
+            self._times = times
             self._error = None
         except (SlurmUnavailable, CommandTimeout, ValueError, OSError) as exc:
             self._error = str(exc)
@@ -282,6 +368,10 @@ class SlurmBackend(Backend):
         self._node_lock = asyncio.Lock()
         #: The job whose report was last refused, by account (logged once per job).
         self._refused_reports: dict[str, int] = {}
+        #: What `gateway extend` added to the event: jobs submitted since get it on top of time_limit_s.
+        self.extra_time_s = 0.0
+        #: Notices shown in desktops (srun steps running xmessage); each ends by itself.
+        self._notices: list[asyncio.subprocess.Process] = []
 
     # -- commands ------------------------------------------------------------------------------
 
@@ -418,11 +508,7 @@ class SlurmBackend(Backend):
     def _paths(self, account: Account) -> tuple[Path, Path, str]:
         """The account's work directory, its secret file, and the desktop's HOME."""
         workdir = self.shared_dir / account.id
-        if self.settings.run_as == "account":
-            home = pwd.getpwnam(account.id).pw_dir
-        else:
-            home = str(workdir / "home")
-        return workdir, workdir / ".vnc-secret", home
+        return workdir, workdir / ".vnc-secret", str(job_home(self.config, self.state_dir, account.id))
 
     async def start(self, account: Account) -> DesktopState:
         user = account.id if self.settings.run_as == "account" else None
@@ -438,7 +524,7 @@ class SlurmBackend(Backend):
         script = render_job_script(self.config, account, home=home, workdir=str(workdir),
                                    secret_file=str(secret_file))
         argv = self._as_user(user) + sbatch_argv(self.config, account, reservation=self.reservation,
-                                                 workdir=str(workdir))
+                                                 workdir=str(workdir), extra_time_s=self.extra_time_s)
         async with self.submit_limit:
             job_id = await self._submit(account, argv, script.encode(), user)
         self.queue.invalidate()
@@ -525,11 +611,16 @@ class SlurmBackend(Backend):
             job_state_, info, raw = await self.job_status(desktop.job_id)
         except SlurmUnavailable as exc:
             return PollResult(Status.UNKNOWN, reason=f"Slurm does not answer: {exc}")
+        times = self.queue.times(desktop.job_id)
         if job_state_ is JobState.PENDING:
             why = info.reason if info is not None and info.reason not in ("", "None") else "waiting"
-            return PollResult(Status.PENDING, reason=f"job {desktop.job_id} queued ({why})")
+            reason = f"job {desktop.job_id} queued ({why})"
+            if times is not None and times.start is not None and times.start > time.time():
+                reason += f"; expected to start at {clock(times.start)}"
+            return PollResult(Status.PENDING, reason=reason)
         if job_state_ in (JobState.ENDED, JobState.COMPLETING):
-            return PollResult(Status.GONE, reason=f"job {desktop.job_id} ended ({raw})")
+            return PollResult(Status.GONE, reason=f"job {desktop.job_id} ended ({raw})",
+)
         if job_state_ is JobState.UNKNOWN:
             return PollResult(Status.UNKNOWN, reason=f"job {desktop.job_id} is in state {raw}")
         # Where the desktop is comes from Slurm (the job's node) and the token file (the port); the
@@ -547,7 +638,25 @@ class SlurmBackend(Backend):
                 log.warning("job report refused account=%s job=%d reason=%s", account.id, desktop.job_id, mismatch)
             return PollResult(Status.RUNNING, None, f"job {desktop.job_id}: its report was refused ({mismatch})")
         host = await self._node_address(node)
-        return PollResult(Status.RUNNING, Endpoint(host, port))
+        return PollResult(Status.RUNNING, Endpoint(host, port), ends_at=times.end if times is not None else None)
+
+    def _output_tail(self, account: Account, desktop: SlurmDesktop, lines: int = 6) -> str:
+        """The last lines of the job's output file, for organisers; lines holding a password are left out."""
+        path = Path(desktop.workdir) / f"job-{desktop.job_id}.out"
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            return ""
+        with os.fdopen(fd, "rb") as handle:
+            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                return ""
+            size = os.fstat(handle.fileno()).st_size
+            handle.seek(max(0, size - 8192))
+            text = handle.read(8192).decode(errors="replace")
+        secrets_ = [account.password, view_only_password(self.state_dir, account.id)]
+        kept = [re.sub(r"[\x00-\x1f\x7f]", " ", line).strip()[:240] for line in text.splitlines()]
+        kept = [line for line in kept if line and not any(secret and secret in line for secret in secrets_)]
+        return " | ".join(kept[-lines:])
 
     def _read_report(self, desktop: SlurmDesktop) -> dict[str, str] | None:
         """The job's report, if it is a regular file (never a link, pipe or directory) about this job."""
@@ -580,6 +689,86 @@ class SlurmBackend(Backend):
                     name, sep, address = line.strip().partition("|")
                     if sep and name and address:
                         self._node_addresses[name] = address
+
+    # -- extend, notices -------------------------------------------------------------------------
+
+    async def extend(self, account: Account, state: DesktopState, seconds: float) -> str:
+        """Raise the running job's time limit (scontrol update TimeLimit=+MINUTES; needs Slurm admin rights)."""
+        desktop = SlurmDesktop.from_state(state)
+        minutes = max(1, math.ceil(seconds / 60))
+        try:
+            result = await self._command("scontrol update", ["scontrol", "update", f"JobId={desktop.job_id}",
+                                                             f"TimeLimit=+{minutes}"])
+        except SlurmUnavailable as exc:
+            raise BackendError(f"job {desktop.job_id} not extended: {exc}") from None
+        if not result.ok:
+            limit = await self._partition_max_time()
+            allowed = f" (partition {limit[0]} allows at most {limit[1]} per job)" if limit else ""
+            raise BackendError(f"Slurm refused to extend job {desktop.job_id} by {minutes} min: "
+                               f"{_last_line(result)}{allowed}")
+        self.queue.invalidate()
+        log.info("desktop job extended account=%s job=%d minutes=%d", account.id, desktop.job_id, minutes)
+        return f"job {desktop.job_id}: time limit +{minutes} min"
+
+    async def _partition_max_time(self) -> tuple[str, str] | None:
+        partition = self.settings.partition
+        argv = ["scontrol", "show", "partition", "-o"] + ([partition] if partition else [])
+        with contextlib.suppress(SlurmUnavailable):
+            result = await self._command("scontrol show partition", argv, attempts=1)
+            for line in result.stdout.decode(errors="replace").splitlines():
+                name, limit = re.search(r"PartitionName=(\S+)", line), re.search(r"MaxTime=(\S+)", line)
+                if name and limit and (partition or "Default=YES" in line):
+                    return name.group(1), limit.group(1)
+        return None
+
+    async def extend_event(self, seconds: float) -> list[str]:
+        """Jobs submitted from now on get ``seconds`` more, and the reservation the gateway made ends later."""
+        self.extra_time_s += seconds
+        lines = [f"new desktop jobs: time limit {slurm_duration(self.settings.time_limit_s + self.extra_time_s)}"]
+        name = self._read_record()
+        if name is None:
+            if self.reservation:
+                lines.append(f"reservation {self.reservation} is not the gateway's: extend it yourself if needed "
+                             f"(scontrol update ReservationName={self.reservation} EndTime=...)")
+            return lines
+        try:
+            shown = await self._command("scontrol show reservation", ["scontrol", "show", "reservation", "-o", name])
+            found = re.search(r"EndTime=(\S+)", shown.stdout.decode(errors="replace"))
+            end = parse_slurm_time(found.group(1)) if found else None
+            if end is None:
+                raise BackendError(f"reservation {name} not extended: its end time is unknown ({_last_line(shown)})")
+            new_end = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(end + seconds))
+            result = await self._command("scontrol update reservation",
+                                         ["scontrol", "update", f"ReservationName={name}", f"EndTime={new_end}"])
+        except SlurmUnavailable as exc:
+            raise BackendError(f"reservation {name} not extended: {exc}") from None
+        if not result.ok:
+            raise BackendError(f"Slurm refused to extend reservation {name}: {_last_line(result)}")
+        log.info("event reservation extended name=%s end=%s", name, new_end)
+        lines.append(f"reservation {name}: now ends {new_end}")
+        return lines
+
+    async def notify(self, account: Account, state: DesktopState, text: str) -> None:
+        """A message window in the job's desktop: xmessage run inside the job (srun --overlap), as its user."""
+        desktop = SlurmDesktop.from_state(state)
+        report = self._read_report(desktop)
+        display = (report or {}).get("display", "")
+        if not display.isdigit():
+            log.warning("notice not shown, the job reported no display account=%s job=%d", account.id, desktop.job_id)
+            return
+        self._notices = [proc for proc in self._notices if proc.returncode is None]
+        inner = exec_argv(container_spec(self.config), ["/bin/sh", "-c", _NOTICE_SCRIPT, "notice", display, text])
+        argv = self._as_user(desktop.user) + ["srun", f"--jobid={desktop.job_id}", "--overlap", "--nodes=1",
+                                              "--ntasks=1", "--quiet", *inner]
+        try:
+            proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
+                                                        stdout=asyncio.subprocess.DEVNULL,
+                                                        stderr=asyncio.subprocess.DEVNULL, start_new_session=True)
+        except OSError as exc:
+            log.warning("notice not shown account=%s error=%s", account.id, exc)
+            return
+        self._notices.append(proc)
+        log.info("notice shown account=%s job=%d display=:%s", account.id, desktop.job_id, display)
 
     # -- stop ----------------------------------------------------------------------------------
 

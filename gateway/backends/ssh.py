@@ -48,7 +48,7 @@ from ..restart import RestartPolicy
 from ..tokens import Account
 from ..viewonly import view_only_password, vncpasswd_input
 from .base import Backend, BackendError, DesktopState, Endpoint, PollResult, Status
-from .local import DISPLAYFD_TIMEOUT_S, xvnc_argv
+from .local import DISPLAYFD_TIMEOUT_S, NOTICE_SECONDS, xvnc_argv
 
 __all__ = [
     "SshBackend",
@@ -800,6 +800,21 @@ class SshBackend(Backend):
         session = RemoteProcess(launched.pid, launched.start_time)
         return SshDesktop(desktop.host, desktop.boot_id, desktop.xvnc, session, desktop.display,
                           desktop.password_file, desktop.run_files, desktop.user).to_state()
+
+    async def notify(self, account: Account, state: DesktopState, text: str) -> None:
+        """A message window on the host's desktop (xmessage, detached like the session; it closes itself)."""
+        desktop = SshDesktop.from_state(state)
+        try:
+            info = await self._host_info(desktop.where)
+            paths = self._paths(info, account)
+            argv = ["env", "-i", f"DISPLAY=:{desktop.display}", f"XAUTHORITY={paths['xauthority']}",
+                    "PATH=/usr/local/bin:/usr/bin:/bin", "xmessage", "-center", "-timeout", str(NOTICE_SECONDS), text]
+            await self._launch(desktop.where, argv, log_file=paths["session_log"],
+                               pid_file=f"{info.state_dir}/run/{account.id}.notice.pid", display_file=None)
+        except BackendError as exc:
+            log.warning("notice not shown account=%s host=%s error=%s", account.id, desktop.host, exc)
+            return
+        log.info("notice shown account=%s host=%s display=:%d", account.id, desktop.host, desktop.display)
 
     async def stop(self, account: Account, state: DesktopState) -> None:
         """Stop exactly the processes start() launched (checked by identity first), remove the secret.

@@ -76,7 +76,8 @@ function setState(li, state, reason) {
     badge.textContent = state;
   }
   if (reasonEl) {
-    const text = state === "failed" && reason ? String(reason) : "";
+    // Failed: why; queued: why it waits and when it should start (Slurm's estimate).
+    const text = (state === "failed" || state === "queued") && reason ? String(reason) : "";
     if (reasonEl.textContent !== text) reasonEl.textContent = text;
     reasonEl.hidden = text === "";
   }

@@ -5,7 +5,9 @@
 //
 // Contract (used by tests):
 //   window.gatewayViewer = { rfb, state, ... }   rfb: the RFB instance or null; state: the #status data-state
-//   #status[data-state] is one of idle, connecting, connected, wrong-password, reconnecting, disconnected.
+//   #status[data-state] is one of idle, connecting, connected, wrong-password, reconnecting, disconnected,
+//   unavailable (the desktop is queued, starting, stopped or failed: a message in the page body says what
+//   to do, and the page connects by itself once it is ready; no countdown).
 //
 // The password is kept in memory only (never in a URL, never in localStorage) so that reconnects after a
 // drop don't ask again. Only display settings (quality, compression, scaling) are stored in localStorage.
@@ -16,9 +18,17 @@ const KEYSYM = {
   Control_L: 0xffe3,
   Alt_L: 0xffe9,
 };
-const BACKOFF_S = [1, 2, 4, 8, 10];
+// Short backoff: after a Wi-Fi drop the viewer must be back within seconds of the network.
+const BACKOFF_S = [0.5, 1, 2, 3];
+// A websocket that is neither open nor failed after this long is abandoned (a blackholed network
+// never answers; waiting for TCP's own timeout would take minutes).
+const CONNECT_TIMEOUT_MS = 6000;
+// While connected, a tiny request checks the network; this long without an answer means it is gone.
+const PROBE_INTERVAL_MS = 2000;
+const PROBE_TIMEOUT_MS = 2500;
+const NETWORK_LOST_MS = 5000;
+const STATE_POLL_MS = 3000;
 const STORAGE_KEY = "gateway.viewer.settings.v1";
-const DEFAULTS = Object.freeze({ quality: 6, compression: 2, scaling: null });
 const STATUS_TEXT = {
   idle: "Enter your password to connect",
   connecting: "Connecting…",
@@ -26,6 +36,14 @@ const STATUS_TEXT = {
   "wrong-password": "Wrong password",
   reconnecting: "Connection lost. Reconnecting…",
   disconnected: "Disconnected",
+  unavailable: "Desktop not running",
+};
+// What the page body says about a desktop that cannot be reached, and what to do.
+const DESKTOP_MESSAGES = {
+  queued: ["Your desktop is waiting for its turn", "It starts as soon as there is room.", "Desktop queued"],
+  starting: ["Your desktop is starting", "This takes a few seconds.", "Desktop starting"],
+  stopped: ["Your desktop is stopped", "The organisers stopped it. Ask them to start it again.", "Desktop stopped"],
+  failed: ["Your desktop could not start", "Please ask the organisers for help.", "Desktop failed"],
 };
 
 // --- configuration ------------------------------------------------------------------------------------
@@ -34,6 +52,14 @@ const config = JSON.parse(document.getElementById("viewer-config").textContent);
 const viewOnly = config.view_only === true;
 const root = config.root || "./";
 const novncBase = new URL(config.novnc_url, location.href);
+// The event's defaults (viewer: in the config); what the participant chose in this browser wins.
+const DEFAULTS = Object.freeze({
+  quality: clampLevel((config.defaults || {}).quality, 6),
+  compression: clampLevel((config.defaults || {}).compression, 2),
+});
+function clampLevel(v, d) {
+  return Number.isInteger(v) && v >= 0 && v <= 9 ? v : d;
+}
 
 function websocketUrl() {
   const url = new URL(root + config.websocket_path, location.href);
@@ -47,8 +73,18 @@ const el = {
   status: $("status"),
   statusText: $("status-text"),
   reconnectNow: $("reconnect-now"),
-  desktopName: $("desktop-name"),
   toolbar: $("toolbar"),
+  menuToggle: $("menu-toggle"),
+  toolMenu: $("tool-menu"),
+  handle: $("controls-handle"),
+  keyKeyboard: $("key-keyboard"),
+  touchInput: $("touch-input"),
+  keyCtrlAltDelMenu: $("key-ctrl-alt-del-menu"),
+  message: $("desktop-message"),
+  messageTitle: $("desktop-message-title"),
+  messageText: $("desktop-message-text"),
+  messageRetry: $("desktop-message-retry"),
+  toggleFiles: $("toggle-files"),
   stage: $("stage"),
   screen: $("screen"),
   form: $("login"),
@@ -79,6 +115,7 @@ const panels = {
   "toggle-clipboard": $("clipboard-panel"),
   "toggle-settings": $("settings-panel"),
   "toggle-help": $("help-panel"),
+  "toggle-files": $("files-panel"),
 };
 
 // --- state ------------------------------------------------------------------------------------------------
@@ -89,6 +126,8 @@ const viewer = {
   desktopName: "",
   lastClipboard: "",     // last text received from the desktop
   reconnectAttempt: 0,
+  desktopState: config.desktop_state || "ready",
+  signedIn: config.signed_in === config.account,
 };
 window.gatewayViewer = viewer;
 
@@ -110,14 +149,17 @@ let restartHint = "";         // from api/desktops while reconnecting
 let RFB = null;
 
 // --- settings (localStorage: display settings only, never the password) ----------------------------------
-function loadSettings() {
-  let saved = {};
+// Only what the participant changed is stored, so the event's defaults still apply to the rest.
+function loadSaved() {
   try {
-    saved = JSON.parse(localStorage.getItem(STORAGE_KEY) || "{}") || {};
+    return JSON.parse(localStorage.getItem(STORAGE_KEY) || "{}") || {};
   } catch (e) {
-    saved = {};
+    return {};
   }
-  const clampLevel = (v, d) => (Number.isInteger(v) && v >= 0 && v <= 9 ? v : d);
+}
+const saved = loadSaved();
+
+function loadSettings() {
   const scaling = ["remote", "scale", "none"].includes(saved.scaling)
     ? saved.scaling
     : (window.innerWidth >= 1024 ? "remote" : "scale");
@@ -130,12 +172,15 @@ function loadSettings() {
 
 const settings = loadSettings();
 viewer.settings = settings;
+viewer.defaults = DEFAULTS;
 
-function saveSettings() {
+function saveSettings(...keys) {
+  for (const key of keys) {
+    if (settings[key] === null) delete saved[key];
+    else saved[key] = settings[key];
+  }
   try {
-    localStorage.setItem(STORAGE_KEY, JSON.stringify({
-      quality: settings.quality, compression: settings.compression, scaling: settings.scaling,
-    }));
+    localStorage.setItem(STORAGE_KEY, JSON.stringify(saved));
   } catch (e) {
     // Storage disabled (private mode): settings last for this page only.
   }
@@ -166,6 +211,7 @@ function setState(state, text) {
   el.statusText.textContent = text || STATUS_TEXT[state];
   const showForm = state === "idle" || state === "wrong-password" || state === "disconnected";
   el.form.hidden = !showForm;
+  el.message.hidden = state !== "unavailable";
   el.connect.disabled = false;
   el.toolbar.hidden = state !== "connected";
   el.reconnectNow.hidden = state !== "reconnecting";
@@ -174,6 +220,7 @@ function setState(state, text) {
     el.password.required = password === null;
     el.password.placeholder = password === null ? "" : "Remembered in this tab: just press Connect";
   }
+  updateHandle();
 }
 
 function loginMessage(text) {
@@ -201,6 +248,7 @@ function detach(rfb) {
 
 async function connect() {
   clearReconnect();
+  stopStatePolling();
   if (password === null) {
     setState("idle");
     el.password.focus();
@@ -251,22 +299,37 @@ async function connect() {
   rfb.addEventListener("securityfailure", current(onSecurityFailure));
   rfb.addEventListener("desktopname", current(onDesktopName));
   rfb.addEventListener("clipboard", current(onClipboard));
+  // A network that swallows packets never fails the websocket: give up on it and try afresh.
+  connectTimer = setTimeout(() => {
+    if (viewer.rfb === rfb && viewer.state === "connecting") {
+      console.info("gateway: no answer within", CONNECT_TIMEOUT_MS, "ms; trying again");
+      detach(rfb);
+      viewer.rfb = null;
+      scheduleReconnect();
+    }
+  }, CONNECT_TIMEOUT_MS);
 }
+let connectTimer = null;
 
 function onConnect() {
   viewer.reconnectAttempt = 0;
+  viewer.connects = (viewer.connects || 0) + 1;
+  viewer.desktopState = "ready";
   restartHint = "";
   loginMessage("");
-  setState("connected", viewer.desktopName ? `Connected to ${viewer.desktopName}` : STATUS_TEXT.connected);
+  setState("connected", STATUS_TEXT.connected);
   applySettings();
   window.dispatchEvent(new Event("resize"));
   viewer.rfb.focus();
+  startProbing();
+  signInForFiles();
 }
 
 function onDisconnect(ev) {
   const clean = !!(ev.detail && ev.detail.clean);
   const wasConnected = viewer.state === "connected";
   viewer.rfb = null;
+  stopProbing();
   if (securityFailed) {
     // Already shown by onSecurityFailure; never retry a wrong password.
     return;
@@ -277,7 +340,8 @@ function onDisconnect(ev) {
     el.connect.focus();
     return;
   }
-  // A drop: the network, the proxy, or the desktop being restarted. Reconnect with backoff.
+  // A drop: the network, the proxy, or the desktop being restarted or stopped. Reconnect with backoff
+  // unless the gateway says the desktop is not running (then say so, and wait for it).
   console.info("gateway: connection dropped", { clean, wasConnected });
   scheduleReconnect();
 }
@@ -286,6 +350,7 @@ function onSecurityFailure(ev) {
   securityFailed = true;
   password = null;
   clearReconnect();
+  stopProbing();
   viewer.reconnectAttempt = 0;
   const reason = ev.detail && ev.detail.reason;
   if (reason) console.info("gateway: security failure:", reason);
@@ -308,23 +373,23 @@ function onCredentialsRequired(ev) {
 let awaitingCredentials = false;
 
 function onDesktopName(ev) {
+  // Shown as a tooltip only: the chip already names the account, and the desktop's name is usually
+  // the same word ("ws01 ws01").
   viewer.desktopName = (ev.detail && ev.detail.name) || "";
-  el.desktopName.textContent = viewer.desktopName;
-  el.desktopName.title = viewer.desktopName;
-  if (viewer.state === "connected") {
-    el.statusText.textContent = viewer.desktopName ? `Connected to ${viewer.desktopName}` : STATUS_TEXT.connected;
-  }
+  $("account-label").title = viewer.desktopName ? `Account ${config.account}: ${viewer.desktopName}` : `Account ${config.account}`;
 }
 
 // --- reconnect with backoff and a visible countdown ----------------------------------------------------
 function clearReconnect() {
   if (reconnectTimer !== null) clearTimeout(reconnectTimer);
   if (countdownTimer !== null) clearInterval(countdownTimer);
+  if (connectTimer !== null) clearTimeout(connectTimer);
   reconnectTimer = null;
   countdownTimer = null;
+  connectTimer = null;
 }
 
-function scheduleReconnect() {
+async function scheduleReconnect() {
   clearReconnect();
   const delay = BACKOFF_S[Math.min(viewer.reconnectAttempt, BACKOFF_S.length - 1)];
   viewer.reconnectAttempt += 1;
@@ -332,7 +397,7 @@ function scheduleReconnect() {
   const tick = () => {
     const left = Math.max(0, Math.ceil((reconnectDeadline - Date.now()) / 1000));
     const base = restartHint || "Connection lost.";
-    setState("reconnecting", `${base} Reconnecting in ${left} s…`);
+    setState("reconnecting", left > 0 ? `${base} Reconnecting in ${left} s…` : `${base} Reconnecting…`);
   };
   tick();
   countdownTimer = setInterval(tick, 250);
@@ -340,31 +405,63 @@ function scheduleReconnect() {
     clearReconnect();
     connect();
   }, delay * 1000);
-  checkDesktopState();
+  const state = await desktopState();
+  if (state !== null && state !== "ready" && viewer.state === "reconnecting") showUnavailable(state);
 }
 
-// While reconnecting, ask the gateway whether the organiser is restarting this desktop.
-async function checkDesktopState() {
+// The desktop's state from the gateway (null: the gateway cannot be reached, e.g. no network).
+async function desktopState() {
   try {
-    const resp = await fetch(new URL(root + "api/desktops", location.href),
-                             { cache: "no-store", headers: { "Accept": "application/json" } });
-    if (!resp.ok) return;
+    const resp = await fetchWithTimeout(new URL(root + "api/desktops", location.href), PROBE_TIMEOUT_MS,
+                                        { headers: { "Accept": "application/json" } });
+    if (!resp.ok) return null;
     const data = await resp.json();
     const mine = (data.desktops || []).find((d) => d && d.account === config.account);
-    if (!mine) return;
-    if (mine.state === "starting" || mine.state === "queued") {
-      restartHint = "Your desktop is being restarted.";
-    } else if (mine.state === "failed") {
-      restartHint = "Your desktop failed" + (mine.reason ? `: ${mine.reason}.` : ".") + " Ask the organiser.";
-    } else if (mine.state === "stopped") {
-      restartHint = "Your desktop is stopped. Ask the organiser.";
-    } else {
-      restartHint = "";
-    }
+    if (!mine) return null;
+    viewer.desktopState = mine.state;
+    viewer.desktopReason = mine.reason || "";
+    restartHint = mine.state === "ready" ? "" : restartHint;
+    return mine.state;
   } catch (e) {
-    restartHint = "";
+    return null;
   }
 }
+
+// A stopped, failed or queued desktop: a message in the page body, no countdown; the page looks
+// every few seconds and connects as soon as the desktop is ready.
+function showUnavailable(state) {
+  clearReconnect();
+  stopProbing();
+  detach(viewer.rfb);
+  viewer.rfb = null;
+  const [title, text, status] = DESKTOP_MESSAGES[state] || DESKTOP_MESSAGES.starting;
+  el.messageTitle.textContent = title;
+  const reason = state === "failed" && viewer.desktopReason ? ` (${viewer.desktopReason})` : "";
+  el.messageText.textContent = text.replace(/\.$/, "") + reason + ".";
+  setState("unavailable", status);
+  el.message.dataset.desktopState = state;
+  if (stateTimer === null) stateTimer = setInterval(pollUntilReady, STATE_POLL_MS);
+}
+let stateTimer = null;
+
+function stopStatePolling() {
+  if (stateTimer !== null) clearInterval(stateTimer);
+  stateTimer = null;
+}
+
+async function pollUntilReady() {
+  const state = await desktopState();
+  if (state === null || viewer.state !== "unavailable") return;
+  if (state === "ready") {
+    stopStatePolling();
+    viewer.reconnectAttempt = 0;
+    if (password !== null) connect();
+    else setState("idle");
+  } else {
+    showUnavailable(state);
+  }
+}
+el.messageRetry.addEventListener("click", pollUntilReady);
 
 el.reconnectNow.addEventListener("click", () => {
   if (viewer.state === "reconnecting") connect();
@@ -372,6 +469,115 @@ el.reconnectNow.addEventListener("click", () => {
 window.addEventListener("online", () => {
   if (viewer.state === "reconnecting") connect();
 });
+
+// --- is the network still there? --------------------------------------------------------------------------
+// A Wi-Fi cut leaves the websocket open but silent for minutes (TCP only gives up much later), and
+// noVNC cannot tell a silent desktop from a dead link. A tiny request every few seconds can: when
+// none has answered for NETWORK_LOST_MS, the viewer drops the old connection and reconnects as soon
+// as the network answers again.
+function fetchWithTimeout(url, ms, options = {}) {
+  const controller = new AbortController();
+  const timer = setTimeout(() => controller.abort(), ms);
+  return fetch(url, { cache: "no-store", credentials: "same-origin", ...options, signal: controller.signal })
+    .finally(() => clearTimeout(timer));
+}
+
+let probeTimer = null;
+let lastAnswer = 0;
+
+function startProbing() {
+  stopProbing();
+  lastAnswer = Date.now();
+  probeTimer = setInterval(probe, PROBE_INTERVAL_MS);
+}
+
+function stopProbing() {
+  if (probeTimer !== null) clearInterval(probeTimer);
+  probeTimer = null;
+}
+
+async function probe() {
+  if (viewer.state !== "connected") return;
+  try {
+    const resp = await fetchWithTimeout(new URL(root + "healthz", location.href), PROBE_TIMEOUT_MS);
+    if (resp.ok) lastAnswer = Date.now();
+  } catch (e) {
+    // no answer: counted below
+  }
+  if (viewer.state === "connected" && Date.now() - lastAnswer > NETWORK_LOST_MS) {
+    console.info("gateway: the network stopped answering; reconnecting when it is back");
+    stopProbing();
+    detach(viewer.rfb);
+    viewer.rfb = null;
+    waitForNetwork();
+  }
+}
+
+function waitForNetwork() {
+  clearReconnect();
+  setState("reconnecting", "Connection lost. Waiting for the network…");
+  viewer.reconnectAttempt = 1;
+  const retry = async () => {
+    if (viewer.state !== "reconnecting") return;
+    try {
+      const resp = await fetchWithTimeout(new URL(root + "healthz", location.href), 1500);
+      if (resp.ok) { connect(); return; }
+    } catch (e) {
+      // still down
+    }
+    reconnectTimer = setTimeout(retry, 1000);
+  };
+  retry();
+}
+
+// --- sign-in for files ---------------------------------------------------------------------------------------
+// Upload and Downloads need the participant's session; a password typed here signs this browser in
+// (a JSON POST: a cross-site page cannot send one), just as the sign-in form would.
+async function signInForFiles() {
+  if (!config.files || viewOnly || viewer.signedIn || password === null) return;
+  try {
+    const resp = await fetch(new URL(root + "api/session", location.href), {
+      method: "POST", credentials: "same-origin", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ account: config.account, password }),
+    });
+    if (!resp.ok) return;
+    viewer.signedIn = true;
+    el.toggleFiles.hidden = false;
+    window.dispatchEvent(new Event("gateway:signed-in"));
+  } catch (e) {
+    // Files stay hidden; the desktop itself works.
+  }
+}
+
+// A participant signed in (sign-up, sign-in) connects without typing the password again: it comes
+// from their session (me/password), never from the page's address.
+async function autoConnect() {
+  try {
+    const resp = await fetch(new URL(root + "me/password", location.href), { cache: "no-store", credentials: "same-origin" });
+    if (resp.ok) {
+      const body = await resp.json();
+      if (body.account === config.account && typeof body.password === "string") {
+        password = body.password;
+        viewer.reconnectAttempt = 0;
+        return startWhenReady();
+      }
+    }
+  } catch (e) {
+    // fall back to the form
+  }
+  setState("idle");
+  el.password.focus();
+}
+
+// The desktop must be ready before connecting; otherwise say why and wait.
+async function startWhenReady() {
+  const known = viewer.desktopState;
+  if (known !== "ready") {
+    showUnavailable(known);
+    return;
+  }
+  connect();
+}
 
 // --- password form -----------------------------------------------------------------------------------------
 el.form.addEventListener("submit", (ev) => {
@@ -399,6 +605,8 @@ el.form.addEventListener("submit", (ev) => {
 el.disconnect.addEventListener("click", () => {
   userDisconnect = true;
   clearReconnect();
+  stopProbing();
+  closeMenu();
   if (viewer.rfb) {
     viewer.rfb.disconnect();
   } else {
@@ -412,9 +620,56 @@ function refocusAfterPointer(ev) {
   if (ev.detail > 0 && viewer.rfb) viewer.rfb.focus();
 }
 
-el.keyCtrlAltDel.addEventListener("click", (ev) => {
-  if (viewer.rfb) viewer.rfb.sendCtrlAltDel();
-  refocusAfterPointer(ev);
+for (const button of [el.keyCtrlAltDel, el.keyCtrlAltDelMenu]) {
+  button.addEventListener("click", (ev) => {
+    if (viewer.rfb) viewer.rfb.sendCtrlAltDel();
+    closeMenu();
+    refocusAfterPointer(ev);
+  });
+}
+
+// --- the on-screen keyboard (phones, tablets) -----------------------------------------------------------------
+// Touch screens show their keyboard only for a focused text field: #touch-input is one, and what is
+// typed into it goes to the desktop key by key (keysyms from noVNC's own table).
+const touchScreen = window.matchMedia("(pointer: coarse)").matches || navigator.maxTouchPoints > 0;
+el.keyKeyboard.hidden = !touchScreen || viewOnly;
+let keysymdef = null;
+import(new URL("core/input/keysymdef.js", novncBase).href).then((m) => { keysymdef = m.default; }).catch(() => {});
+const SPECIAL_KEYS = { Backspace: 0xff08, Enter: 0xff0d, Tab: 0xff09, Escape: 0xff1b,
+  ArrowLeft: 0xff51, ArrowUp: 0xff52, ArrowRight: 0xff53, ArrowDown: 0xff54, Delete: 0xffff };
+
+function sendText(text) {
+  if (!viewer.rfb || !keysymdef) return;
+  for (const ch of text) {
+    if (ch === "\n") { viewer.rfb.sendKey(SPECIAL_KEYS.Enter, "Enter"); continue; }
+    viewer.rfb.sendKey(keysymdef.lookup(ch.codePointAt(0)));
+  }
+}
+
+el.keyKeyboard.addEventListener("click", () => {
+  const open = el.keyKeyboard.getAttribute("aria-pressed") !== "true";
+  el.keyKeyboard.setAttribute("aria-pressed", String(open));
+  if (open) {
+    el.touchInput.value = "";
+    el.touchInput.focus();
+  } else {
+    el.touchInput.blur();
+  }
+});
+el.touchInput.addEventListener("blur", () => el.keyKeyboard.setAttribute("aria-pressed", "false"));
+el.touchInput.addEventListener("keydown", (ev) => {
+  // Keys without text (Backspace, Enter, arrows) come as keydown; text comes as input events.
+  const keysym = SPECIAL_KEYS[ev.key];
+  if (keysym && viewer.rfb) {
+    ev.preventDefault();
+    viewer.rfb.sendKey(keysym, ev.key);
+  }
+});
+el.touchInput.addEventListener("input", (ev) => {
+  if (ev.inputType === "deleteContentBackward" && viewer.rfb) viewer.rfb.sendKey(SPECIAL_KEYS.Backspace, "Backspace");
+  else if (ev.data) sendText(ev.data);
+  else if (ev.inputType === "insertLineBreak" && viewer.rfb) viewer.rfb.sendKey(SPECIAL_KEYS.Enter, "Enter");
+  el.touchInput.value = "";
 });
 el.keyEsc.addEventListener("click", (ev) => {
   if (viewer.rfb) viewer.rfb.sendKey(KEYSYM.Escape, "Escape");
@@ -452,8 +707,34 @@ function releaseModifiers() {
 // --- display --------------------------------------------------------------------------------------------------
 el.scaling.addEventListener("change", () => {
   settings.scaling = el.scaling.value;
-  saveSettings();
+  saveSettings("scaling");
   applySettings();
+});
+
+// --- the compact menu (narrow screens) and the handle (full screen) ------------------------------------------
+function closeMenu() {
+  el.toolbar.classList.remove("menu-open");
+  el.menuToggle.setAttribute("aria-expanded", "false");
+}
+el.menuToggle.addEventListener("click", () => {
+  const open = !el.toolbar.classList.contains("menu-open");
+  el.toolbar.classList.toggle("menu-open", open);
+  el.menuToggle.setAttribute("aria-expanded", String(open));
+});
+document.addEventListener("pointerdown", (ev) => {
+  if (el.toolbar.classList.contains("menu-open") && !el.toolbar.contains(ev.target)) closeMenu();
+});
+
+// In full screen only the desktop shows; a small handle brings the controls back over it.
+function updateHandle() {
+  const fs = document.body.classList.contains("is-fullscreen");
+  el.handle.hidden = !fs || viewer.state !== "connected";
+  if (!fs) document.body.classList.remove("controls-shown");
+  el.handle.setAttribute("aria-expanded", String(document.body.classList.contains("controls-shown")));
+}
+el.handle.addEventListener("click", () => {
+  document.body.classList.toggle("controls-shown");
+  updateHandle();
 });
 
 function isFullscreen() {
@@ -482,6 +763,10 @@ el.fullscreen.addEventListener("click", async (ev) => {
 });
 function onFullscreenChange() {
   const fs = isFullscreen();
+  document.body.classList.toggle("is-fullscreen", fs);
+  closeMenu();
+  updateHandle();
+  window.dispatchEvent(new Event("resize"));
   el.fullscreen.setAttribute("aria-pressed", String(fs));
   el.fullscreen.textContent = fs ? "Exit full screen" : "Full screen";
   if (!fs && navigator.keyboard && navigator.keyboard.unlock) navigator.keyboard.unlock();
@@ -494,7 +779,7 @@ function onLevelInput(which) {
   const input = which === "quality" ? el.quality : el.compression;
   const value = Math.max(0, Math.min(9, parseInt(input.value, 10) || 0));
   settings[which] = value;
-  saveSettings();
+  saveSettings(which);
   applySettings();
 }
 el.quality.addEventListener("input", () => onLevelInput("quality"));
@@ -504,6 +789,8 @@ el.compression.addEventListener("change", () => onLevelInput("compression"));
 el.settingsReset.addEventListener("click", () => {
   settings.quality = DEFAULTS.quality;
   settings.compression = DEFAULTS.compression;
+  delete saved.quality;
+  delete saved.compression;
   saveSettings();
   applySettings();
 });
@@ -519,6 +806,7 @@ for (const [buttonId, panel] of Object.entries(panels)) {
     }
     panel.hidden = !open;
     button.setAttribute("aria-expanded", String(open));
+    closeMenu();
     if (open) {
       const first = panel.querySelector("textarea, input, button");
       if (first && buttonId === "toggle-clipboard") first.focus();
@@ -636,7 +924,13 @@ applySettings();
 setState("idle");
 // Load noVNC early so that connecting is quick; errors are reported on connect.
 loadRFB().catch(() => {});
-el.password.focus();
+if (!viewOnly && config.auto_connect) {
+  autoConnect();
+} else if (!viewOnly && viewer.desktopState !== "ready") {
+  showUnavailable(viewer.desktopState);   // no password asked for a desktop that is not there
+} else {
+  el.password.focus();
+}
 
 Object.assign(viewer, {
   connect: (pw) => {
@@ -653,8 +947,9 @@ Object.assign(viewer, {
 // --- view only (instructors) ---------------------------------------------------------------------------
 if (viewOnly) {
   viewer.viewOnly = true;
-  const inputControls = [el.keyCtrlAltDel.closest(".tool-group"), $("toggle-clipboard"), $("keyboard-layout"),
-    document.querySelector('label[for="keyboard-layout"]'), $("keyboard-message")];
+  const inputControls = [el.keyCtrlAltDel.closest(".tool-group"), $("toggle-clipboard"), $("layout-group"),
+    $("toggle-files"), el.keyCtrlAltDelMenu, el.keyKeyboard];
+  STATUS_TEXT.connected = "Connected · view only";
   for (const node of inputControls) if (node) node.hidden = true;
   el.scaling.querySelector('option[value="remote"]').disabled = true;  // never resize their desktop
   if (settings.scaling === "remote") settings.scaling = "scale";

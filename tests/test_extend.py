@@ -1,0 +1,136 @@
+"""A day that runs late: warnings inside the desktop before its end, and `gateway extend`.
+
+On the real Slurm test cluster: a desktop job whose time limit comes close gets a message window on
+its display (found with xdotool, as a participant would see it), and `gateway extend` raises the
+job's TimeLimit (as `scontrol show job` shows it) and the end of the event reservation the gateway
+made, and is written to the audit log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from gateway.config import IdleConfig
+from gateway.idle import IdleWatcher
+from gateway.state import StateStore
+from gateway.status import DesktopSlot, Phase
+from gateway.tokens import Account
+from tests.gateway_run import GatewayRun
+from tests.system import require_program
+from tests.test_slurm_gateway import (  # noqa: F401 - fixtures
+    READY_WITHIN_S,
+    auto_accounts,
+    cluster,
+    recorded_jobs,
+    reservations,
+    slurm_event,
+)
+
+
+def scontrol(*args: str) -> str:
+    return subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=30).stdout
+
+
+def xmessage_windows(display: str, xauthority: str) -> int:
+    result = subprocess.run(["xdotool", "search", "--class", "xmessage"], capture_output=True, text=True,
+                            timeout=10, env={"DISPLAY": display, "XAUTHORITY": xauthority, "PATH": "/usr/bin:/bin"})
+    return len(result.stdout.split())
+
+
+def wait_for(condition, timeout_s: float) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.3)
+    return condition()
+
+
+def audit(run: GatewayRun) -> list[tuple[str | None, str, str]]:
+    store = StateStore(run.state_dir / "gateway.db")
+    try:
+        return [(account, kind, detail) for _, account, kind, detail in store.events()]
+    finally:
+        store.close()
+
+
+@pytest.mark.system
+async def test_a_slurm_desktop_is_warned_before_its_time_limit_and_extend_raises_it(slurm_event) -> None:
+    require_program("xdotool")
+    require_program("srun")
+    accounts = auto_accounts(["ex01"])
+    # time_limit_s is 1800: a warning 29.9 minutes before the end comes seconds after the job starts.
+    run: GatewayRun = slurm_event(accounts, "idle:\n  end_warnings_minutes: [29.9, 5]\n  check_interval_s: 1\n")
+    run.up(timeout_s=READY_WITHIN_S)
+    job_id = recorded_jobs(run)["ex01"]
+    assert "TimeLimit=00:30:00" in scontrol("show", "job", "-o", str(job_id))
+    (reservation,) = reservations(run.prefix)  # type: ignore[attr-defined]
+    end_before = re.search(r"EndTime=(\S+)", scontrol("show", "reservation", "-o", reservation)).group(1)
+
+    report = (run.state_dir / "slurm" / "ex01" / f"report-{job_id}").read_text()
+    display = ":" + re.search(r"display=(\d+)", report).group(1)
+    xauthority = f"/tmp/workshop-desktop-0-{job_id}/Xauthority"  # the job runs as root here (run_as: gateway)
+    assert await asyncio.to_thread(wait_for, lambda: xmessage_windows(display, xauthority) > 0, 20), run.text()
+    warned = [d for a, k, d in audit(run) if k == "end:warn" and a == "ex01"]
+    assert warned and "time limit" in warned[0]
+
+    result = subprocess.run([sys.executable, "-m", "gateway", "extend", "10m", "--state-dir", str(run.state_dir)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"ex01: job {job_id}: time limit +10 min" in result.stdout
+    assert "TimeLimit=00:40:00" in scontrol("show", "job", "-o", str(job_id))
+    end_after = re.search(r"EndTime=(\S+)", scontrol("show", "reservation", "-o", reservation)).group(1)
+    from datetime import datetime
+    assert (datetime.fromisoformat(end_after) - datetime.fromisoformat(end_before)).total_seconds() == 600
+    assert any(k == "extend" and a == "ex01" and "+10 min" in d for a, k, d in audit(run))
+    # The participant still has the desktop, and the status shows its new end.
+    assert run.status()["ex01"]["state"] == "ready"
+
+    # The admin page offers the same; a bad request changes nothing.
+    password = (run.state_dir / "secrets" / "admin.password").read_text().strip()
+    headers = {"Authorization": aiohttp.encode_basic_auth("admin", password)}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{run.url}admin/api/extend", json={"minutes": 5}, headers=headers) as response:
+            assert response.status == 200, await response.text()
+            assert any(f"job {job_id}: time limit +5 min" in line for line in (await response.json())["lines"])
+        async with session.post(f"{run.url}admin/api/extend", json={"minutes": -5}, headers=headers) as response:
+            assert response.status == 400
+    assert "TimeLimit=00:45:00" in scontrol("show", "job", "-o", str(job_id))
+    bad = subprocess.run([sys.executable, "-m", "gateway", "extend", "soon", "--state-dir", str(run.state_dir)],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+
+
+async def test_end_warnings_follow_the_event_window_and_its_extension(tmp_path: Path) -> None:
+    """Local and SSH desktops have no job: their end is the idle policy's event window, extended alike."""
+    now = time.time()
+    end = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(now + 4 * 60))
+    start = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(now - 3600))
+    store = StateStore(tmp_path / "gateway.db")
+    slot = DesktopSlot(Account("lo01", "localhost", "/d/lo01", 6001, 5901, "secret12", 1))
+    slot.set(Phase.READY)
+    shown: list[str] = []
+
+    async def notify(account: str, text: str) -> None:
+        shown.append(text)
+
+    async def act(account: str, action: str) -> str:
+        return "done"
+
+    watcher = IdleWatcher(IdleConfig(event_start=start, event_end=end), {"lo01": slot}, store, act=act,
+                          notify=notify, count_viewers=lambda s, c: 0, input_known=False)
+    await watcher.check(now)
+    await watcher.check(now + 1)
+    assert len(shown) == 1 and "ends in about 4 min" in shown[0] and "end of the event" in shown[0]
+    watcher.extend_window(10 * 60, None)
+    await watcher.check(now + 2)
+    assert len(shown) == 2 and "ends in about 14 min" in shown[1]
+    store.close()
