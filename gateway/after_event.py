@@ -98,6 +98,7 @@ class AfterEventGateway(Gateway):
         self.store = None
         self.apache = None
         self.web_port = None
+        self.idle = None
 
     async def act(self, account_id: str, action: str) -> str:
         if account_id not in self.slots:
@@ -106,6 +107,9 @@ class AfterEventGateway(Gateway):
 
     async def set_keyboard_layout(self, account_id: str, layout: str) -> None:
         raise BackendError(EVENT_OVER)
+
+    async def extend(self, seconds: float, accounts: list[str] | None, actor: str) -> list[str]:
+        return [f"nothing to extend: {EVENT_OVER} (downloads are offered {until_text(self.config)})"]
 
     def customise_app(self, app: web.Application) -> None:
         app[TEMPLATES].globals["after_event"] = landing_notice(self.config)

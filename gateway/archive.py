@@ -7,12 +7,15 @@ and listed. An archive is written 0600 into ``{state_dir}/archives`` under a tem
 its SHA-256 computed while writing, renamed when complete (a ``.sha256`` file beside it, in
 ``sha256sum`` format), and recorded in the state database for the download page.
 
-Packing runs in worker threads (zlib and hashlib release the GIL), a few at a time.
+Packing runs in worker threads (zlib and hashlib release the GIL), a few at a time. Workspaces on
+SSH hosts are packed the same way from entries read over SFTP (gateway/archive_remote.py), through
+:func:`pack_entries`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import gzip
 import hashlib
 import json
@@ -22,7 +25,7 @@ import stat
 import tarfile
 import time
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -37,7 +40,9 @@ __all__ = [
     "ArchiveRecord",
     "archives_dir",
     "pack_workspace",
+    "pack_entries",
     "pack_accounts",
+    "record_archive",
     "archive_record",
     "archive_records",
 ]
@@ -90,6 +95,11 @@ class _Entry:
     st: os.stat_result
     fd: int = -1         # "file": open, read-only; closed by the walker after the consumer returns
     target: str = ""     # "link": what it points to
+    #: "file" not on this machine (SFTP): reads up to n bytes; else os.read of ``fd``.
+    read: Callable[[int], bytes] | None = None
+
+    def reader(self, size: int) -> "_FixedSizeReader":
+        return _FixedSizeReader(self.read or functools.partial(os.read, self.fd), size)
 
 
 def _walk(dir_fd: int, prefix: str, skipped: list[str]) -> Iterator[_Entry]:
@@ -130,8 +140,8 @@ def _walk(dir_fd: int, prefix: str, skipped: list[str]) -> Iterator[_Entry]:
 class _FixedSizeReader:
     """Reads exactly ``size`` bytes of a file that may grow or shrink while it is packed."""
 
-    def __init__(self, fd: int, size: int) -> None:
-        self.fd = fd
+    def __init__(self, read: Callable[[int], bytes], size: int) -> None:
+        self._read = read
         self.left = size
         self.changed = False
 
@@ -139,13 +149,15 @@ class _FixedSizeReader:
         n = min(n if n >= 0 else self.left, self.left)
         if n <= 0:
             return b""
-        data = os.read(self.fd, n)
-        if len(data) < n:
-            more = os.read(self.fd, n - len(data)) if data else b""
+        data = self._read(n)
+        while data and len(data) < n:  # remote reads may come in pieces
+            more = self._read(n - len(data))
+            if not more:
+                break
             data += more
-            if len(data) < n:  # the file shrank: pad, so the archive stays consistent
-                self.changed = True
-                data += b"\0" * (n - len(data))
+        if len(data) < n:  # the file shrank: pad, so the archive stays consistent
+            self.changed = True
+            data += b"\0" * (n - len(data))
         self.left -= len(data)
         return data
 
@@ -203,7 +215,7 @@ def _pack_tar(entries: Iterator[_Entry], out: _HashingWriter, level: int, change
                     tar.addfile(info)
                 else:
                     info.size = entry.st.st_size
-                    reader = _FixedSizeReader(entry.fd, info.size)
+                    reader = entry.reader(info.size)
                     tar.addfile(info, reader)  # type: ignore[arg-type]
                     if reader.changed:
                         changed.append(f"{entry.name}: shrank while packing (padded)")
@@ -234,7 +246,7 @@ def _pack_zip(entries: Iterator[_Entry], out: _HashingWriter, level: int, change
                 info = _zip_info(entry.name, entry.st, stat.S_IFREG | stat.S_IMODE(entry.st.st_mode))
                 info.compress_type = zipfile.ZIP_DEFLATED
                 info.file_size = entry.st.st_size
-                reader = _FixedSizeReader(entry.fd, entry.st.st_size)
+                reader = entry.reader(entry.st.st_size)
                 with archive.open(info, "w", force_zip64=entry.st.st_size >= 1 << 31) as member:
                     while chunk := reader.read(_CHUNK):
                         member.write(chunk)
@@ -255,26 +267,35 @@ def pack_workspace(workspace: Path, destination: Path, *, root_name: str, fmt: s
     if fmt not in FORMATS:
         raise ValueError(f"unknown archive format {fmt!r} (use {' or '.join(FORMATS)})")
     root_fd = os.open(workspace, _DIR_FLAGS)
+    try:
+        def entries(skipped: list[str]) -> Iterator[_Entry]:
+            yield _Entry("dir", root_name, os.fstat(root_fd))
+            yield from _walk(root_fd, root_name, skipped)
+
+        return pack_entries(entries, destination, fmt=fmt, level=level)
+    finally:
+        os.close(root_fd)
+
+
+def pack_entries(entries: Callable[[list[str]], Iterator[_Entry]], destination: Path, *, fmt: str,
+                 level: int = 6) -> PackResult:
+    """Pack what ``entries(skipped)`` yields (it appends what it leaves out to ``skipped``) into
+    ``destination`` (0600, written under a temporary name, renamed when complete), with its SHA-256."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown archive format {fmt!r} (use {' or '.join(FORMATS)})")
     skipped: list[str] = []
     tmp = destination.with_name(f".{destination.name}.{secrets.token_hex(4)}.tmp")
     out = _HashingWriter(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
     try:
         os.fchmod(out._file.fileno(), 0o600)
-
-        def entries() -> Iterator[_Entry]:
-            yield _Entry("dir", root_name, os.fstat(root_fd))
-            yield from _walk(root_fd, root_name, skipped)
-
         pack = _pack_tar if fmt == "tar.gz" else _pack_zip
-        files = pack(entries(), out, level, skipped)
+        files = pack(entries(skipped), out, level, skipped)
         out.finish()
         os.replace(tmp, destination)
     except BaseException:
         out.abandon()
         tmp.unlink(missing_ok=True)
         raise
-    finally:
-        os.close(root_fd)
     digest = out.hash.hexdigest()
     atomic_write(destination.with_name(destination.name + ".sha256"), f"{digest}  {destination.name}\n",
                  mode=0o600)
@@ -309,7 +330,7 @@ async def pack_accounts(store: StateStore, workspaces: Sequence[tuple[str, Path]
             except OSError as exc:
                 results[account] = f"cannot pack {workspace}: {exc.strerror or exc}"
             else:
-                _record(store, account, fmt, result)
+                record_archive(store, account, fmt, result)
                 results[account] = result
         done = sum(isinstance(r, PackResult) for r in results.values())
         progress.update(done, len(results) - done)
@@ -322,7 +343,8 @@ async def pack_accounts(store: StateStore, workspaces: Sequence[tuple[str, Path]
     return results
 
 
-def _record(store: StateStore, account: str, fmt: str, result: PackResult) -> None:
+def record_archive(store: StateStore, account: str, fmt: str, result: PackResult) -> None:
+    """Record the archive for the download page (replacing, and deleting, an earlier one of another format)."""
     previous = archive_record(store, account)
     with store.transaction() as db:
         db.execute(

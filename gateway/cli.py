@@ -138,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     install.add_argument("--config", type=Path)
     install.add_argument("--listen", default="127.0.0.1:8080")
     install.add_argument("--unit-dir", type=Path, default=Path("/etc/systemd/system"))
+    install.add_argument("--after-event", action="store_true", help="the unit serves only the downloads "
+                                                                    "(gateway up --after-event)")
     install.set_defaults(handler=cmd_systemd_install)
 
     apache = commands.add_parser("apache-config", help="print the Apache rules for organisers who run Apache themselves")
@@ -672,7 +674,8 @@ def cmd_extend(args: argparse.Namespace) -> int:
     lines = answer["lines"]
     for line in lines:
         print(line)
-    refused = [line for line in lines if "refused" in line or "not extended" in line]
+    # A desktop that is not running has no limit to raise; one whose extension failed is worth an exit status.
+    refused = [line for line in lines if ("refused" in line or "not extended" in line) and "the desktop is" not in line]
     print(f"Extended by {seconds / 60:g} min; recorded in the audit log."
           + (f" {len(refused)} not extended (see above)." if refused else ""), file=sys.stderr)
     return 1 if refused else 0
@@ -686,11 +689,14 @@ def cmd_systemd_install(args: argparse.Namespace) -> int:
 
     tokens, config = load_inputs(args.tokens, args.config)  # refuse to install a service that can't start
     check_listen(args.listen, config)
+    if args.after_event:
+        _after_event_preflight(config)
     # The service runs as root: without desktop.users set, it creates the event's users.
     creates_users = config.desktop.users in (None, "create")
     del tokens
     spec = ServiceSpec(tokens=args.tokens.resolve(), config=args.config.resolve() if args.config else None,
-                       listen=args.listen, creates_users=creates_users)
+                       listen=args.listen, creates_users=creates_users and not args.after_event,
+                       after_event=args.after_event)
     unit = install_service(spec, args.unit_dir)
     print(f"Wrote {unit}. Start it with: systemctl daemon-reload && systemctl enable --now {unit.name}")
     print(f"State, logs and workspaces: {spec.state_dir}; stop with: systemctl stop {unit.name}")
@@ -813,6 +819,10 @@ def cmd_archive(args: argparse.Namespace) -> int:
     if unknown:
         raise UserError(f"not in {args.tokens}: {', '.join(unknown)}")
     fmt = args.format or config.archive.format
+    if config.archive.notify:  # a bad credentials file stops here, before anything is packed
+        from .notify_mail import smtp_target
+
+        smtp_target(config)
     jobs, remote, results = [], [], {}
     for name in wanted:
         backend = backend_name_for(by_id[name], config)
@@ -827,8 +837,6 @@ def cmd_archive(args: argparse.Namespace) -> int:
                 results[name] = f"no user {name} on this host (slurm.run_as: account)"
         else:
             jobs.append((name, account_workspace(name, config, state_dir)))
-    for account in remote:
-        results[account.id] = f"its workspace is on {account.vnc_host}; remote workspaces are not packed yet"
     ensure_private_dir(state_dir)
     store = StateStore(state_dir / "gateway.db")
     try:
@@ -836,7 +844,19 @@ def cmd_archive(args: argparse.Namespace) -> int:
         results.update(asyncio.run(pack_accounts(store, jobs, state_dir=state_dir, fmt=fmt,
                                                  level=config.archive.compress_level,
                                                  concurrency=config.archive.concurrency)))
+        if remote:  # workspaces on SSH hosts, read over SFTP while packing
+            from .archive_remote import pack_remote_accounts
+
+            results.update(asyncio.run(pack_remote_accounts(store, remote, config=config, state_dir=state_dir,
+                                                            fmt=fmt, level=config.archive.compress_level,
+                                                            concurrency=config.archive.concurrency)))
         elapsed = time.monotonic() - started
+        notices = {}
+        if config.archive.notify:  # tell the participants who signed up
+            from .notify_mail import notify_archives_ready
+
+            notices = asyncio.run(notify_archives_ready(
+                config, store, [name for name in wanted if isinstance(results.get(name), PackResult)]))
     finally:
         store.close()
     packed = 0
@@ -847,6 +867,8 @@ def cmd_archive(args: argparse.Namespace) -> int:
             print(f"{name}: {result.path} {result.size} bytes, {result.files} files, sha256 {result.sha256}")
             for item in result.skipped:
                 print(f"  skipped {item}")
+            if name in notices:
+                print(f"  {notices[name]}")
         else:
             print(f"{name}: no archive: {result}", file=sys.stderr)
     print(f"{packed} of {len(wanted)} archives written in {elapsed:.1f} s", file=sys.stderr)

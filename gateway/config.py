@@ -360,6 +360,13 @@ class ArchiveConfig:
     #: "2026-11-27T18:00:00+01:00" (without a zone: the gateway's local time); null: no limit.
     available_from: str | None = None
     expires: str | None = None
+    #: E-mail participants who signed up when their archive is packed: smtp://HOST:PORT (STARTTLS when
+    #: offered) or smtps://HOST:PORT; null: no e-mail. The message links to their page, never a password.
+    notify: str | None = None
+    #: A 0600 file with the SMTP user name and password on two lines (sent only over TLS); null: none.
+    notify_credentials: str | None = None
+    #: The sender address (null: workshop-gateway@ this host's name).
+    notify_from: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -804,6 +811,17 @@ def _participant_checks(config: Config, check) -> None:
     if len(moments) == 2:
         check(moments["available_from"] < moments["expires"], "archive.expires",
               "must be later than archive.available_from")
+    if a.notify is not None:
+        from .notify_mail import parse_notify_url
+
+        try:
+            parse_notify_url(a.notify)
+        except ValueError as exc:
+            check(False, "archive.notify", str(exc))
+    check(a.notify_credentials is None or a.notify_credentials.startswith("/"), "archive.notify_credentials",
+          "must be an absolute path")
+    check(a.notify_from is None or bool(re.fullmatch(r"[^@\s<>]+@[^@\s<>]+", a.notify_from)), "archive.notify_from",
+          "must be an e-mail address such as desktops@example.org")
 
 
 def _cockpit_checks(config: Config, check) -> None:

@@ -3,9 +3,12 @@
 Routes (all relative to the gateway root, like every other page):
 
 - ``GET|POST /signup``: terms documents with a checkbox each, name, e-mail, optional event code;
-  hands out the next free account and shows its id, password and desktop link once.
-- ``GET|POST /login``, ``POST /logout``: sign-in with account id and password (a session cookie).
-- ``GET /me``: the participant's desktop link and state, and their archive when it is offered.
+  hands out the next free account, signs the participant in and redirects (POST-redirect-GET) to
+  ``GET /welcome``: the account, its password (to that session only) and the desktop link.
+- ``GET|POST /login``, ``GET|POST /logout`` (a page that asks first): sign-in with account id and
+  password (a session cookie); ``POST /api/session`` (JSON): the same from the viewer.
+- ``GET /me``: the participant's desktop link and state, and their archive when it is offered;
+  ``GET /me/password``: the session's own password (JSON), for "Show password" and the viewer.
 - ``GET /archive/<account>``: the archive, for the session's account or HTTP Basic credentials
   (``curl -u ws01 -C - -O``); streamed from disk, with Range support and the SHA-256 in headers.
 

@@ -189,12 +189,13 @@ class Gateway:
         unknown = [a for a in wanted if a not in self.slots]
         if unknown:
             raise LookupError(f"no desktop {', '.join(unknown)}")
-        lines = []
+        lines: list[str] = []
+        done: set[str] = set()  # a reservation that two backends share is extended once
         for name, backend in self.backends.items():
             if not any(self.slots[a].backend == name for a in wanted):
                 continue
             try:
-                lines += await backend.extend_event(seconds)
+                lines += await backend.extend_event(seconds, done)
             except BackendError as exc:
                 lines.append(str(exc))
         lines += self.extend_event_window(seconds, None if accounts is None else wanted)

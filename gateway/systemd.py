@@ -43,6 +43,8 @@ class ServiceSpec:
     state_directory: str = DEFAULT_STATE_DIRECTORY
     #: desktop.users: create: the service makes users (writes /etc) and their homes (/home).
     creates_users: bool = True
+    #: `gateway up --after-event`: the downloads only, for the weeks after the event.
+    after_event: bool = False
 
     @property
     def state_dir(self) -> Path:
@@ -52,6 +54,8 @@ class ServiceSpec:
         argv = [str(self.gateway), "up", str(self.tokens), "--listen", self.listen, "--state-dir", str(self.state_dir)]
         if self.config is not None:
             argv[3:3] = ["--config", str(self.config)]
+        if self.after_event:
+            argv.append("--after-event")
         return argv
 
 

@@ -40,7 +40,7 @@ __all__ = [
 #: First path segments the gateway serves itself; a websocket path may not start with them.
 RESERVED_ROUTES = frozenset(
     {"static", "novnc", "view", "api", "admin", "metrics", "archive", "dcv", "signup", "login",
-     "logout", "me", "healthz", "favicon.ico", "robots.txt"}
+     "logout", "me", "healthz", "favicon.ico", "robots.txt", "welcome", "files", "watch"}
 )
 LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 AUTO_HOST = "auto"

@@ -195,10 +195,16 @@ def add_watch_routes(
     async def shared_watch(request: web.Request) -> web.Response:
         token = request.match_info["token"]
         link = links.find(token)
-        if link is None:
-            raise web.HTTPNotFound(text="No such link.")
-        if time.time() >= link.expires_at:
-            raise web.HTTPGone(text="This view-only link has expired; ask the organiser for a new one.")
+        # A real page, not a bare error: whoever opens a stale link should know what to do.
+        if link is None or time.time() >= link.expires_at:
+            expired = link is not None
+            response = render_page(request, "message.html.j2", "../",
+                                   heading="This link has expired" if expired else "This link does not work",
+                                   message=("This view-only link has expired; ask the organiser for a new one."
+                                            if expired else "No such link. Check that you copied all of it, "
+                                            "or ask the organiser for a new one."))
+            response.set_status(410 if expired else 404)
+            return response
         slot = slot_of(link.account)
         response = page(request, slot, "../")
         store.record_event("watch-link:open", link.account,

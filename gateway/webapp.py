@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hmac
 import html
+import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
 __all__ = ["make_app", "SLOTS", "CONFIG"]
 
 TEMPLATES_DIR = PROJECT_ROOT / "web" / "templates"
+log = logging.getLogger("gateway.webapp")
 
 SLOTS = web.AppKey("slots", Mapping[str, DesktopSlot])
 CONFIG = web.AppKey("config", Config)
@@ -68,6 +70,8 @@ def make_app(config: Config, slots: Mapping[str, DesktopSlot], *, novnc: Path,
              cockpit: "Cockpit | None" = None,
              set_keyboard_layout: SetKeyboardLayout | None = None) -> web.Application:
     app = web.Application(middlewares=[_security_headers])
+    for warning in theme_colours(config.event.primary_color)[1]:
+        log.warning("%s", warning)
     app[SLOTS] = slots
     app[CONFIG] = config
     if config.apache.mode == "private":  # only that Apache's X-Forwarded-For is believed
@@ -115,11 +119,64 @@ async def _security_headers(request: web.Request, handler):  # type: ignore[no-u
     return response
 
 
+# -- theme colours: WCAG AA contrast -------------------------------------------------------------------
+
+_HEX_RE = re.compile(r"#([0-9a-fA-F]{3}|[0-9a-fA-F]{6})")
+AA_CONTRAST = 4.5  # WCAG 2 AA for normal text
+
+
+def _rgb(colour: str) -> tuple[float, float, float] | None:
+    match = _HEX_RE.fullmatch(colour.strip())
+    if match is None:
+        return None
+    digits = match[1] if len(match[1]) == 6 else "".join(c * 2 for c in match[1])
+    return tuple(int(digits[i:i + 2], 16) / 255 for i in (0, 2, 4))  # type: ignore[return-value]
+
+
+def _luminance(rgb: tuple[float, float, float]) -> float:
+    lin = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in rgb]
+    return 0.2126 * lin[0] + 0.7152 * lin[1] + 0.0722 * lin[2]
+
+
+def contrast(a: tuple[float, float, float], b: tuple[float, float, float]) -> float:
+    """WCAG contrast ratio of two sRGB colours (1 to 21)."""
+    la, lb = sorted((_luminance(a), _luminance(b)), reverse=True)
+    return (la + 0.05) / (lb + 0.05)
+
+
+def _hex(rgb: tuple[float, float, float]) -> str:
+    return "#" + "".join(f"{round(c * 255):02x}" for c in rgb)
+
+
+def theme_colours(primary: str | None) -> tuple[dict[str, str], list[str]]:
+    """Text colours that stay readable on the event's primary colour (AA), and warnings for the log.
+
+    White text sits on the primary colour (header, buttons) and the primary colour is the text of links
+    on white: a light primary gets dark text on it, and links a darkened shade of it."""
+    white, ink = (1.0, 1.0, 1.0), (0.078, 0.094, 0.122)  # --text: #14181f
+    rgb = _rgb(primary) if primary else None
+    if rgb is None:
+        return {}, []
+    colours, warnings = {}, []
+    if contrast(rgb, white) < AA_CONTRAST:
+        on = "#ffffff" if contrast(rgb, white) >= contrast(rgb, ink) else "#14181f"
+        colours["on_primary"] = on
+        darker = rgb
+        while contrast(darker, white) < AA_CONTRAST:
+            darker = tuple(c * 0.9 for c in darker)  # type: ignore[assignment]
+        colours["primary_text"] = _hex(darker)
+        warnings.append(f"event.primary_color {primary}: white text on it has a contrast of "
+                        f"{contrast(rgb, white):.1f}:1, below WCAG AA ({AA_CONTRAST}:1); pages use {on} text on it "
+                        f"and {colours['primary_text']} for links instead")
+    return colours, warnings
+
+
 def _page(request: web.Request, template: str, root: str, **context: object) -> web.Response:
     config = request.app[CONFIG]
     event = config.event
     theme = {k: v for k, v in (("logo_url", event.logo_url), ("primary_color", event.primary_color),
                                ("accent_color", event.accent_color)) if v}
+    theme.update(theme_colours(event.primary_color)[0])
     text = request.app[TEMPLATES].get_template(template).render(
         title=event.title, root=root, theme=theme, **context
     )

@@ -100,6 +100,7 @@ class SshHost:
             f"AuthorizedKeysFile {d / 'authorized_keys'}\nPermitRootLogin prohibit-password\n"
             "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
             "PrintMotd no\nMaxSessions 10\nLogLevel VERBOSE\n"
+            "Subsystem sftp internal-sftp\n"  # `gateway archive` reads workspaces over SFTP
         )
         self.log = d / "sshd.log"
         self.remote_dir = d / "remote"  # ssh.state_dir: what the gateway keeps on the "host"

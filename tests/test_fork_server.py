@@ -79,9 +79,10 @@ async def proxies(tmp_path: Path) -> AsyncIterator[Proxies]:
         await asyncio.gather(*(setup.start(a) for a in accounts))
         yield setup
     finally:
-        for proxy in setup.running.values():
-            await mode.stop(proxy)
-        await mode.server.close()
+        async with asyncio.timeout(20):  # a proxy whose exit went unseen would hang the stop: fail instead
+            for proxy in setup.running.values():
+                await mode.stop(proxy)
+            await mode.server.close()
         for server in servers:
             server.close()
 

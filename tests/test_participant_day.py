@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import sqlite3
 import subprocess
 import sys
 import time
@@ -115,6 +116,14 @@ def toolbar_overflow(page) -> float:
         .map((e) => e.getBoundingClientRect()).filter((r) => r.width > 0).map((r) => r.right));
       return Math.max(0, right - window.innerWidth);
     }""")
+
+
+def claim(run: GatewayRun, account: str, email: str, name: str) -> None:
+    """Record a sign-up for ``account`` unless it has one (as the form would)."""
+    with sqlite3.connect(run.state_dir / "gateway.db") as db:
+        if db.execute("SELECT 1 FROM claims WHERE account = ?", (account,)).fetchone() is None:
+            db.execute("INSERT INTO claims(account, email, name, address, claimed_at) VALUES (?, ?, ?, ?, ?)",
+                       (account, email, name, "127.0.0.1", time.time()))
 
 
 # -- sign-up to desktop --------------------------------------------------------------------------------
@@ -275,6 +284,7 @@ def test_a_stopped_desktop_is_explained_in_the_page_without_a_countdown(run: Gat
 
 
 def test_admin_rows_update_in_place_so_focus_and_messages_survive(run: GatewayRun, browser) -> None:
+    claim(run, "ws01", "ada@example.org", "Ada Lovelace")   # as the sign-up test did (when run alone)
     password = (run.state_dir / "secrets" / "admin.password").read_text().strip()
     context = browser.new_context(viewport=LAPTOP, http_credentials={"username": "admin", "password": password})
     page = context.new_page()
@@ -309,6 +319,11 @@ def test_admin_rows_update_in_place_so_focus_and_messages_survive(run: GatewayRu
     assert page.evaluate("() => document.activeElement.id") == "admin-filter"
     page.keyboard.type("1")
     assert page.eval_on_selector_all("#desktops tbody tr:not([hidden])", "trs => trs.map(t => t.dataset.account)") == ["ws01"]
+    # A wrong share link gets a real page that says what to do.
+    stale = context.new_page()
+    answer = stale.goto(run.url + "watch/not-a-real-token")
+    assert answer.status == 404 and "does not work" in stale.inner_text("h1")
+    stale.close()
     # On a phone the rows become cards that fit the screen.
     page.set_viewport_size(PHONE)
     page.fill("#admin-filter", "")
@@ -319,14 +334,8 @@ def test_admin_rows_update_in_place_so_focus_and_messages_survive(run: GatewayRu
 
 
 def test_all_accounts_taken_is_said_before_the_form(run: GatewayRun, browser) -> None:
-    import sqlite3
-
-    with sqlite3.connect(run.state_dir / "gateway.db") as db:
-        taken = {a for (a,) in db.execute("SELECT account FROM claims")}
-        for account in run.accounts:
-            if account.id not in taken:
-                db.execute("INSERT INTO claims(account, email, name, address, claimed_at) VALUES (?, ?, ?, ?, ?)",
-                           (account.id, f"{account.id}@example.org", "Someone", "127.0.0.1", time.time()))
+    for account in run.accounts:
+        claim(run, account.id, f"{account.id}@example.org", "Someone")
     page = browser.new_page(viewport=PHONE)
     page.goto(run.url)
     assert page.is_visible("#all-taken") and not page.is_visible("#signup-link")
@@ -336,3 +345,12 @@ def test_all_accounts_taken_is_said_before_the_form(run: GatewayRun, browser) ->
     # Titles don't clip on a phone.
     assert page.evaluate("() => { const t = document.querySelector('.brand-title'); return t.scrollWidth <= t.clientWidth + 1; }")
     page.close()
+
+
+def test_theme_colours_keep_wcag_aa_contrast() -> None:
+    from gateway.webapp import AA_CONTRAST, _rgb, contrast, theme_colours
+
+    assert theme_colours("#1f4fd1") == ({}, [])                 # the default blue is fine with white text
+    colours, warnings = theme_colours("#ffcc00")                # a yellow is not
+    assert colours["on_primary"] == "#14181f" and "below WCAG AA" in warnings[0]
+    assert contrast(_rgb(colours["primary_text"]), (1.0, 1.0, 1.0)) >= AA_CONTRAST

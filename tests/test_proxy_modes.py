@@ -26,7 +26,7 @@ from gateway.state import StateStore
 from gateway.status import DesktopSlot
 from gateway.tokens import parse_tokens
 from tests.gateway_run import GatewayRun, processes_mentioning
-from tests.system import require_program
+from tests.system import require_program, system_required
 
 GOLDEN = Path(__file__).with_name("golden")
 TOKENS = parse_tokens(
@@ -60,7 +60,15 @@ def test_rules_match_the_golden_file(mode: str) -> None:
     text = normalised(rules(mode))
     golden = GOLDEN / f"apache-rules-{mode}.conf"
     if os.environ.get("GATEWAY_UPDATE_GOLDEN") == "1":
+        # Rewriting the expectation would make the test pass whatever the rules are: never in CI,
+        # and never counted as a pass (review the change with `git diff tests/golden/`).
+        if os.environ.get("CI", "").lower() not in ("", "0", "false") or system_required():
+            pytest.fail("GATEWAY_UPDATE_GOLDEN=1 is refused in CI (CI or GATEWAY_REQUIRE_SYSTEM=1 is set): "
+                        "update the golden files locally and commit them", pytrace=False)
+        changed = not golden.exists() or golden.read_text() != text
         golden.write_text(text)
+        pytest.skip(f"{golden.name} {'rewritten' if changed else 'unchanged'} (GATEWAY_UPDATE_GOLDEN=1); "
+                    "review it with git diff, then run without the variable")
     assert text == golden.read_text()
 
 
@@ -217,8 +225,13 @@ async def test_right_password_through_each_mode_and_wrong_one_fails(gateway_fact
             await rfb.connect_websocket(run.ws_url(account), "wrong-pw", timeout_s=10)
     await assert_no_vnc_connection_for_unknown_paths(run)
     apache_log = run.state_dir / "apache" / "logs" / "error.log"
-    if apache_log.exists():  # no route lost its parameters to a shared worker
-        assert "AH01146" not in apache_log.read_text()
+    if mode != "builtin-no-apache":
+        # The log Apache really wrote at start (AH00489, "resuming normal operations"; AH01146 is a
+        # warning of that same start): no route lost its parameters to a shared worker.
+        assert apache_log.is_file(), f"no Apache error log at {apache_log}"
+        log_text = apache_log.read_text()
+        assert "AH00489" in log_text, log_text[-2000:]
+        assert "AH01146" not in log_text, log_text[-2000:]
     if mode == "shared":
         token_file = run.state_dir / "proxy" / "websockify-tokens"
         assert stat.S_IMODE(token_file.stat().st_mode) == 0o600

@@ -126,12 +126,14 @@ class Backend(abc.ABC):
         Raises :class:`BackendError` saying why when the scheduler refuses. The default: the desktop
         has no end of its own (local, SSH: only the idle policy's event window, which the gateway extends).
         """
-        return "no time limit of its own; the event window is extended"
+        return "no time limit of its own to raise"
 
-    async def extend_event(self, seconds: float) -> list[str]:
+    async def extend_event(self, seconds: float, done: set[str]) -> list[str]:
         """What the whole event holds beyond its desktops (a Slurm reservation) gets ``seconds`` more.
 
-        Called once per `gateway extend`, before the desktops; returns a line per thing extended.
+        Called once per backend and `gateway extend`, before the desktops; returns a line per thing
+        extended. ``done`` names what another backend extended already (shared by all of them: a
+        reservation is extended once), and this one adds what it extended.
         """
         return []
 

@@ -294,6 +294,19 @@ class DcvBackend(Backend):
             facts["note"] = f"VNC instead of DCV: {state['fallback']}"
         return facts
 
+    # -- extend, notices (the jobs are Slurm jobs) -------------------------------------------------
+
+    async def extend(self, account: Account, state: DesktopState, seconds: float) -> str:
+        return await self.slurm.extend(account, state, seconds)
+
+    async def extend_event(self, seconds: float, done: set[str]) -> list[str]:
+        self.gpu_vnc.extra_time_s += seconds
+        return await self.slurm.extend_event(seconds, done)
+
+    async def notify(self, account: Account, state: DesktopState, text: str) -> None:
+        if self.protocol(state) == "vnc":  # a DCV session has no X display of the gateway's making
+            await self.slurm.notify(account, state, text)
+
     # -- stop --------------------------------------------------------------------------------------
 
     async def stop(self, account: Account, state: DesktopState) -> None:

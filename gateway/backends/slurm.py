@@ -620,7 +620,7 @@ class SlurmBackend(Backend):
             return PollResult(Status.PENDING, reason=reason)
         if job_state_ in (JobState.ENDED, JobState.COMPLETING):
             return PollResult(Status.GONE, reason=f"job {desktop.job_id} ended ({raw})",
-)
+                              output_tail=self._output_tail(account, desktop))
         if job_state_ is JobState.UNKNOWN:
             return PollResult(Status.UNKNOWN, reason=f"job {desktop.job_id} is in state {raw}")
         # Where the desktop is comes from Slurm (the job's node) and the token file (the port); the
@@ -721,11 +721,14 @@ class SlurmBackend(Backend):
                     return name.group(1), limit.group(1)
         return None
 
-    async def extend_event(self, seconds: float) -> list[str]:
+    async def extend_event(self, seconds: float, done: set[str]) -> list[str]:
         """Jobs submitted from now on get ``seconds`` more, and the reservation the gateway made ends later."""
         self.extra_time_s += seconds
         lines = [f"new desktop jobs: time limit {slurm_duration(self.settings.time_limit_s + self.extra_time_s)}"]
         name = self._read_record()
+        if f"reservation:{name or self.reservation}" in done:
+            return lines
+        done.add(f"reservation:{name or self.reservation}")
         if name is None:
             if self.reservation:
                 lines.append(f"reservation {self.reservation} is not the gateway's: extend it yourself if needed "

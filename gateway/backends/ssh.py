@@ -801,6 +801,18 @@ class SshBackend(Backend):
         return SshDesktop(desktop.host, desktop.boot_id, desktop.xvnc, session, desktop.display,
                           desktop.password_file, desktop.run_files, desktop.user).to_state()
 
+    async def workspace_sftp(self, account: Account) -> tuple[asyncssh.SFTPClient, str]:
+        """An SFTP session on the account's login (its own user with "{account}") and the absolute path of
+        its workspace there, for `gateway archive` (gateway/archive_remote.py). The caller exits the session."""
+        where = self._where(account)
+        info = await self._host_info(where)
+        conn = await self._link(where).connection()
+        try:
+            sftp = await conn.start_sftp_client()
+        except (OSError, asyncssh.Error) as exc:
+            raise HostUnreachable(f"{where} refused an SFTP session: {getattr(exc, 'reason', None) or exc}") from None
+        return sftp, self._paths(info, account)["workspace"]
+
     async def notify(self, account: Account, state: DesktopState, text: str) -> None:
         """A message window on the host's desktop (xmessage, detached like the session; it closes itself)."""
         desktop = SshDesktop.from_state(state)
