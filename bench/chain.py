@@ -26,10 +26,14 @@ from gateway.status import DesktopSlot, Phase
 from gateway.tokens import Account
 from gateway.webapp import make_app
 
+from .synthetic import pin
+
 
 async def build(spec: dict) -> None:
+    # The gateway under test gets its own core(s); Apache and the proxies it starts inherit them.
+    pin(spec.get("cpus"))
     mode, work = spec["mode"], Path(spec["work"])
-    config = parse_config(f"proxy:\n  mode: {mode}\n")
+    config = parse_config(f"proxy:\n  mode: {mode}\n" + spec.get("proxy_extra", ""))
     accounts = [Account(a["id"], "localhost", a["path"], a["ws_port"], a["backend_port"], "secret1", i + 1)
                 for i, a in enumerate(spec["accounts"])]
     slots = {a.id: DesktopSlot(a, backend="local") for a in accounts}
@@ -48,8 +52,10 @@ async def build(spec: dict) -> None:
 
         listen = f"127.0.0.1:{spec['apache_port']}"
         apache = PrivateApache(config, ApacheLayout(work / "apache"))
+        # apache_extra: directives appended for an A/B measurement of an Apache setting (bench only).
         await apache.write_config(render_apache_config(config, proxy.routes(accounts), web_port=web_port,
-                                                       layout=apache.layout, listen=listen))
+                                                       layout=apache.layout, listen=listen)
+                                  + spec.get("apache_extra", ""))
         await apache.start(listen)
         stack.push_async_callback(apache.stop)
 

@@ -8,7 +8,8 @@ import subprocess
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-__all__ = ["percentile", "pss_mb", "cpu_seconds", "cpu_seconds_total", "descendants", "machine", "CLK_TCK"]
+__all__ = ["percentile", "pss_mb", "cpu_seconds", "cpu_seconds_total", "descendants", "machine", "CLK_TCK",
+           "latency_with_losses", "spread"]
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -20,6 +21,35 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     ordered = sorted(values)
     rank = max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))
     return ordered[rank]
+
+
+def latency_with_losses(rtts_ms: Sequence[float], lost: int, duration_s: float) -> dict[str, object]:
+    """p50 and p99 of the round trips, each lost event counted as one of ``duration_s`` (the run's length).
+
+    A lost event is input the participant typed that never came back within the run: at least
+    as bad as the slowest possible echo, so it may not vanish from the percentiles. ``p99_echoed_ms``
+    is the p99 of the echoed events alone, for comparison.
+    """
+    lost_ms = duration_s * 1000
+    samples = list(rtts_ms) + [lost_ms] * lost
+    total = len(samples)
+    return {"p50_ms": _round(percentile(samples, 50)), "p99_ms": _round(percentile(samples, 99)),
+            "p99_echoed_ms": _round(percentile(rtts_ms, 99)), "samples": len(rtts_ms), "lost_events": lost,
+            "lost_share": round(lost / total, 4) if total else None}
+
+
+def spread(values: Sequence[float | None]) -> dict[str, float | None]:
+    """min, median and max of the repetitions of one point (None where a run gave no figure)."""
+    known = sorted(v for v in values if v is not None)
+    if not known:
+        return {"min": None, "median": None, "max": None, "n": 0}
+    mid = len(known) // 2
+    median = known[mid] if len(known) % 2 else (known[mid - 1] + known[mid]) / 2
+    return {"min": known[0], "median": _round(median), "max": known[-1], "n": len(known)}
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)
 
 
 def _stat_fields(pid: int) -> list[str] | None:

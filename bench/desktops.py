@@ -1,8 +1,14 @@
-"""Time to ready and gateway memory, measured on real `gateway up` runs with local Xvnc desktops."""
+"""Time to ready, gateway memory and proxy restart, measured on real `gateway up` runs with local Xvnc desktops.
+
+Run as root, `gateway up` makes a Unix user per desktop; each run uses a user prefix of its own and
+removes its users and their homes when it ends (`gateway users remove --delete-homes`).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -14,6 +20,7 @@ from pathlib import Path
 import aiohttp
 
 from gateway import rfb
+from gateway.state import StateStore
 from gateway.tokens import Account, format_tokens, generate_password
 from tests.system import free_ports
 
@@ -67,8 +74,10 @@ class GatewayUp:
         self.tokens.write_text(format_tokens(self.accounts))
         self.tokens.chmod(0o600)
         config = MODE_CONFIG[mode]
+        # A prefix of this run's own: users made for its desktops never collide with a test's or another run's.
+        config += f"desktop:\n  user_prefix: b{secrets.token_hex(3)}-\n"
         if concurrency is not None:
-            config += f"desktop:\n  start_concurrency: {concurrency}\n"
+            config += f"  start_concurrency: {concurrency}\n"
         (self.tmp / "gateway.yaml").write_text(config)
         self.port = next(ports)
         self.process: subprocess.Popen[bytes] | None = None
@@ -161,6 +170,25 @@ class GatewayUp:
                 await ws.close()
         return memory, failed
 
+    async def proxy_restart_s(self, account: Account, timeout_s: float = 30) -> float | None:
+        """SIGKILL the account's proxy; seconds until a full RFB handshake through Apache works again."""
+        store = StateStore(self.tmp / "state" / "gateway.db")
+        try:
+            proxy = store.services().get(f"proxy:{account.id}")
+        finally:
+            store.close()
+        if proxy is None:
+            return None
+        os.kill(proxy.pid, signal.SIGKILL)
+        started = time.monotonic()
+        while time.monotonic() - started < timeout_s:
+            try:
+                await rfb.connect_websocket(self.url(account), account.password, timeout_s=5)
+                return round(time.monotonic() - started, 2)
+            except (OSError, rfb.RfbError, aiohttp.ClientError, TimeoutError):
+                await asyncio.sleep(0.05)
+        return None
+
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
@@ -169,6 +197,9 @@ class GatewayUp:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        if os.geteuid() == 0 and (self.tmp / "state").is_dir():  # the Unix users made for the desktops, and their homes
+            subprocess.run([sys.executable, "-m", "gateway", "users", "remove", "--state-dir", str(self.tmp / "state"),
+                            "--delete-homes"], capture_output=True, timeout=120)
         shutil.rmtree(self.tmp, ignore_errors=True)  # token file, state dir, logs
 
 
@@ -177,10 +208,12 @@ def _round(value: float | None) -> float | None:
 
 
 async def measure_gateway(count: int, mode: str, *, concurrency: int | None = None, memory: bool,
-                          timeout_s: float) -> dict[str, object]:
+                          timeout_s: float, restarts: int = 0) -> dict[str, object]:
     run = GatewayUp(count, mode, concurrency=concurrency)
     try:
         result: dict[str, object] = {"ready": await run.start_and_wait_ready(timeout_s)}
+        if restarts:  # a few accounts' proxies killed in turn, each timed until it answers again
+            result["restart_s"] = [await run.proxy_restart_s(a) for a in run.accounts[:restarts]]
         if memory:
             await asyncio.sleep(2)  # let start-up garbage settle
             idle = run.memory_mb()

@@ -6,48 +6,88 @@ Wire format (both directions are a byte stream; proxies in between only move byt
   ``0x01 EVENT`` (9 bytes) echoing each 8-byte input event at once;
 * client to backend: 8-byte input events ``U32 sequence, U32 0``, one every 50 ms.
 
-``python -m bench.synthetic serve PORT...`` runs backends until stdin closes.
+``python -m bench.synthetic serve RATE WS_PORT PORT...`` runs backends until stdin closes: one TCP
+port per account (what the proxy chains relay to), and one websocket server on WS_PORT whose path
+``/PORT`` is the same backend spoken straight over websocket (the direct baseline, no proxy at all).
 ``python -m bench.synthetic load SPEC.json`` runs sessions and prints a JSON summary.
+
+Clients open their websockets as Chromium does: subprotocol ``binary`` and the extension offer
+``permessage-deflate; client_max_window_bits``; what each chain accepted is recorded.
+Both commands pin themselves to the CPUs the harness names (``--cpus`` / ``"cpus"``), so that the
+load generator and the gateway under test do not share a core.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import struct
 import sys
 import time
+from collections.abc import Awaitable, Callable
 
 import aiohttp
+from aiohttp import web
 
-__all__ = ["serve", "run_sessions"]
+__all__ = ["serve", "run_sessions", "pin", "CHROMIUM_WBITS"]
+
+#: aiohttp's client offers exactly Chromium's ``permessage-deflate; client_max_window_bits`` with 15.
+CHROMIUM_WBITS = 15
+
+
+def pin(cpus: list[int] | None) -> None:
+    """Run this process (and what it starts later) on these CPUs only; None leaves it free."""
+    if cpus:
+        os.sched_setaffinity(0, set(cpus))
 
 CHUNK = 32 * 1024
 EVENT_LEN = 8
 
 
-async def _backend_session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, rate: int) -> None:
+async def _stream_frames(send: Callable[[bytes], Awaitable[None]], rate: int) -> None:
+    """Frame data at ``rate`` bytes per second, until sending fails."""
     frame = b"\x00" + struct.pack(">I", CHUNK) + bytes(CHUNK)
     interval = CHUNK / rate
+    next_at = time.monotonic()
+    while True:
+        await send(frame)
+        next_at += interval
+        await asyncio.sleep(max(0.0, next_at - time.monotonic()))
 
-    async def stream() -> None:
-        next_at = time.monotonic()
-        while not writer.is_closing():
-            writer.write(frame)
-            await writer.drain()
-            next_at += interval
-            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
 
-    streamer = asyncio.ensure_future(stream())
-    streamer.add_done_callback(lambda task: task.cancelled() or task.exception())  # a closed peer is normal
+class _Echo:
+    """Turns received input bytes into echo messages (whole 8-byte events only)."""
+
+    def __init__(self) -> None:
+        self.pending = b""
+
+    def feed(self, data: bytes) -> bytes:
+        self.pending += data
+        whole = len(self.pending) - len(self.pending) % EVENT_LEN
+        out = b"".join(b"\x01" + self.pending[i:i + EVENT_LEN] for i in range(0, whole, EVENT_LEN))
+        self.pending = self.pending[whole:]
+        return out
+
+
+def _quiet(task: asyncio.Task) -> None:  # type: ignore[type-arg]
+    task.cancelled() or task.exception()  # a closed peer is normal
+
+
+async def _backend_session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, rate: int) -> None:
+    async def send(data: bytes) -> None:
+        if writer.is_closing():
+            raise ConnectionResetError
+        writer.write(data)
+        await writer.drain()
+
+    streamer = asyncio.ensure_future(_stream_frames(send, rate))
+    streamer.add_done_callback(_quiet)
+    echo = _Echo()
     try:
-        pending = b""
         while data := await reader.read(4096):
-            pending += data
-            whole = len(pending) - len(pending) % EVENT_LEN
-            for i in range(0, whole, EVENT_LEN):
-                writer.write(b"\x01" + pending[i:i + EVENT_LEN])
-            pending = pending[whole:]
+            if out := echo.feed(data):
+                writer.write(out)
     except (ConnectionError, OSError):
         pass
     finally:
@@ -55,14 +95,41 @@ async def _backend_session(reader: asyncio.StreamReader, writer: asyncio.StreamW
         writer.close()
 
 
-async def serve(ports: list[int], rate: int) -> None:
+async def _backend_ws_session(request: web.Request, rate: int) -> web.WebSocketResponse:
+    """The same backend over websocket: the direct baseline (no deflate: an ideal, free proxy)."""
+    ws = web.WebSocketResponse(protocols=("binary",), compress=False, max_msg_size=0)
+    await ws.prepare(request)
+    streamer = asyncio.ensure_future(_stream_frames(ws.send_bytes, rate))
+    streamer.add_done_callback(_quiet)
+    echo = _Echo()
+    try:
+        async for msg in ws:
+            if msg.type is aiohttp.WSMsgType.BINARY and (out := echo.feed(msg.data)):
+                await ws.send_bytes(out)
+    except (ConnectionError, OSError):
+        pass
+    finally:
+        streamer.cancel()
+    return ws
+
+
+async def serve(ports: list[int], rate: int, ws_port: int) -> None:
     servers = [await asyncio.start_server(lambda r, w: _backend_session(r, w, rate), "127.0.0.1", port, backlog=1024)
                for port in ports]
+    async def ws_backend(request: web.Request) -> web.WebSocketResponse:
+        return await _backend_ws_session(request, rate)
+
+    app = web.Application()
+    app.router.add_get("/{port}", ws_backend)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", ws_port, backlog=1024).start()
     print("ready", flush=True)
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(None, sys.stdin.read)  # until the harness closes our stdin
     for server in servers:
         server.close()
+    await runner.cleanup()
 
 
 class _Session:
@@ -77,6 +144,10 @@ class _Session:
         self.received_bytes = 0
         self.partial = b""
         self.skip = 0
+        #: Events this session should send; every one not echoed in time is lost.
+        self.expected = int(duration / interval)
+        #: What the server accepted of Chromium's offer: (permessage-deflate window bits or 0, subprotocol).
+        self.negotiated: tuple[int, str | None] | None = None
 
     def parse(self, data: bytes) -> None:
         """Find echoes in the next received bytes; frame payloads are skipped, not copied."""
@@ -114,9 +185,8 @@ class _Session:
             self.partial += bytes(data[i:])
 
     async def events(self, send) -> None:  # type: ignore[no-untyped-def]
-        count = int(self.duration / self.interval)
         started = time.perf_counter()
-        for seq in range(count):
+        for seq in range(self.expected):
             await asyncio.sleep(max(0.0, started + seq * self.interval - time.perf_counter()))
             self.sent[seq] = time.perf_counter()
             await send(struct.pack(">II", seq, 0))
@@ -141,7 +211,9 @@ class _Session:
             writer.close()
 
     async def run_ws(self, http: aiohttp.ClientSession) -> None:
-        async with http.ws_connect(self.url, protocols=("binary",), max_msg_size=0, autoping=True) as ws:
+        async with http.ws_connect(self.url, protocols=("binary",), max_msg_size=0, autoping=True,
+                                   compress=CHROMIUM_WBITS) as ws:
+            self.negotiated = (ws.compress, ws.protocol)
             async def receive() -> None:
                 async for msg in ws:
                     if msg.type is aiohttp.WSMsgType.BINARY:
@@ -155,9 +227,13 @@ class _Session:
 
 
 async def run_sessions(urls: list[str], *, interval: float, duration: float, connect_timeout: float) -> dict:
-    """Run one session per URL at once; URLs are ws://... or tcp://host:port."""
+    """Run one session per URL at once; URLs are ws://... or tcp://host:port.
+
+    Returns every echoed round trip, and the events that were due but never echoed (``lost``:
+    late, dropped, or never sent because the session failed), so that a chain which drops input
+    cannot look fast.
+    """
     sessions = [_Session(url, interval, duration) for url in urls]
-    failed = 0
     connector = aiohttp.TCPConnector(limit=0, force_close=True)
     async with aiohttp.ClientSession(connector=connector) as http:
         async def one(session: _Session) -> bool:
@@ -174,23 +250,33 @@ async def run_sessions(urls: list[str], *, interval: float, duration: float, con
                 return False
 
         results = await asyncio.gather(*(one(s) for s in sessions))
-    failed = results.count(False)
+    return tally(sessions, failed=results.count(False))
+
+
+def tally(sessions: list[_Session], *, failed: int) -> dict:
+    """The totals of finished sessions: round trips, lost events, bytes, what was negotiated."""
+    expected = sum(s.expected for s in sessions)
     rtts = [r for s in sessions for r in s.rtts]
-    lost = sum(len(s.sent) for s in sessions)
-    return {"rtts_ms": rtts, "failed": failed, "lost_events": lost,
-            "received_mb": sum(s.received_bytes for s in sessions) / 1e6}
+    negotiated = sorted({f"deflate={s.negotiated[0]} protocol={s.negotiated[1]}" for s in sessions if s.negotiated})
+    return {"rtts_ms": rtts, "failed": failed, "expected_events": expected, "lost_events": expected - len(rtts),
+            "received_mb": sum(s.received_bytes for s in sessions) / 1e6, "negotiated": negotiated}
 
 
 def main(argv: list[str]) -> None:
-    if argv[0] == "serve":
-        asyncio.run(serve([int(p) for p in argv[2:]], rate=int(argv[1])))
+    if argv[0] == "serve":  # serve CPUS RATE WS_PORT PORT...
+        pin([int(c) for c in argv[1].split(",") if c])
+        asyncio.run(serve([int(p) for p in argv[4:]], rate=int(argv[2]), ws_port=int(argv[3])))
     elif argv[0] == "load":
         spec = json.loads(open(argv[1]).read())
+        pin(spec.get("cpus"))
+        started, wall = time.process_time(), time.monotonic()
         result = asyncio.run(run_sessions(spec["urls"], interval=spec["interval"], duration=spec["duration"],
                                           connect_timeout=spec["connect_timeout"]))
+        result["client_cpu_s"] = round(time.process_time() - started, 2)
+        result["elapsed_s"] = round(time.monotonic() - wall, 2)  # the run, its last echoes and connecting
         print(json.dumps(result))
     else:
-        raise SystemExit("usage: python -m bench.synthetic serve RATE PORT... | load SPEC.json")
+        raise SystemExit("usage: python -m bench.synthetic serve CPUS RATE WS_PORT PORT... | load SPEC.json")
 
 
 if __name__ == "__main__":

@@ -676,7 +676,10 @@ def _semantic_checks(config: Config, path: str, lines: Mapping[str, int]) -> lis
     check(0 < r.backoff_initial_s <= r.backoff_max_s, "restart.backoff_initial_s",
           "must be positive and at most restart.backoff_max_s")
     check(r.window_s > 0, "restart.window_s", "must be positive")
-    check(config.apache.tunnel_timeout_s >= 60, "apache.tunnel_timeout_s", "must be at least 60")
+    check(config.apache.tunnel_timeout_s >= 2, "apache.tunnel_timeout_s", "must be at least 2")
+    # Apache cuts a tunnel after tunnel_timeout_s of silence: the pings must come more often.
+    check(config.apache.mode == "none" or config.proxy.heartbeat_s < config.apache.tunnel_timeout_s,
+          "proxy.heartbeat_s", "must be shorter than apache.tunnel_timeout_s, or Apache cuts idle tunnels")
     for key in ("user", "group"):
         check(bool(_UNIX_NAME_RE.fullmatch(getattr(config.apache, key))), f"apache.{key}",
               "must be a user or group name such as www-data")

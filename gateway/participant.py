@@ -613,9 +613,45 @@ async def download_archive(request: web.Request) -> web.StreamResponse:
         "X-Archive-SHA256": record.sha256,
         "Cache-Control": "private, no-store",
     }
-    if request.http_range.start is None:
+    if not request.headers.get("Range"):
         log.info("archive download account=%s", wanted)
-    return web.FileResponse(path, chunk_size=256 * 1024, headers=headers)
+    return _ArchiveResponse(path, chunk_size=256 * 1024, headers=headers)
+
+
+class _ArchiveResponse(web.FileResponse):
+    """aiohttp's FileResponse with Range handled as resuming clients need it.
+
+    aiohttp reads If-Range only as a date: an entity tag there was ignored, so a download resumed
+    after the archive was packed again got the new archive's tail after the old one's head (a
+    corrupt file). It also refuses several ranges (``bytes=0-99,200-299``) with 416, though they
+    are satisfiable. Both now get the whole file (200), which RFC 9110 allows for any Range.
+    """
+
+    def __init__(self, path: Path, **kwargs: object) -> None:
+        super().__init__(path, **kwargs)  # type: ignore[arg-type]
+        self._archive = path
+
+    async def prepare(self, request: web.BaseRequest):  # type: ignore[no-untyped-def]
+        if request.headers.get("Range") and not _range_applies(request, self._archive):
+            headers = request.headers.copy()
+            for name in ("Range", "If-Range"):
+                headers.popall(name, None)
+            request = request.clone(headers=headers)
+        return await super().prepare(request)
+
+
+def _range_applies(request: web.BaseRequest, path: Path) -> bool:
+    """False when the Range header must be ignored: several ranges, a malformed one, or an If-Range
+    entity tag that is not the file's current (strong) one. An If-Range date aiohttp checks itself."""
+    try:
+        request.http_range
+    except ValueError:
+        return False
+    validator = request.headers.get("If-Range", "").strip()
+    if validator.startswith(('"', "W/")):
+        st = path.stat()
+        return validator == f'"{st.st_mtime_ns:x}-{st.st_size:x}"'  # FileResponse's ETag; weak never matches
+    return True
 
 
 # -- for other authenticated routes (the DCV proxy) ----------------------------------------------------

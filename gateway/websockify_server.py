@@ -67,7 +67,7 @@ class ProxySpec:
     title: tuple[str, ...] = ()
 
     @classmethod
-    def from_json(cls, data: dict) -> "ProxySpec":
+    def from_json(cls, data: dict) -> ProxySpec:
         return cls(int(data["listen_port"]), str(data["target_host"]), int(data["target_port"]),
                    int(data["heartbeat_s"]), str(data["log_path"]), tuple(str(a) for a in data.get("title", ())))
 
@@ -243,9 +243,9 @@ class _Server:
 def serve() -> None:
     """The server process: import websockify once, then fork one child per request until stdin closes."""
     # Imported here, before any fork, so that every child shares these pages instead of importing again.
-    from websockify import websocketproxy  # noqa: F401
-
     import multiprocessing  # noqa: F401
+
+    from websockify import websocketproxy  # noqa: F401
 
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_r, False)
@@ -379,6 +379,8 @@ class ForkServer:
             if not future.done():
                 future.set_exception(ForkServerError("the websockify fork server exited"))
         self._requests.clear()
+        for child in self._children.values():
+            child.orphaned()
         self._children.clear()
 
     async def fork(self, spec: ProxySpec) -> ForkedProcess:

@@ -53,6 +53,7 @@ def test_mpm_is_sized_for_the_class() -> None:
     assert big.max_request_workers == big.server_limit * big.threads_per_child
 
 
+@pytest.mark.system
 def test_private_config_passes_apache_configtest(tmp_path: Path) -> None:
     apache2 = require_program("apache2")
     layout = ApacheLayout(tmp_path / "apache")
@@ -69,6 +70,7 @@ def test_private_config_passes_apache_configtest(tmp_path: Path) -> None:
     assert "Syntax OK" in result.stderr
 
 
+@pytest.mark.system
 def test_tls_config_passes_apache_configtest(tmp_path: Path) -> None:
     apache2 = require_program("apache2")
     openssl = require_program("openssl")

@@ -5,12 +5,21 @@ Real headless Chromium (Debian's, driven by Playwright) against a real `gateway 
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import io
+import re
+import secrets
 import subprocess
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
+from PIL import Image, ImageChops
 
+from gateway import rfb
 from tests.gateway_run import GatewayRun, display_env
 from tests.system import require_program, system_required
 
@@ -19,14 +28,87 @@ pytestmark = pytest.mark.system
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
-DISTINCT_COLOURS_JS = """() => {
+CANVAS_PNG_JS = """() => {
   const canvas = document.querySelector('#screen canvas');
-  if (!canvas || canvas.width === 0) return 0;
-  const data = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data;
-  const seen = new Set();
-  for (let i = 0; i < data.length; i += 4 * 97) seen.add((data[i] << 16) | (data[i + 1] << 8) | data[i + 2]);
-  return seen.size;
+  return canvas && canvas.width > 0 ? canvas.toDataURL('image/png') : null;
 }"""
+CANVAS_BOX_JS = """() => {
+  const canvas = document.querySelector('#screen canvas');
+  const box = canvas.getBoundingClientRect();
+  return {left: box.left, top: box.top, scale: box.width / canvas.width};
+}"""
+
+
+def canvas_image(page) -> Image.Image | None:
+    """The viewer's canvas, pixel for pixel (PNG is lossless), as RGB."""
+    url = page.evaluate(CANVAS_PNG_JS)
+    if not url:
+        return None
+    return Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB")
+
+
+def framebuffer_image(account) -> Image.Image:
+    """The desktop's screen, grabbed straight from its Xvnc over RFB (not through the gateway)."""
+    grab = rfb.grab_tcp("127.0.0.1", account.vnc_port, account.password, timeout_s=15)
+    with ThreadPoolExecutor(1) as thread:  # Playwright's sync API holds this thread's event loop
+        screen = thread.submit(asyncio.run, grab).result()
+    return Image.frombytes("RGB", (screen.width, screen.height), screen.pixels, "raw", "RGBX")
+
+
+#: JPEG (noVNC asks for Tight with quality 6) changes a gradient, such as a title bar, by a few levels.
+JPEG_TOLERANCE = 32
+
+
+def differing_pixels(first: Image.Image, second: Image.Image) -> int:
+    """How many pixels differ by more than JPEG's noise in some channel (all of them when the sizes differ)."""
+    if first.size != second.size:
+        return first.width * first.height
+    channels = ImageChops.difference(first, second).split()
+    worst = ImageChops.lighter(ImageChops.lighter(channels[0], channels[1]), channels[2])
+    return worst.point(lambda v: 255 if v > JPEG_TOLERANCE else 0).histogram()[255]
+
+
+def wait_until_canvas_shows(page, account, timeout_s: float = 15) -> Image.Image:
+    """Wait until the canvas equals the desktop's framebuffer; returns that picture."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        canvas = canvas_image(page)
+        try:
+            screen = framebuffer_image(account)
+        except (OSError, rfb.RfbError):  # Xvnc drops a grab while the viewer resizes the desktop
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.3)
+            continue
+        if canvas is not None and differing_pixels(canvas, screen) == 0:
+            return screen
+        if time.monotonic() > deadline:
+            size = None if canvas is None else canvas.size
+            pytest.fail(f"the canvas ({size}) never showed the desktop's screen {screen.size}: "
+                        f"{differing_pixels(canvas, screen) if canvas else 'no canvas'} pixels differ")
+        time.sleep(0.3)
+
+
+def terminal_window(run: GatewayRun, account) -> tuple[int, int, int, int]:
+    """x, y, width, height of the desktop's terminal, found by its class (bash retitles it), and
+    checked to be a process of the desktop's own user."""
+    env = display_env(run.state_dir, account.id)
+    deadline = time.monotonic() + 15
+    windows: list[str] = []
+    while not windows and time.monotonic() < deadline:
+        found = subprocess.run([require_program("xdotool"), "search", "--onlyvisible", "--class", "xterm"],
+                               capture_output=True, text=True, timeout=10, env=env)
+        windows = found.stdout.split()
+        time.sleep(0.2)
+    assert len(windows) == 1, f"expected the desktop's terminal window, found {windows}"
+    pid = subprocess.run(["xdotool", "getwindowpid", windows[0]], capture_output=True, text=True, timeout=10,
+                         env=env).stdout.strip()
+    assert pid.isdigit() and Path(f"/proc/{pid}").stat().st_uid == run.users()[account.id].uid
+    info = subprocess.run([require_program("xwininfo"), "-id", windows[0]], capture_output=True, text=True,
+                          timeout=10, env=env).stdout
+    values = {key: int(re.search(rf"{key}:\s+(-?\d+)", info).group(1))  # type: ignore[union-attr]
+              for key in ("Absolute upper-left X", "Absolute upper-left Y", "Width", "Height")}
+    return (values["Absolute upper-left X"], values["Absolute upper-left Y"], values["Width"], values["Height"])
 
 
 @pytest.fixture
@@ -62,19 +144,34 @@ def open_viewer(browser, run: GatewayRun, account_id: str):
     return page
 
 
-def test_participant_gets_a_drawn_desktop(browser, running: GatewayRun) -> None:
+def test_participant_sees_the_desktop_and_types_into_its_terminal(browser, running: GatewayRun) -> None:
     account = running.accounts[0]
     page = open_viewer(browser, running, account.id)
     page.fill("#password", account.password)
     page.click("#connect")
     page.wait_for_selector('#status[data-state="connected"]', timeout=20000)
-    # The desktop is drawn: a window manager and a terminal give many colours, not a blank canvas.
+    # The canvas is the desktop's own screen, pixel for pixel (grabbed from its Xvnc directly), and
+    # that screen shows the terminal: not a blank, partial or stale picture, nor another desktop.
+    x, y, width, height = terminal_window(running, account)
+    screen = wait_until_canvas_shows(page, account)
+    inside = screen.crop((max(x, 0), max(y, 0), x + width, y + height))
+    assert len(inside.getcolors(maxcolors=1 << 16) or ()) >= 2, "the terminal shows no text"
+
+    # Typed on the page, a command runs in the terminal, as the desktop's user, in its home.
+    box = page.evaluate(CANVAS_BOX_JS)
+    page.mouse.click(box["left"] + (x + width / 2) * box["scale"], box["top"] + (y + height / 2) * box["scale"])
+    name = f"typed-{secrets.token_hex(4)}"
+    page.keyboard.type(f"touch ~/{name}")
+    page.keyboard.press("Enter")
+    created = running.workspace(account) / name
     deadline = time.monotonic() + 15
-    colours = 0
-    while time.monotonic() < deadline and colours < 3:
-        colours = page.evaluate(DISTINCT_COLOURS_JS)
+    while not created.exists() and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert colours >= 3, f"canvas looks blank ({colours} colours)"
+    assert created.exists(), f"typing `touch ~/{name}` in the page made no file in {created.parent}"
+    assert created.stat().st_uid == running.users()[account.id].uid
+    # And the page follows the desktop: the typed command is on both pictures.
+    assert differing_pixels(wait_until_canvas_shows(page, account), screen) > 0
+
     # The password went nowhere but the RFB handshake.
     assert account.password not in page.url
     assert account.password not in page.evaluate("() => JSON.stringify(localStorage)")

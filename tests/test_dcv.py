@@ -359,6 +359,7 @@ async def check_requests_stay_on_the_registered_session(run: GatewayRun, owner: 
     assert served > 0  # the harmless ones (e.g. Host tricks on a plain path) still work
 
 
+@pytest.mark.system
 async def test_one_gpu_gives_one_dcv_session_and_a_vnc_fallback(dcv_event) -> None:
     first, second = account("gd01", ("protocol", "dcv")), account("gd02", ("gpu", "yes"))
     event: DcvEvent = dcv_event([first, second], wait_s=12)
@@ -475,6 +476,7 @@ async def test_one_gpu_gives_one_dcv_session_and_a_vnc_fallback(dcv_event) -> No
     assert "DCV session closed" in run.text()
 
 
+@pytest.mark.system
 async def test_a_dcv_session_that_never_becomes_ready_falls_back_within_the_wait(dcv_event) -> None:
     only = account("gn01", ("protocol", "dcv"))
     event: DcvEvent = dcv_event([only], wait_s=8, never_report=True)

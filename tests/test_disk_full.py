@@ -21,6 +21,9 @@ from gateway.state import StateStore
 from tests.gateway_run import GatewayRun, make_accounts, processes_mentioning
 from tests.system import require_program, system_required
 
+# Every test mounts a tmpfs (root) or starts a gateway.
+pytestmark = pytest.mark.system
+
 
 class SmallDisk:
     """A tmpfs of ``size`` bytes at ``path``; ``fill()`` takes every free byte."""

@@ -109,6 +109,7 @@ async def test_a_slurm_desktop_is_warned_before_its_time_limit_and_extend_raises
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.system  # the module uses test_slurm_gateway's autouse cluster fixture
 async def test_end_warnings_follow_the_event_window_and_its_extension(tmp_path: Path) -> None:
     """Local and SSH desktops have no job: their end is the idle policy's event window, extended alike."""
     now = time.time()

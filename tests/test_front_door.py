@@ -126,6 +126,7 @@ def rendered(mode: str, tmp_path: Path | None, extra: str = "") -> str:
     return text
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("mode", ["per-account", "shared", "builtin"])
 def test_private_apache_caps_tunnels_and_times_out_slow_requests(tmp_path: Path, mode: str) -> None:
     apache2 = require_program("apache2")

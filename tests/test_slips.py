@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from gateway.tokens import generate_tokens, format_tokens
 from tests.system import require_program
 
@@ -35,6 +37,7 @@ def make_tokens(tmp_path: Path, count: int) -> tuple[Path, list]:
     return path, accounts
 
 
+@pytest.mark.system  # zbarimg, pdftoppm, pdftotext
 def test_pdf_slips_carry_each_account_and_a_qr_code_of_its_viewer_url(tmp_path: Path) -> None:
     for program in ("zbarimg", "pdftoppm", "pdftotext"):
         require_program(program)
@@ -63,6 +66,7 @@ def test_pdf_slips_carry_each_account_and_a_qr_code_of_its_viewer_url(tmp_path: 
         assert re.search(rf"{account.id}\s", text) and account.password in text
 
 
+@pytest.mark.system  # zbarimg
 def test_html_slips_embed_decodable_qr_codes_and_bad_input_writes_nothing(tmp_path: Path) -> None:
     require_program("zbarimg")
     tokens, accounts = make_tokens(tmp_path, 3)

@@ -13,6 +13,7 @@ from gateway.systemd import ServiceSpec, render_service, systemd_word
 from tests.system import require_program
 
 
+@pytest.mark.system  # systemd-analyze
 def test_install_writes_a_unit_that_systemd_accepts(tmp_path: Path) -> None:
     analyze = require_program("systemd-analyze")
     tokens = tmp_path / "tokens.txt"

@@ -1,0 +1,306 @@
+"""Real desktops under a real workload, watched as noVNC watches them, straight and through the gateway.
+
+Each of N local desktops (a real `gateway up`: Xvnc, openbox) runs a workload that changes the screen:
+an xterm printing the time every 50 ms, moved back and forth by `xdotool`, and a small "probe" xterm
+(running `cat`, so a typed key is echoed at once) that has the keyboard focus. One client per desktop
+speaks RFB with the project's RFB client (gateway.rfb.handshake): it asks for ZRLE and CopyRect,
+requests the next incremental update as soon as one has arrived (as noVNC does), and every
+``KEY_EVERY_S`` types a key. Measured per desktop:
+
+* bytes per second and updates per second;
+* key-to-pixel: from sending the key to the first update that touches the probe window
+  (nothing else draws there); a key with no such update within ``KEY_LOST_S`` is lost and counts
+  as ``KEY_LOST_S``.
+
+Each round measures the desktops straight (TCP to each Xvnc, no gateway) and then through the
+gateway (websocket through Apache), so "added" is always against the same desktops at the same time.
+The update stream of each desktop is also sampled to decide permessage-deflate: it is deflated
+afterwards per update at zlib level 1 with context takeover (what aiohttp does), for its ratio and CPU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import struct
+import subprocess
+import time
+import zlib
+from dataclasses import dataclass, field
+
+import aiohttp
+
+from gateway import rfb
+from tests.gateway_run import display_env
+
+from .common import cpu_seconds_total, latency_with_losses, spread
+from .desktops import GatewayUp, _WsStream
+from .load import GATEWAY_CPUS, LOAD_CPUS
+
+__all__ = ["measure_real_desktops"]
+
+ENCODINGS = (16, 1, 0, -223)  # ZRLE, CopyRect, Raw, DesktopSize
+KEY_EVERY_S = 0.5
+KEY_LOST_S = 2.0
+SAMPLE_BYTES = 2_000_000  # update stream kept per desktop for the deflate measurement
+KEYSYM_A = 0x61
+PROBE_MARGIN = 40
+
+
+class _Counting:
+    """A reader that counts what it hands out and keeps the current message's bytes."""
+
+    def __init__(self, reader: rfb.ByteReader) -> None:
+        self.reader = reader
+        self.bytes = 0
+        self.message = bytearray()
+        self.keep = True
+
+    async def readexactly(self, n: int) -> bytes:
+        data = await self.reader.readexactly(n)
+        self.bytes += n
+        if self.keep:
+            self.message += data
+        return data
+
+
+@dataclass
+class _Viewer:
+    """One desktop's watcher: counts updates and times the probe's echo of each key."""
+
+    probe: tuple[int, int, int, int]  # x, y, width, height of the probe window
+    updates: int = 0
+    key_rtts_ms: list[float] = field(default_factory=list)
+    keys_lost: int = 0
+    key_sent_at: float | None = None
+    samples: list[bytes] = field(default_factory=list)
+    sampled: int = 0
+
+    first_update: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def touches_probe(self, x: int, y: int, w: int, h: int) -> bool:
+        # xdotool's geometry of a decorated window is off by its title bar: a margin around it
+        # (nothing else draws within PROBE_MARGIN of the probe).
+        px, py, pw, ph = self.probe
+        px, py, pw, ph = px - PROBE_MARGIN, py - PROBE_MARGIN, pw + 2 * PROBE_MARGIN, ph + 2 * PROBE_MARGIN
+        return x < px + pw and px < x + w and y < py + ph and py < y + h
+
+    async def read_update(self, reader: _Counting) -> None:
+        """One FramebufferUpdate (its type byte already read), payloads skipped."""
+        _, count = struct.unpack(">BH", await reader.readexactly(3))
+        hit = False
+        for _ in range(count):
+            x, y, w, h, encoding = struct.unpack(">HHHHi", await reader.readexactly(12))
+            if encoding == 16:
+                (length,) = struct.unpack(">I", await reader.readexactly(4))
+                await reader.readexactly(length)
+            elif encoding == 1:
+                await reader.readexactly(4)
+            elif encoding == 0:
+                await reader.readexactly(w * h * 4)
+            elif encoding != -223:
+                raise rfb.RfbError(f"unexpected encoding {encoding}")
+            hit = hit or (encoding != -223 and self.touches_probe(x, y, w, h))
+        self.updates += 1
+        self.first_update.set()
+        if hit and self.key_sent_at is not None:
+            self.key_rtts_ms.append((time.perf_counter() - self.key_sent_at) * 1000)
+            self.key_sent_at = None
+
+    async def watch(self, reader: _Counting, writer: rfb.ByteWriter, width: int, height: int, until: float) -> None:
+        writer.write(struct.pack(">BxH", 2, len(ENCODINGS)) + b"".join(struct.pack(">i", e) for e in ENCODINGS))
+        writer.write(struct.pack(">BBHHHH", 3, 0, 0, 0, width, height))
+        await writer.drain()
+        while time.monotonic() < until:
+            reader.message = bytearray()
+            reader.keep = self.sampled < SAMPLE_BYTES
+            kind = (await reader.readexactly(1))[0]
+            if kind == 0:
+                await self.read_update(reader)
+                writer.write(struct.pack(">BBHHHH", 3, 1, 0, 0, width, height))  # the next incremental update
+                await writer.drain()
+            elif kind == 2:  # Bell
+                pass
+            elif kind == 3:  # ServerCutText
+                (length,) = struct.unpack(">3xI", await reader.readexactly(7))
+                await reader.readexactly(length)
+            else:
+                raise rfb.RfbError(f"unexpected server message {kind}")
+            if reader.keep:
+                self.samples.append(bytes(reader.message))
+                self.sampled += len(reader.message)
+
+    async def type_keys(self, writer: rfb.ByteWriter, until: float) -> None:
+        # Not before the first (whole-screen) update: it would "show" any key.
+        await asyncio.wait_for(self.first_update.wait(), max(0.1, until - time.monotonic()))
+        while time.monotonic() + KEY_LOST_S < until:
+            self.key_sent_at = time.perf_counter()
+            writer.write(struct.pack(">BBxxI", 4, 1, KEYSYM_A) + struct.pack(">BBxxI", 4, 0, KEYSYM_A))
+            await writer.drain()
+            sent = self.key_sent_at
+            deadline = time.monotonic() + KEY_LOST_S
+            while self.key_sent_at == sent and time.monotonic() < deadline:
+                await asyncio.sleep(0.005)
+            if self.key_sent_at == sent:
+                self.keys_lost += 1
+                self.key_sent_at = None
+            await asyncio.sleep(KEY_EVERY_S)
+
+
+async def _watch_one(open_stream, password: str, probe: tuple[int, int, int, int],  # type: ignore[no-untyped-def]
+                     duration_s: float) -> tuple[_Viewer, int]:
+    async with open_stream() as (reader, writer):
+        counting = _Counting(reader)
+        session = await rfb.handshake(counting, writer, password)
+        viewer = _Viewer(probe)
+        until = time.monotonic() + duration_s
+        watcher = asyncio.ensure_future(viewer.watch(counting, writer, session.width, session.height, until + 1))
+        try:
+            await viewer.type_keys(writer, until)
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await watcher
+        return viewer, counting.bytes
+
+
+def _tcp(port: int):  # type: ignore[no-untyped-def]
+    @contextlib.asynccontextmanager
+    async def open_stream():  # type: ignore[no-untyped-def]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            yield reader, writer
+        finally:
+            writer.close()
+    return open_stream
+
+
+def _ws(http: aiohttp.ClientSession, url: str):  # type: ignore[no-untyped-def]
+    @contextlib.asynccontextmanager
+    async def open_stream():  # type: ignore[no-untyped-def]
+        # As Chromium opens noVNC's websocket: subprotocol binary, deflate offered.
+        async with http.ws_connect(url, protocols=("binary",), compress=15, max_msg_size=0) as ws:
+            stream = _WsStream(ws)
+            yield stream, stream
+    return open_stream
+
+
+def _start_workload(run: GatewayUp, index: int) -> tuple[list[subprocess.Popen[bytes]], tuple[int, int, int, int]]:
+    account = run.accounts[index]
+    env = display_env(run.tmp / "state", account.id)
+    printer = ["xterm", "-geometry", "80x20+0+0", "-title", f"printer{index}", "-e", "sh", "-c",
+               "while :; do date +%T.%N; sleep 0.05; done"]
+    probe = ["xterm", "-geometry", "30x3-40-40", "-title", f"probe{index}", "-e", "cat"]
+    mover = ["sh", "-c", f"while :; do for x in 0 120 240 120; do xdotool search --name printer{index} "
+             f"windowmove %@ $x 0 2>/dev/null; sleep 1; done; done"]
+    procs = [subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True) for argv in (printer, probe)]
+    geometry = None
+    for _ in range(100):  # until the probe window is mapped
+        out = subprocess.run(["xdotool", "search", "--sync", "--name", f"probe{index}", "windowactivate", "--sync",
+                              "getwindowgeometry", "--shell"], env=env, capture_output=True, text=True, timeout=10)
+        values = dict(line.split("=", 1) for line in out.stdout.splitlines() if "=" in line)
+        if {"X", "Y", "WIDTH", "HEIGHT"} <= values.keys():
+            geometry = (int(values["X"]), int(values["Y"]), int(values["WIDTH"]), int(values["HEIGHT"]))
+            break
+        time.sleep(0.1)
+    if geometry is None:
+        raise RuntimeError(f"the probe window of {account.id} did not appear")
+    procs.append(subprocess.Popen(mover, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                  start_new_session=True))
+    for proc in procs:
+        _pin_tree(proc.pid, LOAD_CPUS)
+    return procs, geometry
+
+
+def _pin_tree(pid: int, cpus: list[int]) -> None:
+    from .common import descendants
+
+    if cpus:
+        for member in descendants(pid):
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(member, set(cpus))
+
+
+def _deflate(samples: list[bytes]) -> dict[str, float | None]:
+    """permessage-deflate as aiohttp would do it: level 1, raw deflate, context kept, sync flush per message."""
+    total = sum(len(s) for s in samples)
+    if not total:
+        return {"ratio": None, "cpu_ms_per_mb": None}
+    compressor = zlib.compressobj(1, zlib.DEFLATED, -15)
+    started = time.process_time()
+    out = sum(len(compressor.compress(s) + compressor.flush(zlib.Z_SYNC_FLUSH)) for s in samples)
+    cpu = time.process_time() - started
+    return {"ratio": round(out / total, 3), "cpu_ms_per_mb": round(cpu * 1000 / (total / 1e6), 2)}
+
+
+async def _round(run: GatewayUp, probes: list[tuple[int, int, int, int]], via: str, duration_s: float) -> dict:
+    gateway = [p for pids in run.gateway_pids().values() for p in pids]
+    before = cpu_seconds_total(gateway)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
+        opens = [_tcp(a.vnc_port) if via == "direct" else _ws(http, run.url(a)) for a in run.accounts]
+        results = await asyncio.gather(*(_watch_one(o, a.password, p, duration_s)
+                                         for o, a, p in zip(opens, run.accounts, probes)), return_exceptions=True)
+    after = cpu_seconds_total(gateway)
+    viewers = [r for r in results if not isinstance(r, BaseException)]
+    failed = len(results) - len(viewers)
+    rtts = [ms for v, _ in viewers for ms in v.key_rtts_ms]
+    lost = sum(v.keys_lost for v, _ in viewers)
+    total_bytes = sum(b for _, b in viewers)
+    keys = latency_with_losses(rtts, lost, KEY_LOST_S)
+    gateway_cpu = sum(after.get(p, 0) - before.get(p, 0) for p in after)
+    return {
+        "failed": failed, "key_p50_ms": keys["p50_ms"], "key_p99_ms": keys["p99_ms"], "keys_lost": lost,
+        "keys": len(rtts) + lost,
+        "kb_per_s_per_desktop": round(total_bytes / 1000 / duration_s / max(1, len(viewers)), 1),
+        "updates_per_s_per_desktop": round(sum(v.updates for v, _ in viewers) / duration_s / max(1, len(viewers)), 1),
+        "gateway_cpu_s": round(gateway_cpu, 2) if via != "direct" else None,
+        "gateway_cpu_s_per_gb": round(gateway_cpu / (total_bytes / 1e9), 1) if via != "direct" and total_bytes else None,
+        "deflate": _deflate([s for v, _ in viewers for s in v.samples]) if via == "direct" else None,
+    }
+
+
+async def measure_real_desktops(count: int, mode: str, *, rounds: int, duration_s: float,
+                                timeout_s: float) -> dict[str, object]:
+    """N real desktops with the workload: ``rounds`` times straight, then through ``mode``."""
+    run = GatewayUp(count, mode)
+    workloads: list[subprocess.Popen[bytes]] = []
+    try:
+        _pin_tree(os.getpid(), LOAD_CPUS)  # this process runs the viewers: the load generator's side
+        ready = await run.start_and_wait_ready(timeout_s)
+        if ready["seconds"] is None:
+            raise RuntimeError(f"{count} desktops were not ready within {timeout_s} s")
+        roles = run.gateway_pids()
+        gateway = {p for pids in roles.values() for p in pids}
+        assert run.process is not None
+        from .common import descendants
+
+        for pid in descendants(run.process.pid):  # desktops with the load generator, gateway on its own core
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(pid, set(GATEWAY_CPUS if pid in gateway else LOAD_CPUS) or set(os.sched_getaffinity(0)))
+        probes = []
+        for index in range(count):
+            procs, probe = _start_workload(run, index)
+            workloads += procs
+            probes.append(probe)
+        await asyncio.sleep(2)
+        out: dict[str, list] = {"direct": [], "gateway": []}
+        for _ in range(rounds):
+            for via in ("direct", "gateway"):
+                out[via].append(await _round(run, probes, via, duration_s))
+        for direct, through in zip(out["direct"], out["gateway"]):
+            if direct["key_p99_ms"] is not None and through["key_p99_ms"] is not None:
+                through["key_p99_added_ms"] = round(through["key_p99_ms"] - direct["key_p99_ms"], 2)
+        keys = ("key_p50_ms", "key_p99_ms", "key_p99_added_ms", "keys_lost", "failed", "kb_per_s_per_desktop",
+                "updates_per_s_per_desktop", "gateway_cpu_s", "gateway_cpu_s_per_gb")
+        summary = {via: {k: spread([r.get(k) for r in runs]) for k in keys} for via, runs in out.items()}
+        deflate = [r["deflate"] for r in out["direct"] if r["deflate"]]
+        return {"rounds": out, "summary": summary, "deflate": {
+            "ratio": spread([d["ratio"] for d in deflate]), "cpu_ms_per_mb": spread([d["cpu_ms_per_mb"] for d in deflate])}}
+    finally:
+        for proc in workloads:
+            with contextlib.suppress(OSError):
+                os.killpg(proc.pid, 9)
+            proc.wait()
+        run.stop()
