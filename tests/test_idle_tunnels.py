@@ -20,10 +20,11 @@ import aiohttp
 import pytest
 
 from gateway import rfb
+from gateway.apache import ApacheLayout, render_apache_config
+from gateway.config import parse_config
+from gateway.errors import InputError
 from gateway.state import StateStore
 from tests.gateway_run import GatewayRun, make_accounts, processes_mentioning
-
-pytestmark = pytest.mark.system
 
 TUNNEL_TIMEOUT_S = 2
 HEARTBEAT_S = 1
@@ -109,6 +110,21 @@ def proxy_pid(run: GatewayRun) -> int:
         store.close()
 
 
+def test_pings_must_come_more_often_than_apache_cuts_silent_tunnels() -> None:
+    with pytest.raises(InputError, match="proxy.heartbeat_s: must be shorter than apache.tunnel_timeout_s"):
+        parse_config("apache:\n  tunnel_timeout_s: 60\nproxy:\n  heartbeat_s: 60\n", "g.yaml")
+    with pytest.raises(InputError, match="apache.tunnel_timeout_s: must be at least 2"):
+        parse_config("apache:\n  tunnel_timeout_s: 1\n", "g.yaml")
+    parse_config("apache:\n  mode: none\n  tunnel_timeout_s: 2\nproxy:\n  mode: builtin\n  heartbeat_s: 30\n")
+    # The private Apache's Timeout (the client side of every tunnel) never outlasts the tunnel timeout.
+    for timeout, expected in ((TUNNEL_TIMEOUT_S, TUNNEL_TIMEOUT_S), (86400, 60)):
+        config = parse_config(f"apache:\n  tunnel_timeout_s: {timeout}\nproxy:\n  heartbeat_s: {HEARTBEAT_S}\n")
+        text = render_apache_config(config, [], web_port=9999,
+                                    layout=ApacheLayout(Path("/srv/gw/apache")), listen="127.0.0.1:8080")
+        assert f"\nTimeout {expected}\n" in text and "\nTimeout " not in text.replace(f"\nTimeout {expected}\n", "")
+
+
+@pytest.mark.system
 async def test_idle_viewers_outlive_several_tunnel_timeouts_in_every_proxy_mode(runs, tmp_path: Path) -> None:
     gateways: dict[str, GatewayRun] = {}
     for mode in MODES:  # started side by side: the three start-ups overlap

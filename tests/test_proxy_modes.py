@@ -196,16 +196,28 @@ async def assert_no_vnc_connection_for_unknown_paths(run: GatewayRun) -> None:
         assert session.name == first.id, suffix
 
 
-def children(pid: int) -> list[int]:
-    found = []
+def websockify_listeners(run: GatewayRun) -> list[int]:
+    """The websockify processes serving ``run``: command line `python -m websockify ...` naming one of
+    its websocket ports or its state dir (the shared token file), whoever forked them (the gateway,
+    or its per-account fork server); a connection's child (same command line, forked by a
+    websockify) is not counted."""
+    marks = [f"127.0.0.1:{a.websocket_port}".encode() for a in run.accounts] + [str(run.state_dir).encode()]
+    processes: dict[int, tuple[bytes, int]] = {}
     for entry in Path("/proc").iterdir():
         try:
-            stat_text = (entry / "stat").read_text() if entry.name.isdigit() else ""
+            if entry.name.isdigit():
+                stat_text = (entry / "stat").read_text()
+                processes[int(entry.name)] = ((entry / "cmdline").read_bytes(),
+                                              int(stat_text[stat_text.rindex(")") + 2:].split()[1]))
         except OSError:
             continue
-        if stat_text and int(stat_text[stat_text.rindex(")") + 2:].split()[1]) == pid:
-            found.append(int(entry.name))
-    return found
+
+    def is_websockify(cmdline: bytes) -> bool:
+        return b"\0-m\0websockify\0" in cmdline
+
+    return [pid for pid, (cmdline, parent) in processes.items()
+            if is_websockify(cmdline) and any(mark in cmdline for mark in marks)
+            and not is_websockify(processes.get(parent, (b"", 0))[0])]
 
 
 def vnc_connections(port: int) -> int:
@@ -239,7 +251,7 @@ async def test_right_password_through_each_mode_and_wrong_one_fails(gateway_fact
     if mode == "builtin-no-apache":
         assert not (run.state_dir / "apache").exists()
     assert run.process is not None
-    websockify = [p for p in children(run.process.pid) if b"websockify" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    websockify = websockify_listeners(run)
     expected = {"per-account": 2, "shared": 1}.get(mode, 0)
     assert len(websockify) == expected
     assert run.terminate() == 0
