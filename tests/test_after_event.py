@@ -7,9 +7,11 @@ exist meanwhile, and `gateway down` says last what stays offered.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -172,3 +174,8 @@ async def test_after_event_serves_byte_exact_archives_with_range_and_no_desktops
         if process.poll() is None:
             process.kill()
             process.wait()
+        # A failed run must not leave its private Apache behind: stop what the killed gateway recorded.
+        gateway("down", "--state-dir", str(state))
+        for pid in processes_mentioning(str(state)):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
