@@ -15,12 +15,16 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .config import PROJECT_ROOT, Config, default_state_dir, load_config, parse_listen, public_listen_problem
 from .errors import InputError, UserError
 from .files import atomic_write, ensure_private_dir
 from .tokens import TokenFile, format_tokens, generate_tokens, load_tokens
+
+if TYPE_CHECKING:
+    from .state import StateStore
 
 __all__ = ["main"]
 

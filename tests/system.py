@@ -6,13 +6,21 @@ A system test skips when a program it needs is missing, unless ``GATEWAY_REQUIRE
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
-__all__ = ["REQUIRE_SYSTEM_ENV", "system_required", "require_program", "free_port", "free_ports"]
+__all__ = ["REQUIRE_SYSTEM_ENV", "system_required", "require_program", "free_port", "free_ports", "chromium_browser",
+           "CHROMIUM_ARGS"]
+
+#: Flags that let Debian's Chromium run headless as root on a machine without network (see facts.md).
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 REQUIRE_SYSTEM_ENV = "GATEWAY_REQUIRE_SYSTEM"
 
@@ -57,3 +65,24 @@ def free_ports(count: int) -> list[int]:
     finally:
         for sock in sockets:
             sock.close()
+
+
+@contextlib.contextmanager
+def chromium_browser() -> Iterator[Any]:
+    """Debian's headless Chromium driven by Playwright (never a downloaded browser); closed afterwards.
+
+    Skips, or fails under GATEWAY_REQUIRE_SYSTEM=1, when Chromium or Playwright is missing.
+    """
+    chromium = require_program("chromium")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        if system_required():
+            pytest.fail("playwright is not installed")
+        pytest.skip("playwright is not installed")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield browser
+        finally:
+            browser.close()

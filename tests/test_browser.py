@@ -21,12 +21,10 @@ from PIL import Image, ImageChops
 
 from gateway import rfb
 from tests.gateway_run import GatewayRun, display_env
-from tests.system import require_program, system_required
+from tests.system import chromium_browser, require_program
 
 pytestmark = pytest.mark.system
 
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 CANVAS_PNG_JS = """() => {
   const canvas = document.querySelector('#screen canvas');
@@ -113,19 +111,8 @@ def terminal_window(run: GatewayRun, account) -> tuple[int, int, int, int]:
 
 @pytest.fixture
 def browser() -> Iterator:
-    chromium = require_program("chromium")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        if system_required():
-            pytest.fail("playwright is not installed")
-        pytest.skip("playwright is not installed")
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS, headless=True)
-        try:
-            yield browser
-        finally:
-            browser.close()
+    with chromium_browser() as launched:
+        yield launched
 
 
 @pytest.fixture

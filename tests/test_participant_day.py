@@ -8,7 +8,6 @@ Screenshots of every page land in the test's directory (and, with GATEWAY_SCREEN
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import sqlite3
 import subprocess
@@ -20,12 +19,10 @@ from pathlib import Path
 import pytest
 
 from tests.gateway_run import GatewayRun, make_accounts
-from tests.system import require_program, system_required
+from tests.system import chromium_browser, require_program
 
 pytestmark = pytest.mark.system
 
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 LAPTOP = {"width": 1366, "height": 768}
 PHONE = {"width": 390, "height": 844}
 CODE = "Owl-42"
@@ -62,19 +59,8 @@ def run(tmp_path_factory) -> Iterator[GatewayRun]:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator:
-    chromium = require_program("chromium")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        if system_required():
-            pytest.fail("playwright is not installed")
-        pytest.skip("playwright is not installed")
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS, headless=True)
-        try:
-            yield browser
-        finally:
-            browser.close()
+    with chromium_browser() as launched:
+        yield launched
 
 
 def shot(page, run: GatewayRun, name: str) -> Path:

@@ -8,13 +8,12 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from tests.gateway_run import GatewayRun, make_accounts
-from tests.system import require_program, system_required
-from tests.test_participant_day import CHROMIUM_ARGS, LAPTOP, shot, wait_connected
+from tests.system import chromium_browser, require_program
+from tests.test_participant_day import LAPTOP, shot, wait_connected
 
 pytestmark = pytest.mark.system
 
@@ -43,19 +42,8 @@ def run(tmp_path_factory) -> Iterator[GatewayRun]:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator:
-    chromium = require_program("chromium")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        if system_required():
-            pytest.fail("playwright is not installed")
-        pytest.skip("playwright is not installed")
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS, headless=True)
-        try:
-            yield browser
-        finally:
-            browser.close()
+    with chromium_browser() as launched:
+        yield launched
 
 
 def digest(data: bytes) -> str:
