@@ -60,16 +60,23 @@ def main(argv: list[str] | None = None) -> int:
         "ready": {}, "memory": {m: {} for m in MODES}, "restart": {}, "load": {}, "load_summary": {},
         "max_sessions_p99_added_under_20ms": {}, "landing": {}, "real": {},
     }
-    if parts & {"ready", "memory"}:
-        asyncio.run(_desktops(plan, parts, results))
-    if parts & {"latency", "landing"}:
-        _load(plan, parts, results)
-    if "real" in parts:
-        asyncio.run(_real(plan, results))
-    results["run"]["seconds"] = round(time.monotonic() - started, 1)  # type: ignore[index]
-    results["run"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]  # type: ignore[index]
-    write_results(results, args.out)
-    return 0
+    try:
+        if parts & {"ready", "memory"}:
+            asyncio.run(_desktops(plan, parts, results))
+        if parts & {"latency", "landing"}:
+            _load(plan, parts, results)
+        if "real" in parts:
+            asyncio.run(_real(plan, results))
+    except Exception as exc:
+        # A part that fails late (e.g. xdotool timing out on a saturated machine) must not throw away
+        # the parts measured before it: they are written, marked incomplete.
+        results["run"]["incomplete"] = f"{type(exc).__name__}: {exc}"  # type: ignore[index]
+        _log(f"stopped early: {exc}; writing what was measured")
+    finally:
+        results["run"]["seconds"] = round(time.monotonic() - started, 1)  # type: ignore[index]
+        results["run"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]  # type: ignore[index]
+        write_results(results, args.out)
+    return 1 if results["run"].get("incomplete") else 0  # type: ignore[union-attr]
 
 
 def _log(message: str) -> None:
