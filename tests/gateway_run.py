@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -10,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,10 +19,10 @@ from gateway import rfb
 from gateway.desktop_users import DesktopUser, recorded_users
 from gateway.state import DesktopRecord, StateStore
 from gateway.tokens import Account, format_tokens, generate_password
-from tests.system import free_port, free_ports
+from tests.system import free_port, free_ports, require_program
 
 __all__ = ["GatewayRun", "make_accounts", "processes_mentioning", "port_is_listening", "handshake_until_ok",
-           "recorded_desktops", "display_env"]
+           "recorded_desktops", "display_env", "running_gateway"]
 
 
 def make_accounts(count: int, prefix: str = "ws") -> list[Account]:
@@ -226,3 +228,21 @@ class GatewayRun:
         """`gateway users remove --delete-homes`: the event's users, their processes and homes go."""
         subprocess.run([sys.executable, "-m", "gateway", "users", "remove", "--state-dir", str(state_dir),
                         "--delete-homes"], capture_output=True, timeout=120)
+
+
+@contextlib.contextmanager
+def running_gateway(directory: Path, count: int, config_text: str = "",
+                    files: dict[str, str] | None = None) -> Iterator[GatewayRun]:
+    """A `gateway up` of ``count`` accounts for a whole test module: it must stop cleanly at the end, and
+    whatever happens, nothing it started is left. ``files`` are written beside the config first."""
+    for program in ("Xvnc", "vncpasswd", "apache2", "openbox", "xterm"):
+        require_program(program)
+    gateway = GatewayRun(directory, make_accounts(count), config_text)
+    for name, text in (files or {}).items():
+        (directory / name).write_text(text)
+    try:
+        gateway.up()
+        yield gateway
+        assert gateway.terminate() == 0
+    finally:
+        gateway.kill_everything()

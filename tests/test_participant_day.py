@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.gateway_run import GatewayRun, make_accounts
-from tests.system import chromium_browser, require_program
+from tests.gateway_run import GatewayRun, running_gateway
+from tests.system import chromium_browser
 
 pytestmark = pytest.mark.system
 
@@ -44,17 +44,8 @@ TERMS = "# Terms of use\n\nBe kind to the machines and to each other.\n"
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Iterator[GatewayRun]:
-    for program in ("Xvnc", "vncpasswd", "apache2", "openbox", "xterm"):
-        require_program(program)
-    directory = tmp_path_factory.mktemp("day")
-    gateway = GatewayRun(directory, make_accounts(3), CONFIG)
-    (directory / "terms.md").write_text(TERMS)
-    try:
-        gateway.up()
+    with running_gateway(tmp_path_factory.mktemp("day"), 3, CONFIG, files={"terms.md": TERMS}) as gateway:
         yield gateway
-        assert gateway.terminate() == 0
-    finally:
-        gateway.kill_everything()
 
 
 @pytest.fixture(scope="module")

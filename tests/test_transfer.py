@@ -11,8 +11,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.gateway_run import GatewayRun, make_accounts
-from tests.system import chromium_browser, require_program
+from tests.gateway_run import GatewayRun, running_gateway
+from tests.system import chromium_browser
 from tests.test_participant_day import LAPTOP, shot, wait_connected
 
 pytestmark = pytest.mark.system
@@ -29,15 +29,8 @@ SIZE = 20_000_000
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Iterator[GatewayRun]:
-    for program in ("Xvnc", "vncpasswd", "apache2", "openbox", "xterm"):
-        require_program(program)
-    gateway = GatewayRun(tmp_path_factory.mktemp("files"), make_accounts(2), CONFIG)
-    try:
-        gateway.up()
+    with running_gateway(tmp_path_factory.mktemp("files"), 2, CONFIG) as gateway:
         yield gateway
-        assert gateway.terminate() == 0
-    finally:
-        gateway.kill_everything()
 
 
 @pytest.fixture(scope="module")
