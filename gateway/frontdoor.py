@@ -21,7 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-__all__ = ["FRONT_HEADER", "FRONT_TOKEN", "ReadTimeouts", "BoundedTable", "GuessBackoff", "ServerHandshake"]
+__all__ = ["FRONT_HEADER", "FRONT_TOKEN", "ReadTimeouts", "BoundedTable", "GuessBackoff", "ServerHandshake",
+           "take_bytes"]
 
 FRONT_HEADER = "X-Gateway-Front"
 #: Made fresh by each gateway process; written only into the private Apache's config (state dir, 0700).
@@ -35,6 +36,18 @@ class ReadTimeouts:
     header: int = 10
     header_max: int = 20
     body: int = 20
+
+
+def take_bytes(buffer: bytearray, n: int) -> bytes | None:
+    """The first ``n`` bytes of ``buffer``, removed from it; None (and nothing removed) while fewer arrived.
+
+    The RFB readers here and in the relay consume a stream that arrives in arbitrary pieces.
+    """
+    if len(buffer) < n:
+        return None
+    chunk = bytes(buffer[:n])
+    del buffer[:n]
+    return chunk
 
 
 K = TypeVar("K")
@@ -155,11 +168,7 @@ class ServerHandshake:
             pass
 
     def _take(self, n: int) -> bytes | None:
-        if len(self._buffer) < n:
-            return None
-        chunk = bytes(self._buffer[:n])
-        del self._buffer[:n]
-        return chunk
+        return take_bytes(self._buffer, n)
 
     def _step(self) -> bool:
         """Consume one part of the handshake; False when more data is needed."""

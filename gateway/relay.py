@@ -26,7 +26,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from .backends.base import Endpoint
 from .config import Config
-from .frontdoor import GuessBackoff, ServerHandshake
+from .frontdoor import GuessBackoff, ServerHandshake, take_bytes
 from .httpauth import client_address
 from .proxy import ProxyMode, Route, RunningProxy
 from .status import DesktopSlot
@@ -269,11 +269,7 @@ class InputScanner:
             found = found or step
 
     def _take(self, n: int) -> bytes | None:
-        if len(self._buffer) < n:
-            return None
-        chunk = bytes(self._buffer[:n])
-        del self._buffer[:n]
-        return chunk
+        return take_bytes(self._buffer, n)
 
     def _give_up(self) -> None:
         self._lost = True
