@@ -222,6 +222,31 @@ async def terminate_group(
         os.killpg(identity.pgid, signal.SIGKILL)
     if proc is not None:
         await asyncio.shield(proc.wait())
+    # SIGKILL is delivered asynchronously: wait until the members have exited, so that the ports
+    # and files they held are free when this returns (a restart binds the same port at once).
+    await _wait_group_gone(identity.pgid, timeout_s=2.0)
+
+
+def group_members(pgid: int) -> list[int]:
+    """The live (not zombie) processes of process group ``pgid``."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            members.append(int(entry.name))
+    return members
+
+
+async def _wait_group_gone(pgid: int, *, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while group_members(pgid) and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
 
 
 def _leader_gone(identity: ProcessIdentity, proc: asyncio.subprocess.Process | None) -> bool:
