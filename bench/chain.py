@@ -18,13 +18,13 @@ from pathlib import Path
 
 from aiohttp import web
 
-from gateway.apache import ApacheLayout, PrivateApache, novnc_dir, render_apache_config
+from gateway.proxies.apache import ApacheLayout, PrivateApache, novnc_dir, render_apache_config
 from gateway.backends.base import Endpoint
-from gateway.config import parse_config
-from gateway.proxy import SharedWebsockify, make_proxy_mode
-from gateway.status import DesktopSlot, Phase
-from gateway.tokens import Account
-from gateway.webapp import make_app
+from gateway.model.config import parse_config
+from gateway.proxies.websockify import SharedWebsockify, make_proxy_mode
+from gateway.model.status import DesktopSlot, Phase
+from gateway.model.tokens import Account
+from gateway.web.app import make_app
 
 from .synthetic import pin
 

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import aiohttp
 
-from gateway import rfb
-from gateway.state import StateStore
-from gateway.tokens import Account, format_tokens, generate_password
+from gateway.common import rfb
+from gateway.model.state import StateStore
+from gateway.model.tokens import Account, format_tokens, generate_password
 from tests.system import free_ports
 
 from .common import cmdline, descendants, percentile, pss_mb
@@ -36,7 +36,7 @@ MODE_CONFIG = {
 
 
 class _WsStream:
-    """An aiohttp websocket as the reader/writer pair gateway.rfb.handshake expects."""
+    """An aiohttp websocket as the reader/writer pair gateway.common.rfb.handshake expects."""
 
     def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         self.ws = ws

@@ -3,7 +3,7 @@
 Each of N local desktops (a real `gateway up`: Xvnc, openbox) runs a workload that changes the screen:
 an xterm printing the time every 50 ms, moved back and forth by `xdotool`, and a small "probe" xterm
 (running `cat`, so a typed key is echoed at once) that has the keyboard focus. One client per desktop
-speaks RFB with the project's RFB client (gateway.rfb.handshake): it asks for ZRLE and CopyRect,
+speaks RFB with the project's RFB client (gateway.common.rfb.handshake): it asks for ZRLE and CopyRect,
 requests the next incremental update as soon as one has arrived (as noVNC does), and every
 ``KEY_EVERY_S`` types a key. Measured per desktop:
 
@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-from gateway import rfb
+from gateway.common import rfb
 from tests.gateway_run import display_env
 
 from .common import cpu_seconds_total, latency_with_losses, spread

@@ -15,10 +15,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gateway import rfb
-from gateway.desktop_users import DesktopUser, recorded_users
-from gateway.state import DesktopRecord, StateStore
-from gateway.tokens import Account, format_tokens, generate_password
+from gateway.common import rfb
+from gateway.backends.desktop_users import DesktopUser, recorded_users
+from gateway.model.state import DesktopRecord, StateStore
+from gateway.model.tokens import Account, format_tokens, generate_password
 from tests.system import free_port, free_ports, require_program
 
 __all__ = ["GatewayRun", "make_accounts", "processes_mentioning", "port_is_listening", "handshake_until_ok",

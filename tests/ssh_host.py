@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.tokens import Account, generate_password
+from gateway.model.tokens import Account, generate_password
 from tests.gateway_run import processes_mentioning
 from tests.system import REQUIRE_SYSTEM_ENV, free_port, require_program, system_required
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from gateway.tokens import Account, format_tokens, generate_password
+from gateway.model.tokens import Account, format_tokens, generate_password
 from tests.gateway_run import processes_mentioning
 from tests.system import free_port, free_ports, require_program
 

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from gateway.apache import ApacheLayout, MpmSizing, render_apache_config
-from gateway.config import Config, parse_config
-from gateway.proxy import PerAccountWebsockify
-from gateway.render import UnsafeValue, apache_quote, shell_quote
-from gateway.tokens import generate_tokens, parse_tokens
+from gateway.proxies.apache import ApacheLayout, MpmSizing, render_apache_config
+from gateway.model.config import Config, parse_config
+from gateway.proxies.websockify import PerAccountWebsockify
+from gateway.common.render import UnsafeValue, apache_quote, shell_quote
+from gateway.model.tokens import generate_tokens, parse_tokens
 from tests.system import require_program
 
 TOKENS = parse_tokens(

@@ -19,7 +19,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from gateway import rfb
+from gateway.common import rfb
 from tests.gateway_run import GatewayRun, make_accounts, processes_mentioning
 from tests.system import free_port, require_program
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.archive import archive_record, pack_accounts, pack_workspace
-from gateway.state import StateStore
+from gateway.model.archive import archive_record, pack_accounts, pack_workspace
+from gateway.model.state import StateStore
 from tests.system import require_program
 
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway.archive import archive_record
-from gateway.state import StateStore
-from gateway.tokens import format_tokens
+from gateway.model.archive import archive_record
+from gateway.model.state import StateStore
+from gateway.model.tokens import format_tokens
 from tests.ssh_host import SshHost, ssh_accounts, ssh_host  # noqa: F401 - ssh_host is a fixture
 from tests.test_archive import make_workspace, tree, without_special
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageChops
 
-from gateway import rfb
+from gateway.common import rfb
 from tests.gateway_run import GatewayRun, display_env
 from tests.system import chromium_browser, require_program
 

@@ -17,8 +17,8 @@ from base64 import b64encode
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway import rfb
-from gateway.state import StateStore
+from gateway.common import rfb
+from gateway.model.state import StateStore
 from tests.gateway_run import GatewayRun, display_env
 from tests.system import require_program
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.config import Config, parse_config
-from gateway.errors import InputError
+from gateway.model.config import Config, parse_config
+from gateway.model.errors import InputError
 
 
 def errors(text: str) -> list[str]:

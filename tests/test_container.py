@@ -17,14 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from gateway.container import (
+from gateway.model.container import (
     ContainerSpec,
     build_argv,
     exec_argv,
     parse_definition,
     validate_bind,
 )
-from gateway.errors import UserError
+from gateway.model.errors import UserError
 
 try:
     from system import free_port, require_program

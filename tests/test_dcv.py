@@ -25,7 +25,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from gateway import rfb
+from gateway.common import rfb
 from gateway.backends import backend_name_for
 from gateway.backends.dcv import (
     connection_file,
@@ -33,9 +33,9 @@ from gateway.backends.dcv import (
     partition_problem,
     render_dcv_job_script,
 )
-from gateway.config import Config, parse_config
-from gateway.errors import InputError
-from gateway.tokens import Account, generate_password
+from gateway.model.config import Config, parse_config
+from gateway.model.errors import InputError
+from gateway.model.tokens import Account, generate_password
 from tests.gateway_run import GatewayRun, port_is_listening, processes_mentioning
 from tests.system import free_port, require_program, system_required
 from tests.test_slurm_gateway import (

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.files import atomic_write
-from gateway.state import StateStore
+from gateway.common.files import atomic_write
+from gateway.model.state import StateStore
 from tests.gateway_run import GatewayRun, make_accounts, processes_mentioning
 from tests.system import require_program, system_required
 
@@ -162,7 +162,7 @@ async def test_disk_full_while_running_keeps_every_desktop(small_disk: SmallDisk
     import signal
     import sys
 
-    from gateway import rfb
+    from gateway.common import rfb
 
     for program in ("Xvnc", "vncpasswd", "apache2", "openbox"):
         require_program(program)

@@ -18,11 +18,11 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from gateway.config import IdleConfig
-from gateway.idle import IdleWatcher
-from gateway.state import StateStore
-from gateway.status import DesktopSlot, Phase
-from gateway.tokens import Account
+from gateway.model.config import IdleConfig
+from gateway.supervisor.idle import IdleWatcher
+from gateway.model.state import StateStore
+from gateway.model.status import DesktopSlot, Phase
+from gateway.model.tokens import Account
 from tests.gateway_run import GatewayRun
 from tests.system import require_program
 from tests.test_slurm_gateway import (  # noqa: F401 - fixtures

@@ -23,8 +23,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from gateway import rfb
-from gateway.state import StateStore
+from gateway.common import rfb
+from gateway.model.state import StateStore
 from tests.exec_log import ExecRecorder
 from tests.gateway_run import (
     GatewayRun,

@@ -19,10 +19,10 @@ import aiohttp
 import pytest
 
 from gateway.backends.base import Endpoint
-from gateway.config import parse_config
-from gateway.proc import process_start_time
-from gateway.proxy import PerAccountWebsockify, RunningProxy, make_proxy_mode
-from gateway.tokens import Account
+from gateway.model.config import parse_config
+from gateway.common.proc import process_start_time
+from gateway.proxies.websockify import PerAccountWebsockify, RunningProxy, make_proxy_mode
+from gateway.model.tokens import Account
 from tests.system import free_ports
 
 

@@ -22,13 +22,13 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from gateway import rfb
-from gateway.apache import ApacheLayout, render_apache_config
-from gateway.config import parse_config, public_listen_problem
-from gateway.frontdoor import BoundedTable, GuessBackoff
-from gateway.proxy import make_proxy_mode
-from gateway.status import DesktopSlot
-from gateway.tokens import Account, format_tokens, parse_tokens
+from gateway.common import rfb
+from gateway.proxies.apache import ApacheLayout, render_apache_config
+from gateway.model.config import parse_config, public_listen_problem
+from gateway.common.frontdoor import BoundedTable, GuessBackoff
+from gateway.proxies.websockify import make_proxy_mode
+from gateway.model.status import DesktopSlot
+from gateway.model.tokens import Account, format_tokens, parse_tokens
 from tests.gateway_run import GatewayRun, make_accounts, port_is_listening, processes_mentioning
 from tests.system import free_port, require_program
 

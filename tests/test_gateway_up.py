@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway import rfb
-from gateway.proc import process_start_time
-from gateway.state import StateStore
+from gateway.common import rfb
+from gateway.common.proc import process_start_time
+from gateway.model.state import StateStore
 from tests.gateway_run import (
     GatewayRun,
     handshake_until_ok,

@@ -14,15 +14,15 @@ import pytest
 from hypothesis import HealthCheck, assume, event, example, given, settings
 from hypothesis import strategies as st
 
-from gateway.apache import ApacheLayout, render_apache_config
+from gateway.proxies.apache import ApacheLayout, render_apache_config
 from gateway.backends.slurm import render_job_script
-from gateway.config import Config, parse_config
-from gateway.errors import InputError
-from gateway.proxy import PerAccountWebsockify, SharedWebsockify
-from gateway.relay import BuiltinRelay
-from gateway.render import UnsafeValue
-from gateway.systemd import ServiceSpec, render_service
-from gateway.tokens import Account, parse_tokens
+from gateway.model.config import Config, parse_config
+from gateway.model.errors import InputError
+from gateway.proxies.websockify import PerAccountWebsockify, SharedWebsockify
+from gateway.proxies.relay import BuiltinRelay
+from gateway.common.render import UnsafeValue
+from gateway.cli.systemd_unit import ServiceSpec, render_service
+from gateway.model.tokens import Account, parse_tokens
 
 PROBLEM_RE = re.compile(r"^t\.txt:\d+: \S.*$")
 CONFIG_PROBLEM_RE = re.compile(r"^g\.yaml:\d+: \S.*$")

@@ -19,11 +19,11 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from gateway import rfb
-from gateway.apache import ApacheLayout, render_apache_config
-from gateway.config import parse_config
-from gateway.errors import InputError
-from gateway.state import StateStore
+from gateway.common import rfb
+from gateway.proxies.apache import ApacheLayout, render_apache_config
+from gateway.model.config import parse_config
+from gateway.model.errors import InputError
+from gateway.model.state import StateStore
 from tests.gateway_run import GatewayRun, make_accounts, processes_mentioning
 
 TUNNEL_TIMEOUT_S = 2

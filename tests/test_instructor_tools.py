@@ -16,14 +16,14 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway import rfb
-from gateway.cockpit import GatewayMetrics
-from gateway.config import IdleConfig, parse_config
-from gateway.errors import InputError
-from gateway.idle import IdlePolicy, IdleWatcher
-from gateway.state import StateStore
-from gateway.status import DesktopSlot, Phase
-from gateway.tokens import Account
+from gateway.common import rfb
+from gateway.web.cockpit import GatewayMetrics
+from gateway.model.config import IdleConfig, parse_config
+from gateway.model.errors import InputError
+from gateway.supervisor.idle import IdlePolicy, IdleWatcher
+from gateway.model.state import StateStore
+from gateway.model.status import DesktopSlot, Phase
+from gateway.model.tokens import Account
 from tests.gateway_run import GatewayRun, display_env
 from tests.system import require_program
 from tests.test_browser import browser  # noqa: F401 - the fixture

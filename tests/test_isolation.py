@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway import rfb
-from gateway.desktop_users import DesktopUser
+from gateway.common import rfb
+from gateway.backends.desktop_users import DesktopUser
 from tests.gateway_run import GatewayRun, display_env, handshake_until_ok, make_accounts, processes_mentioning
 from tests.system import require_program
 from tests.test_cockpit import admin_password, get

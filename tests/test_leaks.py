@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway import rfb
-from gateway.netstat import established_by_remote
-from gateway.state import StateStore
+from gateway.common import rfb
+from gateway.common.netstat import established_by_remote
+from gateway.model.state import StateStore
 from tests.gateway_run import GatewayRun
 from tests.ssh_host import children_of
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from aiosmtpd.controller import Controller
 
-from gateway.accounts import claim_account
-from gateway.state import StateStore
-from gateway.tokens import format_tokens
+from gateway.model.signups import claim_account
+from gateway.model.state import StateStore
+from gateway.model.tokens import format_tokens
 from tests.gateway_run import make_accounts
 from tests.system import free_port
 

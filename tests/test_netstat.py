@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 
-from gateway.netstat import established_by_remote, parse_proc_net_tcp
+from gateway.common.netstat import established_by_remote, parse_proc_net_tcp
 
 RECORDED = """\
   sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode

@@ -17,8 +17,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from gateway.config import parse_config
-from gateway.participant import _window, render_markdown
+from gateway.model.config import parse_config
+from gateway.web.participant import _window, render_markdown
 from tests.gateway_run import GatewayRun, processes_mentioning
 from tests.test_archive import tree
 

@@ -325,7 +325,7 @@ def test_all_accounts_taken_is_said_before_the_form(run: GatewayRun, browser) ->
 
 
 def test_theme_colours_keep_wcag_aa_contrast() -> None:
-    from gateway.webapp import AA_CONTRAST, _rgb, contrast, theme_colours
+    from gateway.web.app import AA_CONTRAST, _rgb, contrast, theme_colours
 
     assert theme_colours("#1f4fd1") == ({}, [])                 # the default blue is fine with white text
     colours, warnings = theme_colours("#ffcc00")                # a yellow is not

@@ -15,16 +15,16 @@ import aiohttp
 import aiohttp.web
 import pytest
 
-from gateway import rfb
-from gateway.apache import render_apache_config
-from gateway.config import Config, parse_config
-from gateway.errors import InputError
-from gateway.netstat import established_by_remote
-from gateway.proxy import make_proxy_mode
-from gateway.relay import InputScanner
-from gateway.state import StateStore
-from gateway.status import DesktopSlot
-from gateway.tokens import parse_tokens
+from gateway.common import rfb
+from gateway.proxies.apache import render_apache_config
+from gateway.model.config import Config, parse_config
+from gateway.model.errors import InputError
+from gateway.common.netstat import established_by_remote
+from gateway.proxies.websockify import make_proxy_mode
+from gateway.proxies.relay import InputScanner
+from gateway.model.state import StateStore
+from gateway.model.status import DesktopSlot
+from gateway.model.tokens import parse_tokens
 from tests.gateway_run import GatewayRun, processes_mentioning
 from tests.system import require_program, system_required
 
@@ -112,7 +112,7 @@ async def test_builtin_relay_pipes_bytes_and_counts_viewers_and_input() -> None:
     from aiohttp.test_utils import TestClient, TestServer
 
     from gateway.backends.base import Endpoint
-    from gateway.relay import BuiltinRelay
+    from gateway.proxies.relay import BuiltinRelay
 
     received = bytearray()
     closed = asyncio.Event()
@@ -221,7 +221,7 @@ def websockify_listeners(run: GatewayRun) -> list[int]:
 
 
 def vnc_connections(port: int) -> int:
-    """Established TCP connections to 127.0.0.1:port (the gateway's own counter, gateway.netstat)."""
+    """Established TCP connections to 127.0.0.1:port (the gateway's own counter, gateway.common.netstat)."""
     return established_by_remote()[("127.0.0.1", port)]
 
 

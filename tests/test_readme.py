@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from gateway.config import Config, parse_config
+from gateway.model.config import Config, parse_config
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

@@ -15,10 +15,10 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.backends.base import Endpoint
-from gateway.config import parse_config
-from gateway.relay import BuiltinRelay
-from gateway.status import DesktopSlot
-from gateway.tokens import parse_tokens
+from gateway.model.config import parse_config
+from gateway.proxies.relay import BuiltinRelay
+from gateway.model.status import DesktopSlot
+from gateway.model.tokens import parse_tokens
 
 ACCOUNT = parse_tokens("ws01 localhost /desktop/ws01 6001 5901 abcdefg\n").accounts[0]
 #: What Chromium 156 sends when it opens noVNC's websocket.

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import random
 
-from gateway.config import RestartConfig
-from gateway.restart import RestartPolicy
+from gateway.model.config import RestartConfig
+from gateway.model.restart import RestartPolicy
 
 
 class FakeClock:

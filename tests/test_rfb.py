@@ -1,4 +1,4 @@
-"""Tests for gateway.rfb: pure protocol tests against scripted servers, and system tests against a
+"""Tests for gateway.common.rfb: pure protocol tests against scripted servers, and system tests against a
 real TigerVNC Xvnc, directly and through a real websockify."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway import proc
-from gateway.rfb import (
+from gateway.common import proc
+from gateway.common.rfb import (
     SECURITY_NONE,
     SECURITY_VNC_AUTH,
     RfbAuthFailed,

@@ -16,8 +16,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from gateway.config import parse_config
-from gateway.errors import InputError
+from gateway.model.config import parse_config
+from gateway.model.errors import InputError
 from tests.gateway_run import GatewayRun, processes_mentioning
 
 pytestmark = pytest.mark.system
@@ -72,7 +72,7 @@ def test_a_public_form_without_an_event_code_is_refused_at_once(where: str, tmp_
     assert ("public_url https://desktops.example.org/" if where == "public_url" else "listen 0.0.0.0:") in line
     assert not run.state_dir.exists() and processes_mentioning(str(tmp_path)) == []
     # With a code, the same configuration starts (checked without starting anything: the same function).
-    from gateway.config import public_signup_problem
+    from gateway.model.config import public_signup_problem
 
     coded = parse_config(config.replace(SIGNUP, SIGNUP + "  event_code: owl-42\n"))
     assert public_signup_problem(coded, f"0.0.0.0:{run.listen_port}") is None

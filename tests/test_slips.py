@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.tokens import generate_tokens, format_tokens
+from gateway.model.tokens import generate_tokens, format_tokens
 from tests.system import require_program
 
 

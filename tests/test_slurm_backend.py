@@ -21,9 +21,9 @@ from gateway.backends.slurm import (
     sbatch_argv,
     slurm_duration,
 )
-from gateway.config import parse_config
-from gateway.render import UnsafeValue
-from gateway.tokens import Account
+from gateway.model.config import parse_config
+from gateway.common.render import UnsafeValue
+from gateway.model.tokens import Account
 
 PASSWORD = "s3cretPw"
 
@@ -149,7 +149,7 @@ def test_slurm_duration_and_report() -> None:
 
 
 def test_config_blocks_are_validated() -> None:
-    from gateway.errors import InputError
+    from gateway.model.errors import InputError
 
     with pytest.raises(InputError) as info:
         parse_config("backend: slurm\nslurm:\n  partition: 'a b'\n  mem_per_desktop: lots\n  run_as: nobody\n"
@@ -302,9 +302,9 @@ async def test_reservation_record_is_private_and_only_ours_is_deleted(fake_slurm
 
 
 def test_preflight_needs_slurm_commands_not_xvnc_for_slurm_accounts(monkeypatch: pytest.MonkeyPatch) -> None:
-    from gateway import cli
-    from gateway.errors import UserError
-    from gateway.tokens import parse_tokens
+    import gateway.cli.main as cli
+    from gateway.model.errors import UserError
+    from gateway.model.tokens import parse_tokens
 
     tokens = parse_tokens("a1 auto /d/a1 6001 5901 abcdefg\n", "t.txt")
     missing = {"Xvnc", "vncpasswd"}
@@ -322,9 +322,9 @@ def test_preflight_needs_slurm_commands_not_xvnc_for_slurm_accounts(monkeypatch:
 
 
 def test_run_as_account_is_the_default_and_up_checks_the_users_first(monkeypatch: pytest.MonkeyPatch) -> None:
-    from gateway import cli
-    from gateway.errors import UserError
-    from gateway.tokens import parse_tokens
+    import gateway.cli.main as cli
+    from gateway.model.errors import UserError
+    from gateway.model.tokens import parse_tokens
 
     monkeypatch.setattr(cli, "_program_exists", lambda program: True)
     assert config().slurm.run_as == "account"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.slurm_parse import (
+from gateway.backends.slurm_parse import (
     JobInfo,
     JobState,
     parse_job_id,

@@ -21,11 +21,11 @@ from pathlib import Path
 
 import pytest
 
-from gateway import rfb
-from gateway.desktop_users import kill_user_processes
-from gateway.slurm_parse import JobState, parse_squeue
-from gateway.state import StateStore
-from gateway.tokens import Account, generate_password
+from gateway.common import rfb
+from gateway.backends.desktop_users import kill_user_processes
+from gateway.backends.slurm_parse import JobState, parse_squeue
+from gateway.model.state import StateStore
+from gateway.model.tokens import Account, generate_password
 from tests.gateway_run import GatewayRun, processes_mentioning
 from tests.gateway_run import handshake_until_ok as shared_handshake_until_ok
 from tests.system import free_port, require_program, system_required
@@ -458,7 +458,7 @@ async def test_a_participant_submits_a_job_from_inside_the_desktop_as_their_own_
 async def test_a_report_forged_by_the_participant_is_not_believed(os_users, tmp_path: Path, caplog) -> None:
     """The job's report lives in the participant's directory: a host or port written there is refused."""
     from gateway.backends.slurm import SlurmBackend
-    from gateway.config import parse_config
+    from gateway.model.config import parse_config
 
     require_program("runuser")
     prefix = f"gwf{os.getpid() % 10000}r{random.randint(100, 999)}"

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from gateway.slurm_parse import (
+from gateway.backends.slurm_parse import (
     SINFO_PARTITION_FORMAT,
     SQUEUE_FORMAT,
     JobInfo,

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from gateway import rfb
-from gateway.config import parse_config
-from gateway.desktop_users import kill_user_processes
-from gateway.errors import InputError
-from gateway.tokens import Account, generate_password
+from gateway.common import rfb
+from gateway.model.config import parse_config
+from gateway.backends.desktop_users import kill_user_processes
+from gateway.model.errors import InputError
+from gateway.model.tokens import Account, generate_password
 from tests.gateway_run import GatewayRun, recorded_desktops
 from tests.ssh_host import HOST, SshHost, _require_sshd, free_port_on
 from tests.system import free_port, require_program

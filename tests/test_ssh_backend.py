@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from gateway import rfb
+from gateway.common import rfb
 from gateway.backends.base import BackendError, Status
 from gateway.backends.ssh import SshBackend, parse_launch, parse_probe, remote_command
-from gateway.config import parse_config
+from gateway.model.config import parse_config
 from tests.gateway_run import (
     GatewayRun,
     handshake_until_ok,

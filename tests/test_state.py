@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.proc import ProcessIdentity
-from gateway.state import MIGRATIONS, StateStore
+from gateway.common.proc import ProcessIdentity
+from gateway.model.state import MIGRATIONS, StateStore
 
 
 def test_version_one_database_is_migrated_not_discarded(tmp_path: Path) -> None:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.render import UnsafeValue
-from gateway.systemd import ServiceSpec, render_service, systemd_word
+from gateway.common.render import UnsafeValue
+from gateway.cli.systemd_unit import ServiceSpec, render_service, systemd_word
 from tests.system import require_program
 
 

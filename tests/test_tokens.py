@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from gateway.errors import InputError
-from gateway.tokens import format_tokens, generate_tokens, load_tokens, parse_tokens
+from gateway.model.errors import InputError
+from gateway.model.tokens import format_tokens, generate_tokens, load_tokens, parse_tokens
 
 GOOD = """\
 # account   vnchost    websocketpath   websocketport  vncport  vncpassword

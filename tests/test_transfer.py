@@ -1,4 +1,4 @@
-"""Files in and out of a desktop from the viewer (gateway/transfer.py), in real Chromium against a real
+"""Files in and out of a desktop from the viewer (gateway/web/transfer.py), in real Chromium against a real
 `gateway up`: a 20 MB upload lands byte-exact in ~/Uploads as the account's own user, a 20 MB file of
 ~/Downloads comes back byte-exact (and resumes with Range), and nothing outside those folders or of
 another account is ever reached, whatever links the participant plants."""

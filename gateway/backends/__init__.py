@@ -5,6 +5,9 @@ Which backend serves an account: its token line's ``backend=`` field if given, e
 ``local``. Accounts that want NICE DCV (``protocol=dcv``, or ``protocol=auto`` with ``gpu=yes``; the
 config's ``dcv.default_protocol`` when the line has no ``protocol=``) use ``dcv``, which runs Slurm
 jobs and falls back to a VNC desktop.
+
+May import: :mod:`gateway.model`, :mod:`gateway.common`. The web layer uses only this package's
+public interface (this module and :mod:`gateway.backends.base`), never a backend's own module.
 """
 
 from __future__ import annotations
@@ -12,9 +15,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..config import Config
-from ..tokens import Account
-from .base import Backend, BackendError, Endpoint, PollResult, Status
+from gateway.model.config import Config
+from gateway.model.tokens import Account
+from gateway.backends.base import Backend, BackendError, Endpoint, PollResult, Status
 
 __all__ = ["Backend", "BackendError", "Endpoint", "PollResult", "Status", "backend_name_for", "wants_dcv", "make_backend", "make_backends",
            "backends_with_leftovers"]
@@ -40,19 +43,19 @@ def backend_name_for(account: Account, config: Config) -> str:
 def make_backend(name: str, config: Config, state_dir: Path) -> Backend:
     """The backend called ``name``; BackendError if this version has none by that name."""
     if name == "local":
-        from .local import LocalBackend
+        from gateway.backends.local import LocalBackend
 
         return LocalBackend(config, state_dir)
     if name == "slurm":
-        from .slurm import SlurmBackend
+        from gateway.backends.slurm import SlurmBackend
 
         return SlurmBackend(config, state_dir)
     if name == "ssh":
-        from .ssh import SshBackend
+        from gateway.backends.ssh import SshBackend
 
         return SshBackend(config, state_dir)
     if name == "dcv":
-        from .dcv import DcvBackend
+        from gateway.backends.dcv import DcvBackend
 
         return DcvBackend(config, state_dir)
     raise BackendError(f"backend {name!r} is not available in this version")
@@ -66,6 +69,6 @@ def make_backends(config: Config, state_dir: Path, accounts: Sequence[Account]) 
 
 def backends_with_leftovers(state_dir: Path) -> list[str]:
     """Backends that left something besides desktops (a Slurm reservation) for `gateway down` to remove."""
-    from .slurm import SlurmBackend
+    from gateway.backends.slurm import SlurmBackend
 
     return ["slurm"] if SlurmBackend.has_leftovers(state_dir) else []

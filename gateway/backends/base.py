@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..tokens import Account
+from gateway.model.tokens import Account
 
 __all__ = ["Backend", "Status", "Endpoint", "PollResult", "BackendError", "DesktopState"]
 
@@ -157,10 +157,10 @@ class Backend(abc.ABC):
         """Return once the desktop at ``endpoint`` serves participants; raise while it does not.
 
         The supervisor calls it repeatedly until its start deadline, and takes OSError, TimeoutError,
-        :class:`gateway.rfb.RfbError` and :class:`BackendError` as "not yet". The default is an RFB
+        :class:`gateway.common.rfb.RfbError` and :class:`BackendError` as "not yet". The default is an RFB
         handshake up to the server's security types (ready means a VNC server answers; never a sleep).
         """
-        from .. import rfb
+        from gateway.common import rfb
 
         await rfb.probe(endpoint.host, endpoint.port, timeout_s=READY_PROBE_TIMEOUT_S)
 

@@ -17,7 +17,7 @@ slots for at most ``dcv.wait_s``; in exchange a fallback needs no restart and no
 State: the Slurm state (``job_id``, ``user``, ``workdir``) plus ``protocol`` ("dcv" or "vnc"), and for
 DCV ``session_id``, ``owner`` and ``dcv_path``; for a fallback ``fallback`` (why) and ``partition``.
 Readiness of a DCV session is its web server answering HTTP at the web-url-path on NODE:PORT, not an
-RFB handshake. Participants reach it only through :mod:`gateway.dcv_proxy`, after signing in.
+RFB handshake. Participants reach it only through :mod:`gateway.web.dcv_proxy`, after signing in.
 """
 
 from __future__ import annotations
@@ -36,13 +36,13 @@ from pathlib import Path
 
 import aiohttp
 
-from ..config import Config
-from ..proc import CommandTimeout, run
-from ..render import render
-from ..slurm_parse import JobState
-from ..tokens import Account
-from .base import READY_PROBE_TIMEOUT_S, Backend, BackendError, DesktopState, Endpoint, PollResult
-from .slurm import SlurmBackend, SlurmDesktop, SlurmUnavailable, _last_line, _private_dir, job_name, sbatch_argv
+from gateway.model.config import Config
+from gateway.common.proc import CommandTimeout, run
+from gateway.common.render import render
+from gateway.backends.slurm_parse import JobState
+from gateway.model.tokens import Account
+from gateway.backends.base import READY_PROBE_TIMEOUT_S, Backend, BackendError, DesktopState, Endpoint, PollResult
+from gateway.backends.slurm import SlurmBackend, SlurmDesktop, SlurmUnavailable, _last_line, _private_dir, job_name, sbatch_argv
 
 __all__ = ["DcvBackend", "render_dcv_job_script", "dcv_sbatch_argv", "connection_file", "web_url_path",
            "session_prefix", "partition_problem"]

@@ -1,6 +1,6 @@
 """The embedded default: each desktop is a TigerVNC ``Xvnc`` plus a session on the gateway machine.
 
-Each desktop runs as its account's own Unix user (see :mod:`gateway.desktop_users`), under the
+Each desktop runs as its account's own Unix user (see :mod:`gateway.backends.desktop_users`), under the
 desktop limits, with an X cookie of its own (``-auth``): no desktop can open another's display or
 read anything of the gateway.
 
@@ -20,15 +20,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import Config
-from ..desktop_users import (DesktopUser, ensure_runtime_dir, ensure_users, kill_user_processes, launch_argv,
+from gateway.model.config import Config
+from gateway.backends.desktop_users import (DesktopUser, ensure_runtime_dir, ensure_users, kill_user_processes, launch_argv,
                              workspace_for)
-from ..files import atomic_write, ensure_private_dir
-from ..proc import ProcessIdentity, is_alive, run, spawn, terminate_group
-from ..tokens import Account
-from ..viewonly import view_only_password, vncpasswd_input
-from ..xauth import write_xauthority
-from .base import Backend, BackendError, DesktopState, Endpoint, PollResult, Status
+from gateway.common.files import atomic_write, ensure_private_dir
+from gateway.common.proc import ProcessIdentity, is_alive, run, spawn, terminate_group
+from gateway.model.tokens import Account
+from gateway.model.viewonly import view_only_password, vncpasswd_input
+from gateway.backends.xauth import write_xauthority
+from gateway.backends.base import Backend, BackendError, DesktopState, Endpoint, PollResult, Status
 
 __all__ = ["LocalBackend", "xvnc_argv", "vnc_password_file_bytes"]
 

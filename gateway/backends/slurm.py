@@ -39,14 +39,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import Config, RestartConfig
-from ..container import ContainerSpec, exec_argv
-from ..desktop_users import uid_min
-from ..files import atomic_write, ensure_private_dir
-from ..proc import CommandResult, CommandTimeout, run
-from ..render import render, shell_quote
-from ..restart import RestartPolicy
-from ..slurm_parse import (
+from gateway.model.config import Config, RestartConfig
+from gateway.model.container import ContainerSpec, exec_argv
+from gateway.backends.desktop_users import uid_min
+from gateway.common.files import atomic_write, ensure_private_dir
+from gateway.common.proc import CommandResult, CommandTimeout, run
+from gateway.common.render import render, shell_quote
+from gateway.model.restart import RestartPolicy
+from gateway.backends.slurm_parse import (
     SQUEUE_FORMAT,
     JobInfo,
     JobState,
@@ -56,10 +56,10 @@ from ..slurm_parse import (
     parse_scontrol_job,
     parse_squeue,
 )
-from ..tokens import AUTO_HOST, Account
-from ..viewonly import view_only_password, vncpasswd_input
-from .base import Backend, BackendError, DesktopState, Endpoint, PollResult, Status
-from .local import xvnc_argv
+from gateway.model.tokens import AUTO_HOST, Account
+from gateway.model.viewonly import view_only_password, vncpasswd_input
+from gateway.backends.base import Backend, BackendError, DesktopState, Endpoint, PollResult, Status
+from gateway.backends.local import xvnc_argv
 
 __all__ = ["SlurmBackend", "JobQueue", "render_job_script", "sbatch_argv", "RESERVATION_RECORD"]
 

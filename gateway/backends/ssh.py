@@ -42,13 +42,13 @@ from typing import Any
 
 import asyncssh
 
-from ..config import Config, RestartConfig
-from ..container import ContainerSpec, exec_argv
-from ..restart import RestartPolicy
-from ..tokens import Account
-from ..viewonly import view_only_password, vncpasswd_input
-from .base import Backend, BackendError, DesktopState, Endpoint, PollResult, Status
-from .local import DISPLAYFD_TIMEOUT_S, NOTICE_SECONDS, xvnc_argv
+from gateway.model.config import Config, RestartConfig
+from gateway.model.container import ContainerSpec, exec_argv
+from gateway.model.restart import RestartPolicy
+from gateway.model.tokens import Account
+from gateway.model.viewonly import view_only_password, vncpasswd_input
+from gateway.backends.base import Backend, BackendError, DesktopState, Endpoint, PollResult, Status
+from gateway.backends.local import DISPLAYFD_TIMEOUT_S, NOTICE_SECONDS, xvnc_argv
 
 __all__ = [
     "SshBackend",
@@ -803,7 +803,7 @@ class SshBackend(Backend):
 
     async def workspace_sftp(self, account: Account) -> tuple[asyncssh.SFTPClient, str]:
         """An SFTP session on the account's login (its own user with "{account}") and the absolute path of
-        its workspace there, for `gateway archive` (gateway/archive_remote.py). The caller exits the session."""
+        its workspace there, for `gateway archive` (gateway/backends/remote_archive.py). The caller exits the session."""
         where = self._where(account)
         info = await self._host_info(where)
         conn = await self._link(where).connection()

@@ -63,7 +63,7 @@ function actionButton(account, action) {
   return button;
 }
 
-// Instructors' view-only tools: watch here, or hand out an expiring link (gateway/watch.py).
+// Instructors' view-only tools: watch here, or hand out an expiring link (gateway/web/watch.py).
 function watchLink(account) {
   const link = document.createElement("a");
   link.className = "tool";

@@ -1,4 +1,4 @@
-// Files in and out of the desktop (gateway/transfer.py): Upload (button or drag and drop onto the
+// Files in and out of the desktop (gateway/web/transfer.py): Upload (button or drag and drop onto the
 // desktop) into ~/Uploads with progress, and the Downloads panel listing ~/Downloads.
 // Both need the participant's session; viewer.js signs the browser in when the password is typed there.
 const config = JSON.parse(document.getElementById("viewer-config").textContent);

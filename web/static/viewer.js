@@ -48,7 +48,7 @@ const DESKTOP_MESSAGES = {
 
 // --- configuration ------------------------------------------------------------------------------------
 const config = JSON.parse(document.getElementById("viewer-config").textContent);
-// Instructors' watch pages (gateway/watch.py): never send input; connect with config.password.
+// Instructors' watch pages (gateway/web/watch.py): never send input; connect with config.password.
 const viewOnly = config.view_only === true;
 const root = config.root || "./";
 const novncBase = new URL(config.novnc_url, location.href);
