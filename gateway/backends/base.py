@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from gateway.model.status import Endpoint
 from gateway.model.tokens import Account
 
 __all__ = ["Backend", "Status", "Endpoint", "PollResult", "BackendError", "DesktopState"]
@@ -30,17 +31,6 @@ class Status(enum.Enum):
     GONE = "gone"
     #: Could not tell (a command failed or timed out). Never a reason to start a duplicate.
     UNKNOWN = "unknown"
-
-
-@dataclass(frozen=True, slots=True)
-class Endpoint:
-    """Where a desktop's VNC server listens, as seen from the gateway host."""
-
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"{self.host}:{self.port}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,6 +41,7 @@ from gateway.common.proc import CommandTimeout, run
 from gateway.common.render import render
 from gateway.backends.slurm_parse import JobState
 from gateway.model.tokens import Account
+from gateway.backends.dcv_access import connection_file, upstream_ssl, web_url_path
 from gateway.backends.base import READY_PROBE_TIMEOUT_S, Backend, BackendError, DesktopState, Endpoint, PollResult
 from gateway.backends.slurm import SlurmBackend, SlurmDesktop, SlurmUnavailable, _last_line, _private_dir, job_name, sbatch_argv
 
@@ -59,11 +60,6 @@ _USABLE_STATES = frozenset({"idle", "mix", "alloc", "comp", "resv", "plnd"})
 
 
 # -- pure pieces ----------------------------------------------------------------------------------
-
-
-def web_url_path(config: Config, account_id: str) -> str:
-    """The DCV web-url-path of ``account_id``'s session (dcv.web_url_path with {account} replaced)."""
-    return config.dcv.web_url_path.replace("{account}", account_id)
 
 
 def session_prefix(config: Config, account: Account) -> str:
@@ -102,19 +98,6 @@ def dcv_sbatch_argv(config: Config, account: Account, *, reservation: str | None
     if d.gres:
         argv.append(f"--gres={d.gres}")
     return argv
-
-
-_INI_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f]")
-
-
-def connection_file(*, host: str, port: int, session_id: str, user: str) -> str:
-    """A DCV connection file for the native client (INI). Never holds a password."""
-    values = {"host": host, "port": str(port), "sessionid": session_id, "user": user}
-    for key, value in values.items():
-        if not value or _INI_FORBIDDEN.search(value):
-            raise ValueError(f"{key} {value[:40]!r} cannot go into a .dcv file")
-    lines = ["[version]", "format=1.0", "", "[connect]"] + [f"{k}={v}" for k, v in values.items()]
-    return "\n".join(lines) + "\n"
 
 
 def partition_problem(sinfo_output: str, partition: str, gres: str) -> tuple[str | None, bool]:
@@ -332,11 +315,6 @@ class DcvBackend(Backend):
             log.info("DCV session closed job=%s session=%s", job_id, session)
         else:
             log.info("dcv close-session did not run job=%s session=%s reason=%s", job_id, session, _last_line(result))
-
-
-def upstream_ssl(config: Config) -> ssl.SSLContext | bool:
-    """How to talk TLS to DCV web servers: their certificates are self-signed, so not checked."""
-    return False if config.dcv.scheme == "https" else True
 
 
 def _url_host(host: str) -> str:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["atomic_write", "ensure_private_dir"]
+__all__ = ["atomic_write", "ensure_private_dir", "read_or_create_secret"]
 
 
 def atomic_write(path: Path, data: str | bytes, *, mode: int = 0o644, owner: tuple[int, int] | None = None) -> None:
@@ -40,3 +41,19 @@ def ensure_private_dir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     os.chmod(path, 0o700)
     return path
+
+
+def read_or_create_secret(path: Path, make: Callable[[], str], *, owner: tuple[int, int] | None = None) -> str:
+    """The secret kept in ``path``; made by ``make()`` and written 0600 (atomically) the first time.
+
+    An empty or unreadable-as-text file counts as missing. ``owner`` hands a new file to a user.
+    """
+    try:
+        existing = path.read_text().strip()
+    except FileNotFoundError:
+        existing = ""
+    if existing:
+        return existing
+    secret = make()
+    atomic_write(path, secret + "\n", mode=0o600, owner=owner)
+    return secret

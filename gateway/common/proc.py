@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gateway.common.polling import wait_for_port
+
 __all__ = [
     "CommandResult",
     "CommandFailed",
@@ -32,6 +34,8 @@ __all__ = [
     "terminate_group",
     "process_start_time",
     "is_alive",
+    "last_line",
+    "spawn_listening",
 ]
 
 log = logging.getLogger("gateway.proc")
@@ -59,9 +63,15 @@ class CommandResult:
 class CommandFailed(Exception):
     def __init__(self, result: CommandResult) -> None:
         self.result = result
-        detail = result.stderr.decode(errors="replace").strip().splitlines()
-        last = detail[-1] if detail else "(no output)"
-        super().__init__(f"{result.argv[0]} exited with status {result.returncode}: {last}")
+        super().__init__(f"{result.argv[0]} exited with status {result.returncode}: "
+                         f"{last_line(result.stderr) or '(no output)'}")
+
+
+def last_line(output: bytes | str) -> str:
+    """The last non-blank line of a program's output (its error message, usually), stripped."""
+    text = output.decode(errors="replace") if isinstance(output, bytes) else output
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
 
 
 class CommandTimeout(Exception):
@@ -270,3 +280,20 @@ def _group_signal(
     except ProcessLookupError:
         return False
     return True
+
+
+async def spawn_listening(
+    argv: Sequence[str], *, host: str, port: int, timeout_s: float, **spawn_kwargs: Any
+) -> tuple[asyncio.subprocess.Process, ProcessIdentity]:
+    """:func:`spawn` a server and return once it accepts connections on host:port.
+
+    If it exits first or does not listen in time, its process group is stopped and
+    :class:`gateway.common.polling.PortNotReady` is raised: nothing is left half-started.
+    """
+    proc, identity = await spawn(argv, **spawn_kwargs)
+    try:
+        await wait_for_port(host, port, timeout_s=timeout_s, exit_status=lambda: proc.returncode)
+    except BaseException:
+        await terminate_group(identity, grace_s=2, proc=proc)
+        raise
+    return proc, identity

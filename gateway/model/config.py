@@ -11,6 +11,7 @@ import datetime
 import ipaddress
 import os
 import re
+import urllib.parse
 import socket
 import types
 import typing
@@ -48,6 +49,8 @@ __all__ = [
 ]
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
+#: The gateway's own CSS, scripts and images, served by the web app and by Apache.
+STATIC_DIR = PROJECT_ROOT / "web" / "static"
 
 
 def default_state_dir() -> Path:
@@ -815,7 +818,6 @@ def _participant_checks(config: Config, check) -> None:
         check(moments["available_from"] < moments["expires"], "archive.expires",
               "must be later than archive.available_from")
     if a.notify is not None:
-        from gateway.supervisor.archive_mail import parse_notify_url
 
         try:
             parse_notify_url(a.notify)
@@ -937,3 +939,13 @@ def parse_listen(value: str) -> tuple[str, int]:
     if not re.fullmatch(r"[A-Za-z0-9.:-]+", host):
         raise ValueError(f"{value!r}: not a host name or address")
     return host, int(port)
+
+
+def parse_notify_url(url: str) -> tuple[str, int, bool]:
+    """``smtp://host[:port]`` (STARTTLS when offered; port 25) or ``smtps://host[:port]`` (TLS; port 465)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("smtp", "smtps") or not parts.hostname or parts.username or parts.password \
+            or parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError("use smtp://HOST:PORT or smtps://HOST:PORT (credentials go in archive.notify_credentials)")
+    implicit = parts.scheme == "smtps"
+    return parts.hostname, parts.port or (465 if implicit else 25), implicit

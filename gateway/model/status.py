@@ -6,10 +6,20 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-from gateway.backends.base import Endpoint
 from gateway.model.tokens import Account
 
-__all__ = ["Phase", "DesktopSlot"]
+__all__ = ["Endpoint", "Phase", "DesktopSlot"]
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """Where a desktop's VNC server listens, as seen from the gateway host."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
 
 
 class Phase(enum.Enum):

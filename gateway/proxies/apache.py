@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.model.config import PROJECT_ROOT, Config, parse_listen
+from gateway.model.config import PROJECT_ROOT, STATIC_DIR, Config, parse_listen
 from gateway.model.errors import UserError
 from gateway.common.files import atomic_write
 from gateway.common.frontdoor import FRONT_HEADER, FRONT_TOKEN, ReadTimeouts
@@ -23,7 +23,6 @@ __all__ = ["ApacheLayout", "MpmSizing", "render_apache_config", "configtest", "P
 
 log = logging.getLogger("gateway.apache")
 
-STATIC_DIR = PROJECT_ROOT / "web" / "static"
 NOVNC_CANDIDATES = (PROJECT_ROOT / "web" / "node_modules" / "@novnc" / "novnc", Path("/usr/share/novnc"))
 
 THREADS_PER_CHILD = 64

@@ -26,7 +26,7 @@ from email.utils import formataddr, make_msgid
 from pathlib import Path
 
 from gateway.model.signups import claim_for
-from gateway.model.config import Config
+from gateway.model.config import Config, parse_notify_url
 from gateway.model.errors import UserError
 from gateway.common.render import render
 from gateway.model.state import StateStore
@@ -45,16 +45,6 @@ class SmtpTarget:
     implicit_tls: bool  # smtps://
     username: str | None = None
     password: str | None = None
-
-
-def parse_notify_url(url: str) -> tuple[str, int, bool]:
-    """``smtp://host[:port]`` (STARTTLS when offered; port 25) or ``smtps://host[:port]`` (TLS; port 465)."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("smtp", "smtps") or not parts.hostname or parts.username or parts.password \
-            or parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ValueError("use smtp://HOST:PORT or smtps://HOST:PORT (credentials go in archive.notify_credentials)")
-    implicit = parts.scheme == "smtps"
-    return parts.hostname, parts.port or (465 if implicit else 25), implicit
 
 
 def load_credentials(path: str) -> tuple[str, str]:

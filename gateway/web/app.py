@@ -18,8 +18,7 @@ from typing import TYPE_CHECKING
 import jinja2
 from aiohttp import web
 
-from gateway.proxies.apache import STATIC_DIR
-from gateway.model.config import PROJECT_ROOT, Config
+from gateway.model.config import PROJECT_ROOT, STATIC_DIR, Config
 from gateway.common.frontdoor import FRONT_TOKEN
 from gateway.common.httpauth import FRONT_TOKEN_KEY
 from gateway.model.state import StateStore

@@ -26,7 +26,7 @@ from aiohttp import WSMsgType, web
 from yarl import URL
 
 from gateway.web import participant
-from gateway.backends.dcv import connection_file, upstream_ssl, web_url_path
+from gateway.backends.dcv_access import connection_file, upstream_ssl, web_url_path
 from gateway.model.config import Config
 from gateway.model.status import DesktopSlot, Phase
 from gateway.web.app import CONFIG, SLOTS
