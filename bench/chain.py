@@ -21,7 +21,8 @@ from aiohttp import web
 from gateway.proxies.apache import ApacheLayout, PrivateApache, novnc_dir, render_apache_config
 from gateway.backends.base import Endpoint
 from gateway.model.config import parse_config
-from gateway.proxies.websockify import SharedWebsockify, make_proxy_mode
+from gateway.proxies.modes import make_proxy_mode
+from gateway.proxies.websockify import SharedWebsockify
 from gateway.model.status import DesktopSlot, Phase
 from gateway.model.tokens import Account
 from gateway.web.app import make_app

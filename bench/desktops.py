@@ -35,33 +35,6 @@ MODE_CONFIG = {
 }
 
 
-class _WsStream:
-    """An aiohttp websocket as the reader/writer pair gateway.common.rfb.handshake expects."""
-
-    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
-        self.ws = ws
-        self.buffer = bytearray()
-        self.pending = bytearray()
-
-    async def readexactly(self, n: int) -> bytes:
-        while len(self.buffer) < n:
-            msg = await self.ws.receive()
-            if msg.type is aiohttp.WSMsgType.BINARY:
-                self.buffer += msg.data
-            elif msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
-                raise asyncio.IncompleteReadError(bytes(self.buffer), n)
-        data = bytes(self.buffer[:n])
-        del self.buffer[:n]
-        return data
-
-    def write(self, data: bytes) -> None:
-        self.pending += data
-
-    async def drain(self) -> None:
-        data, self.pending = bytes(self.pending), bytearray()
-        await self.ws.send_bytes(data)
-
-
 class GatewayUp:
     """One real `gateway up` subprocess with N local desktops, its own ports and state dir."""
 
@@ -157,7 +130,7 @@ class GatewayUp:
                 try:
                     async with asyncio.timeout(30):
                         ws = await http.ws_connect(self.url(account), protocols=("binary",))
-                        stream = _WsStream(ws)
+                        stream = rfb.WebSocketStream(ws)
                         await rfb.handshake(stream, stream, account.password)
                         held.append(ws)
                 except (OSError, rfb.RfbError, aiohttp.ClientError, TimeoutError):

@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.common import rfb
 from gateway.model.state import StateStore
 from tests.gateway_run import GatewayRun, display_env
-from tests.system import require_program
+from tests.system import mouse_location
 
 pytestmark = pytest.mark.system
 
@@ -151,14 +151,6 @@ def test_metrics_and_admin_page(gateway_factory) -> None:
     assert run.terminate() == 0
 
 
-def _mouse_location(x_env: dict[str, str]) -> tuple[int, int]:
-    xdotool = require_program("xdotool")
-    out = subprocess.run([xdotool, "getmouselocation", "--shell"], capture_output=True, text=True, timeout=10,
-                         env=x_env).stdout
-    values = dict(line.split("=", 1) for line in out.split())
-    return int(values["X"]), int(values["Y"])
-
-
 async def test_view_only_password_watches_but_cannot_touch(gateway_factory) -> None:
     run: GatewayRun = gateway_factory(count=1)
     run.up()
@@ -170,13 +162,13 @@ async def test_view_only_password_watches_but_cannot_touch(gateway_factory) -> N
     async with rfb.open_tcp("127.0.0.1", account.vnc_port, account.password, timeout_s=10) as full:
         await full.pointer_event(100, 100)
         await asyncio.sleep(0.5)
-    assert await asyncio.to_thread(_mouse_location, display) == (100, 100)
+    assert await asyncio.to_thread(mouse_location, display) == (100, 100)
 
     async with rfb.open_tcp("127.0.0.1", account.vnc_port, view_only, timeout_s=10) as watcher:
         assert watcher.session.width == 1280
         await watcher.pointer_event(300, 200)
         await asyncio.sleep(0.5)
-    assert await asyncio.to_thread(_mouse_location, display) == (100, 100)  # ignored
+    assert await asyncio.to_thread(mouse_location, display) == (100, 100)  # ignored
 
     # The view-only password also works through Apache, like any viewer's.
     await rfb.connect_websocket(run.ws_url(account), view_only, timeout_s=10)

@@ -33,11 +33,12 @@ from gateway.backends.dcv import (
     partition_problem,
     render_dcv_job_script,
 )
+from gateway.backends.slurm_parse import parse_sinfo_partitions
 from gateway.model.config import Config, parse_config
 from gateway.model.errors import InputError
 from gateway.model.tokens import Account, generate_password
 from tests.gateway_run import GatewayRun, port_is_listening, processes_mentioning
-from tests.system import free_port, require_program, system_required
+from tests.system import free_port, require_program, require_slurm_cluster
 from tests.test_slurm_gateway import (
     clean_up_slurm_event,
     gateway_down,
@@ -113,14 +114,17 @@ def test_connection_file_has_no_password_and_refuses_injection() -> None:
 
 
 def test_partition_verdict() -> None:
-    assert partition_problem("", "gpu", "gpu:1") == ("there is no partition gpu", False)
-    assert partition_problem("up|1|idle|gpu:1\n", "gpu", "gpu:1") == (None, True)
-    assert partition_problem("up|1|alloc|gpu:1\n", "gpu", "gpu:1") == (None, False)
-    assert partition_problem("up|1|mix|gpu:1(S:0)\n", "gpu", "gpu:1") == (None, True)
-    assert partition_problem("down|1|idle|gpu:1\n", "gpu", "gpu:1")[0] == "partition gpu is not up"
-    assert partition_problem("up|2|drain*|gpu:1\n", "gpu", "gpu:1")[0] == "partition gpu has no node in service"
-    assert partition_problem("up|1|idle|(null)\n", "gpu", "gpu:1") == (
-        "the nodes of partition gpu have no gpu (GRES)", True)
+    def verdict(sinfo: str) -> tuple[str | None, bool]:  # sinfo --format=%P|%a|%D|%t|%G for partition gpu
+        return partition_problem(parse_sinfo_partitions(sinfo), "gpu", "gpu:1")
+
+    assert verdict("") == ("there is no partition gpu", False)
+    assert verdict("gpu|up|1|idle|gpu:1\n") == (None, True)
+    assert verdict("gpu|up|1|alloc|gpu:1\n") == (None, False)
+    assert verdict("gpu|up|1|mix|gpu:1(S:0)\n") == (None, True)
+    assert verdict("gpu*|up|1|mix|gpu:1(S:0)\n") == (None, True)
+    assert verdict("gpu|down|1|idle|gpu:1\n")[0] == "partition gpu is not up"
+    assert verdict("gpu|up|2|drain*|gpu:1\n")[0] == "partition gpu has no node in service"
+    assert verdict("gpu|up|1|idle|(null)\n") == ("the nodes of partition gpu have no gpu (GRES)", True)
 
 
 def test_standin_speaks_the_documented_json(tmp_path: Path) -> None:
@@ -155,19 +159,7 @@ def _wait_closed(port: int) -> bool:
 
 
 def _cluster() -> None:
-    for program in ("sinfo", "sbatch", "squeue", "scancel", "scontrol", "srun", "Xvnc", "vncpasswd", "apache2"):
-        require_program(program)
-    try:
-        result = subprocess.run(["sinfo", "--noheader", "--partition=gpu", "--format=%G"], capture_output=True,
-                                text=True, timeout=15)
-        answered, detail = result.returncode == 0 and "gpu" in result.stdout, result.stderr.strip() or result.stdout
-    except subprocess.TimeoutExpired:
-        answered, detail = False, "timed out"
-    if not answered:
-        message = f"no Slurm test cluster with a gpu partition (run scripts/test-slurm-cluster up): {detail}"
-        if system_required():
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
+    require_slurm_cluster("srun", "Xvnc", "vncpasswd", "apache2", partition="gpu", gres="gpu")
 
 
 def self_signed_certificate(directory: Path) -> tuple[Path, Path]:

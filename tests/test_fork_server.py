@@ -21,7 +21,9 @@ import pytest
 from gateway.backends.base import Endpoint
 from gateway.model.config import parse_config
 from gateway.common.proc import process_start_time
-from gateway.proxies.websockify import PerAccountWebsockify, RunningProxy, make_proxy_mode
+from gateway.proxies.base import RunningProxy
+from gateway.proxies.modes import make_proxy_mode
+from gateway.proxies.websockify import PerAccountWebsockify
 from gateway.model.tokens import Account
 from tests.system import free_ports
 

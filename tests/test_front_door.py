@@ -25,8 +25,9 @@ import pytest
 from gateway.common import rfb
 from gateway.proxies.apache import ApacheLayout, render_apache_config
 from gateway.model.config import parse_config, public_listen_problem
-from gateway.common.frontdoor import BoundedTable, GuessBackoff
-from gateway.proxies.websockify import make_proxy_mode
+from gateway.common.frontdoor import GuessBackoff
+from gateway.common.ratelimit import BoundedTable
+from gateway.proxies.modes import make_proxy_mode
 from gateway.model.status import DesktopSlot
 from gateway.model.tokens import Account, format_tokens, parse_tokens
 from tests.gateway_run import GatewayRun, make_accounts, port_is_listening, processes_mentioning
@@ -276,7 +277,7 @@ async def open_viewer(url: str, password: str, *, source: str = "127.0.0.1",
     try:
         async with asyncio.timeout(20):
             ws = await http.ws_connect(url, protocols=("binary",), headers=headers)
-            stream = rfb._WebSocketStream(ws)
+            stream = rfb.WebSocketStream(ws)
             await rfb.handshake(stream, stream, password)
     except BaseException:
         await http.close()

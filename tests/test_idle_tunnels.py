@@ -54,7 +54,7 @@ class IdleViewer:
         http = aiohttp.ClientSession()
         try:
             ws = await asyncio.wait_for(http.ws_connect(url, protocols=("binary",)), 10)  # no pings of its own
-            stream = rfb._WebSocketStream(ws)
+            stream = rfb.WebSocketStream(ws)
             await asyncio.wait_for(rfb.handshake(stream, stream, password), 10)
         except BaseException:
             await http.close()

@@ -25,9 +25,9 @@ from gateway.model.state import StateStore
 from gateway.model.status import DesktopSlot, Phase
 from gateway.model.tokens import Account
 from tests.gateway_run import GatewayRun, display_env
-from tests.system import require_program
+from tests.system import mouse_location, require_program
 from tests.test_browser import browser  # noqa: F401 - the fixture
-from tests.test_cockpit import _mouse_location, admin_password, get, wait_for
+from tests.test_cockpit import admin_password, get, wait_for
 
 
 def _account(name: str = "ws01") -> Account:
@@ -231,7 +231,7 @@ def test_watch_page_is_view_only_and_share_links_expire(gateway_factory, browser
 
     # The pointer is somewhere known; then the instructor's viewer connects by itself and tries to move it.
     subprocess.run([require_program("xdotool"), "mousemove", "100", "100"], check=True, timeout=10, env=display)
-    assert _mouse_location(display) == (100, 100)
+    assert mouse_location(display) == (100, 100)
     context = browser.new_context(http_credentials={"username": "admin", "password": password},
                                   viewport={"width": 1280, "height": 900})
     watch = context.new_page()
@@ -247,7 +247,7 @@ def test_watch_page_is_view_only_and_share_links_expire(gateway_factory, browser
         watch.mouse.move(box["x"] + dx, box["y"] + dy)
         watch.mouse.click(box["x"] + dx, box["y"] + dy)
     time.sleep(0.5)
-    assert _mouse_location(display) == (100, 100)
+    assert mouse_location(display) == (100, 100)
     watch.close()
 
     # The same moves from a participant's viewer (full password) do move the pointer.
@@ -259,7 +259,7 @@ def test_watch_page_is_view_only_and_share_links_expire(gateway_factory, browser
     box = participant.locator("#screen canvas").bounding_box()
     participant.mouse.move(box["x"] + 300, box["y"] + 200)
     participant.mouse.move(box["x"] + 310, box["y"] + 210)
-    assert wait_for(lambda: _mouse_location(display) != (100, 100), timeout_s=5)
+    assert wait_for(lambda: mouse_location(display) != (100, 100), timeout_s=5)
     participant.close()
 
     # Share links: admin only, JSON only; the link works without credentials until it expires.
@@ -399,7 +399,7 @@ async def test_builtin_relay_reports_input_age(gateway_factory) -> None:
     (account,) = run.accounts
     async with aiohttp.ClientSession() as session:
         ws = await session.ws_connect(run.ws_url(account), protocols=("binary",))
-        stream = rfb._WebSocketStream(ws)
+        stream = rfb.WebSocketStream(ws)
         await rfb.handshake(stream, stream, account.password)
         stream.write(struct.pack(">BBHH", 5, 0, 200, 150))  # a PointerEvent
         await stream.drain()

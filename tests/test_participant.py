@@ -18,7 +18,8 @@ import aiohttp
 import pytest
 
 from gateway.model.config import parse_config
-from gateway.web.participant import _window, render_markdown
+from gateway.web.participant import archive_window
+from gateway.web.terms import render_markdown
 from tests.gateway_run import GatewayRun, processes_mentioning
 from tests.test_archive import tree
 
@@ -304,8 +305,8 @@ async def test_signup_hands_out_accounts_records_acceptance_and_checks_csrf(gate
 def test_archive_window_and_markdown_are_safe() -> None:
     early = parse_config('archive:\n  enabled: true\n  available_from: "2999-01-01T00:00:00Z"\n')
     late = parse_config('archive:\n  enabled: true\n  expires: "2001-01-01T00:00:00Z"\n')
-    assert (_window(early).open, _window(early).status) == (False, 403)
-    assert (_window(late).open, _window(late).status) == (False, 410)
-    assert _window(parse_config("")).open
+    assert (archive_window(early).open, archive_window(early).status) == (False, 403)
+    assert (archive_window(late).open, archive_window(late).status) == (False, 410)
+    assert archive_window(parse_config("")).open
     html = render_markdown("# T\n\n<img src=x onerror=alert(1)> [a](javascript:alert(1))")
     assert "<img" not in html and 'href="javascript:' not in html and "<h1>T</h1>" in html

@@ -325,9 +325,9 @@ def test_all_accounts_taken_is_said_before_the_form(run: GatewayRun, browser) ->
 
 
 def test_theme_colours_keep_wcag_aa_contrast() -> None:
-    from gateway.web.app import AA_CONTRAST, _rgb, contrast, theme_colours
+    from gateway.web.theme import AA_CONTRAST, contrast, rgb, theme_colours
 
     assert theme_colours("#1f4fd1") == ({}, [])                 # the default blue is fine with white text
     colours, warnings = theme_colours("#ffcc00")                # a yellow is not
     assert colours["on_primary"] == "#14181f" and "below WCAG AA" in warnings[0]
-    assert contrast(_rgb(colours["primary_text"]), (1.0, 1.0, 1.0)) >= AA_CONTRAST
+    assert contrast(rgb(colours["primary_text"]), (1.0, 1.0, 1.0)) >= AA_CONTRAST

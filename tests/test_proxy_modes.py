@@ -20,7 +20,7 @@ from gateway.proxies.apache import render_apache_config
 from gateway.model.config import Config, parse_config
 from gateway.model.errors import InputError
 from gateway.common.netstat import established_by_remote
-from gateway.proxies.websockify import make_proxy_mode
+from gateway.proxies.modes import make_proxy_mode
 from gateway.proxies.relay import InputScanner
 from gateway.model.state import StateStore
 from gateway.model.status import DesktopSlot

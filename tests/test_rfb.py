@@ -27,9 +27,8 @@ from gateway.common.rfb import (
     parse_banner,
     probe,
     read_banner,
-    vnc_auth_key,
-    vnc_auth_response,
 )
+from gateway.common.vncauth import vnc_auth_key, vnc_auth_response
 from tests.system import free_port, require_program
 
 PASSWORD = "secret12"

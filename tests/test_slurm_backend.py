@@ -13,14 +13,11 @@ import pytest
 
 from gateway.backends import make_backend
 from gateway.backends.base import Status
-from gateway.backends.slurm import (
-    JobQueue,
-    SlurmBackend,
-    parse_report,
-    render_job_script,
-    sbatch_argv,
-    slurm_duration,
-)
+from gateway.backends.slurm import SlurmBackend
+from gateway.backends.slurm_client import JobQueue
+from gateway.backends.slurm_job import parse_report, render_job_script, sbatch_argv, slurm_duration
+from gateway.backends.desktop import session_environment
+from gateway.backends.xauth import xauthority_bytes, xauthority_shell
 from gateway.model.config import parse_config
 from gateway.common.render import UnsafeValue
 from gateway.model.tokens import Account
@@ -120,6 +117,29 @@ def test_paths_cannot_inject_commands(evil: str, tmp_path: Path) -> None:
 def test_newlines_are_refused() -> None:
     with pytest.raises(UnsafeValue):
         script(workdir="/shared/x\nreboot")
+
+
+def test_job_exports_the_one_session_environment(tmp_path: Path) -> None:
+    """The job script's exports are session_environment's, with the job's own values computed by bash."""
+    text = script(config("desktop:\n  keyboard_layout: de\n"))
+    exports = "\n".join(line for line in text.splitlines() if line.startswith("export "))
+    result = subprocess.run(["bash", "-c", "job=42\n" + exports + "\nenv -0"], capture_output=True, text=True,
+                            env={"TMPDIR": str(tmp_path)}, check=True)
+    env = dict(item.split("=", 1) for item in result.stdout.split("\0") if "=" in item)
+    user = subprocess.run(["id", "-un"], capture_output=True, text=True, check=True).stdout.strip()
+    runtime_dir = f"{tmp_path}/workshop-desktop-{os.getuid()}-42"
+    expected = session_environment(home="/shared/ws01/home", runtime_dir=runtime_dir,
+                                   xauthority=f"{runtime_dir}/Xauthority", keyboard_layout="de", user=user)
+    assert {name: env.get(name) for name in expected} == expected
+
+
+def test_the_shell_writes_the_same_xauthority_as_python(tmp_path: Path) -> None:
+    target = tmp_path / "Xauthority"
+    subprocess.run(["sh", "-c", xauthority_shell('"$1"'), "sh", str(target)], check=True)
+    written = target.read_bytes()
+    assert len(written) == len(xauthority_bytes(bytes(16)))
+    assert written[:-16] == xauthority_bytes(bytes(16))[:-16] and written[-16:] != bytes(16)
+    assert xauthority_shell('"$XAUTHORITY"') in script()  # the job script writes it so too
 
 
 def test_sbatch_argv() -> None:
@@ -302,13 +322,13 @@ async def test_reservation_record_is_private_and_only_ours_is_deleted(fake_slurm
 
 
 def test_preflight_needs_slurm_commands_not_xvnc_for_slurm_accounts(monkeypatch: pytest.MonkeyPatch) -> None:
-    import gateway.cli.main as cli
+    import gateway.cli.checks as cli
     from gateway.model.errors import UserError
     from gateway.model.tokens import parse_tokens
 
     tokens = parse_tokens("a1 auto /d/a1 6001 5901 abcdefg\n", "t.txt")
     missing = {"Xvnc", "vncpasswd"}
-    monkeypatch.setattr(cli, "_program_exists", lambda program: program not in missing)
+    monkeypatch.setattr(cli, "program_exists", lambda program: program not in missing)
     cfg = config(AS_GATEWAY)
     cli.preflight(cfg, tokens)  # no local account: Xvnc is not needed on the gateway
     with pytest.raises(UserError, match="Xvnc"):
@@ -322,11 +342,11 @@ def test_preflight_needs_slurm_commands_not_xvnc_for_slurm_accounts(monkeypatch:
 
 
 def test_run_as_account_is_the_default_and_up_checks_the_users_first(monkeypatch: pytest.MonkeyPatch) -> None:
-    import gateway.cli.main as cli
+    import gateway.cli.checks as cli
     from gateway.model.errors import UserError
     from gateway.model.tokens import parse_tokens
 
-    monkeypatch.setattr(cli, "_program_exists", lambda program: True)
+    monkeypatch.setattr(cli, "program_exists", lambda program: True)
     assert config().slurm.run_as == "account"
     # Accounts that are no users here (nor anywhere NSS looks), and no shared dir: both said, before anything starts.
     tokens = parse_tokens("nosuchuser-gw1 auto /d/a1 6001 5901 abcdefg\nnosuchuser-gw2 auto /d/a2 6002 5902 abcdefg\n",

@@ -26,10 +26,7 @@ from gateway.backends.slurm_parse import (
     parse_squeue,
 )
 
-try:
-    from system import require_program, system_required
-except ImportError:  # pragma: no cover - if tests/ becomes a package
-    from tests.system import require_program, system_required
+from tests.system import require_program, system_required
 
 # squeue --noheader --format=%i|%T|%N|%r|%j|%u  (a running job, a running gpu job whose name has a space,
 # one waiting for --begin, one held, one waiting for the only GPU)

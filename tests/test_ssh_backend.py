@@ -23,7 +23,9 @@ import pytest
 
 from gateway.common import rfb
 from gateway.backends.base import BackendError, Status
-from gateway.backends.ssh import SshBackend, parse_launch, parse_probe, remote_command
+from gateway.backends.ssh import SshBackend
+from gateway.backends.ssh_scripts import WRITE_PASSWORD, parse_launch, parse_probe, remote_command
+from gateway.backends.xauth import xauthority_shell
 from gateway.model.config import parse_config
 from tests.gateway_run import (
     GatewayRun,
@@ -62,6 +64,10 @@ def test_launch_report_is_parsed() -> None:
     assert (report.pid, report.start_time, report.boot_id, report.display, report.failure) == (4242, 87444, "b1", 7, "")
     failed = parse_launch(f"pid 4242\nboot b1\nstat {STAT}\nexited\nlog (EE) Address already in use\n")
     assert failed.failure == "exited" and failed.log_tail == ("(EE) Address already in use",)
+
+
+def test_the_host_writes_the_x_cookie_as_every_backend_does() -> None:
+    assert xauthority_shell('"$xauthority.tmp"') in WRITE_PASSWORD  # one format: gateway/backends/xauth.py
 
 
 def test_remote_commands_are_quoted_argv() -> None:
@@ -220,7 +226,7 @@ async def test_remote_arguments_arrive_exactly(ssh_host: SshHost, tmp_path: Path
     await backend.open([])
     hostile = ["a b", "$(touch /tmp/pwned)", "it's", '"q"', "x;y", "*"]
     try:
-        result = await backend._exec(HOST, ["printf", "%s\\n", *hostile])
+        result = await backend.hosts.exec(HOST, ["printf", "%s\\n", *hostile])
     finally:
         await backend.close(final=True)
     assert result.ok and result.stdout.splitlines() == hostile

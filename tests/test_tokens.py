@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from gateway.model.errors import InputError
+from gateway.web.app import reserved_segments
 from gateway.model.tokens import format_tokens, generate_tokens, load_tokens, parse_tokens
 
 GOOD = """\
@@ -23,7 +24,7 @@ ws03        node17     /p/ws03         6003           5901     abcdef backend=ss
 
 def problems(text: str) -> list[str]:
     with pytest.raises(InputError) as info:
-        parse_tokens(text, "t.txt")
+        parse_tokens(text, "t.txt", reserved_routes=reserved_segments())
     return [str(p) for p in info.value.problems]
 
 
@@ -92,7 +93,7 @@ def test_crlf_and_bom_are_accepted(tmp_path) -> None:
     path = tmp_path / "t.txt"
     path.write_bytes("\ufeffws01 localhost /d/ws01 6001 5901 abcdefg\r\n".encode())
     path.chmod(0o600)
-    tokens = load_tokens(path)
+    tokens = load_tokens(path, reserved_routes=frozenset())
     assert tokens.accounts[0].password == "abcdefg"
     assert tokens.warnings == ()
 
@@ -101,7 +102,7 @@ def test_world_readable_file_warns(tmp_path) -> None:
     path = tmp_path / "t.txt"
     path.write_text("ws01 localhost /d/ws01 6001 5901 abcdefg\n")
     path.chmod(0o644)
-    (warning,) = load_tokens(path).warnings
+    (warning,) = load_tokens(path, reserved_routes=frozenset()).warnings
     assert "chmod 600" in warning
 
 
@@ -116,7 +117,7 @@ def test_generate_is_valid_and_private(tmp_path) -> None:
                              "--prefix", "user", "-o", str(out)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert stat.S_IMODE(os.stat(out).st_mode) == 0o600
-    assert len(load_tokens(out).accounts) == 5
+    assert len(load_tokens(out, reserved_routes=frozenset()).accounts) == 5
     check = subprocess.run([sys.executable, "-m", "gateway", "tokens", "check", str(out)],
                            capture_output=True, text=True)
     assert check.returncode == 0 and "5 accounts" in check.stdout

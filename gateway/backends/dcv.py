@@ -1,9 +1,10 @@
 """NICE DCV sessions on GPU nodes, with the ordinary VNC desktop as the fallback (``backend: dcv``).
 
 Composition, not a new scheduler: :class:`DcvBackend` wraps a :class:`SlurmBackend`, which does the
-submitting, the shared ``squeue`` snapshot, the report files, ``run_as`` and cancelling. Only the job
-differs: ``templates/dcv-job.sh.j2`` runs ``dcv create-session --type virtual --owner USER [--init
-SCRIPT] SESSION``, waits until ``dcv describe-session SESSION -j`` reports it, writes the report
+submitting, the report files, ``run_as`` and cancelling, through the Slurm client
+(:mod:`gateway.backends.slurm_client`: the shared ``squeue`` snapshot, ``sinfo``, ``srun`` steps),
+using only their public names. Only the job differs: ``templates/dcv-job.sh.j2`` runs ``dcv
+create-session --type virtual --owner USER [--init SCRIPT] SESSION``, waits until ``dcv describe-session SESSION -j`` reports it, writes the report
 (node, port, session id) and lives as long as the session; cancelling the job closes the session.
 
 ``start`` first asks ``sinfo`` about the GPU partition, then submits the GPU job (``--gres``) and waits
@@ -29,21 +30,21 @@ import math
 import os
 import pwd
 import re
-import ssl
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import aiohttp
 
-from gateway.model.config import Config
-from gateway.common.proc import CommandTimeout, run
-from gateway.common.render import render
-from gateway.backends.slurm_parse import JobState
-from gateway.model.tokens import Account
-from gateway.backends.dcv_access import connection_file, upstream_ssl, web_url_path
 from gateway.backends.base import READY_PROBE_TIMEOUT_S, Backend, BackendError, DesktopState, Endpoint, PollResult
-from gateway.backends.slurm import SlurmBackend, SlurmDesktop, SlurmUnavailable, _last_line, _private_dir, job_name, sbatch_argv
+from gateway.backends.dcv_access import connection_file, upstream_ssl, web_url_path
+from gateway.backends.slurm import SlurmBackend
+from gateway.backends.slurm_client import SlurmUnavailable, step_argv, why_failed
+from gateway.backends.slurm_job import job_name, render_script, sbatch_argv
+from gateway.backends.slurm_parse import JobState, PartitionInfo
+from gateway.common.polling import Backoff, PollTimeout, poll_until
+from gateway.common.proc import CommandTimeout, run
+from gateway.model.config import Config
+from gateway.model.tokens import Account
 
 __all__ = ["DcvBackend", "render_dcv_job_script", "dcv_sbatch_argv", "connection_file", "web_url_path",
            "session_prefix", "partition_problem"]
@@ -74,12 +75,9 @@ def _on_partition(config: Config, partition: str) -> Config:
 def render_dcv_job_script(config: Config, account: Account, *, home: str, workdir: str, owner: str) -> str:
     """The batch script of ``account``'s DCV job. Every value is quoted; no password is in it."""
     d = config.dcv
-    return render(
-        "dcv-job.sh.j2",
-        account=account.id,
+    return render_script(
+        "dcv-job.sh.j2", account, home=home, workdir=workdir,
         dcv=d.dcv_path,
-        home=home,
-        workdir=workdir,
         owner=owner,
         session_prefix=session_prefix(config, account),
         session_type=d.session_type,
@@ -100,23 +98,27 @@ def dcv_sbatch_argv(config: Config, account: Account, *, reservation: str | None
     return argv
 
 
-def partition_problem(sinfo_output: str, partition: str, gres: str) -> tuple[str | None, bool]:
-    """From ``sinfo --noheader --partition=P --format=%a|%D|%t|%G``: (why DCV cannot run there or
-    None, whether a node of it has room for another job)."""
-    lines = [line.split("|") for line in sinfo_output.splitlines() if line.strip()]
-    lines = [fields for fields in lines if len(fields) >= 4]
-    if not lines:
+def partition_problem(rows: Sequence[PartitionInfo], partition: str, gres: str) -> tuple[str | None, bool]:
+    """From sinfo's rows for the partition (:meth:`SlurmClient.partition`): (why DCV cannot run there
+    or None, whether a node of it has room for another job)."""
+    if not rows:
         return f"there is no partition {partition}", False
-    roomy = any(f[0] == "up" and f[2].rstrip("*~#!%$@^-") in _ROOMY_STATES for f in lines)
-    if not any(f[0] == "up" for f in lines):
+    up = [row for row in rows if row.available == "up"]
+    roomy = any(_node_state(row) in _ROOMY_STATES for row in up)
+    if not up:
         return f"partition {partition} is not up", False
-    usable = [f for f in lines if f[0] == "up" and f[2].rstrip("*~#!%$@^-") in _USABLE_STATES]
+    usable = [row for row in up if _node_state(row) in _USABLE_STATES]
     if not usable:
         return f"partition {partition} has no node in service", False
     name = gres.split(":", 1)[0]
-    if name and not any(name in f[3] for f in usable):
+    if name and not any(name in row.gres for row in usable):
         return f"the nodes of partition {partition} have no {name} (GRES)", roomy
     return None, roomy
+
+
+def _node_state(row: PartitionInfo) -> str:
+    """The node state without sinfo's suffixes (``*`` not responding, ``~`` powered off, ...)."""
+    return row.node_state.rstrip("*~#!%$@^-")
 
 
 # -- the backend ----------------------------------------------------------------------------------
@@ -130,10 +132,10 @@ class DcvBackend(Backend):
         self.settings = config.dcv
         #: Submits, polls and cancels every job of this backend (DCV, and VNC on the desktop partition).
         self.slurm = SlurmBackend(config, state_dir)
-        #: VNC fallbacks on the GPU partition; shares the other's queue snapshot and reservation.
-        self.gpu_vnc = SlurmBackend(_on_partition(config, self.settings.partition), state_dir)
-        self.gpu_vnc.queue = self.slurm.queue
-        self.gpu_vnc.submit_limit = self.slurm.submit_limit
+        #: VNC fallbacks on the GPU partition; shares the other's Slurm client (its queue snapshot and
+        #: submit limit) and reservation.
+        self.gpu_vnc = SlurmBackend(_on_partition(config, self.settings.partition), state_dir,
+                                    client=self.slurm.client)
 
     # -- open / close ----------------------------------------------------------------------------
 
@@ -166,14 +168,11 @@ class DcvBackend(Backend):
 
     async def _check_partition(self) -> tuple[str | None, bool]:
         d = self.settings
-        argv = ["sinfo", "--noheader", f"--partition={d.partition}", "--format=%a|%D|%t|%G"]
         try:
-            result = await run(argv, timeout_s=self.config.slurm.command_timeout_s)
-        except (CommandTimeout, OSError) as exc:
-            return f"sinfo did not answer: {exc}", False
-        if not result.ok:
-            return f"sinfo failed: {_last_line(result)}", False
-        return partition_problem(result.stdout.decode(errors="replace"), d.partition, d.gres)
+            rows = await self.slurm.client.partition(d.partition)
+        except SlurmUnavailable as exc:
+            return str(exc), False
+        return partition_problem(rows, d.partition, d.gres)
 
     def _owner(self, account: Account) -> str:
         if self.config.slurm.run_as == "account":
@@ -181,56 +180,53 @@ class DcvBackend(Backend):
         return pwd.getpwuid(os.geteuid()).pw_name
 
     async def _submit(self, account: Account) -> DesktopState:
-        slurm = self.slurm
-        user = account.id if self.config.slurm.run_as == "account" else None
-        workdir, _, home = slurm._paths(account)
-        try:
-            _private_dir(workdir, pwd.getpwnam(user) if user else None)
-        except OSError as exc:
-            raise BackendError(f"cannot prepare {workdir}: {exc.strerror or exc}") from None
+        paths = self.slurm.prepare(account)
         owner = self._owner(account)
-        script = render_dcv_job_script(self.config, account, home=home, workdir=str(workdir), owner=owner)
-        argv = slurm._as_user(user) + dcv_sbatch_argv(self.config, account, reservation=slurm.reservation,
-                                                      workdir=str(workdir))
-        async with slurm.submit_limit:
-            job_id = await slurm._submit(account, argv, script.encode(), user)
-        slurm.queue.invalidate()
-        log.info("DCV job submitted account=%s job=%d partition=%s gres=%s", account.id, job_id,
+        script = render_dcv_job_script(self.config, account, home=paths.home, workdir=str(paths.workdir), owner=owner)
+        sbatch = dcv_sbatch_argv(self.config, account, reservation=self.slurm.reservation, workdir=str(paths.workdir))
+        desktop = await self.slurm.submit(account, script, sbatch, paths.workdir)
+        log.info("DCV job submitted account=%s job=%d partition=%s gres=%s", account.id, desktop.job_id,
                  self.settings.partition, self.settings.gres or "-")
-        return {**SlurmDesktop(job_id, user, str(workdir)).to_state(), "protocol": "dcv",
-                "session_id": f"{session_prefix(self.config, account)}-{job_id}", "owner": owner,
+        return {**desktop.to_state(), "protocol": "dcv",
+                "session_id": f"{session_prefix(self.config, account)}-{desktop.job_id}", "owner": owner,
                 "dcv_path": self.settings.dcv_path}
 
     async def _await_session(self, account: Account, state: DesktopState) -> str | None:
         """None once the session is reported and its web server answers; else why not, after dcv.wait_s."""
         job_id = int(state["job_id"])
-        wait_s = self.settings.wait_s
-        deadline = time.monotonic() + wait_s
         last = "the DCV job was not seen yet"
-        while True:
+
+        async def outcome() -> str | bool | None:
+            """True once ready, why not once it can't be any more, None while it may still be."""
+            nonlocal last
             try:
-                job_state, info, raw = await self.slurm.job_status(job_id)
+                job_state, info, raw = await self.slurm.client.job_status(job_id)
             except SlurmUnavailable as exc:
                 last = f"Slurm does not answer: {exc}"
-            else:
-                if job_state is JobState.PENDING:
-                    why = info.reason if info is not None and info.reason not in ("", "None") else "waiting"
-                    last = f"no free GPU in partition {self.settings.partition} (job {job_id} queued: {why})"
-                elif job_state in (JobState.ENDED, JobState.COMPLETING):
-                    return f"the DCV job {job_id} ended ({raw}); its output: {state['workdir']}/job-{job_id}.out"
-                elif job_state is JobState.RUNNING:
-                    result = await self.slurm.poll(account, state)
-                    if result.endpoint is None:
-                        last = f"DCV did not report session {state['session_id']}"
-                    else:
-                        try:
-                            await self.prove_ready(account, state, result.endpoint)
-                            return None
-                        except (OSError, TimeoutError, BackendError) as exc:
-                            last = f"the DCV web server on {result.endpoint} does not answer ({exc or type(exc).__name__})"
-            if time.monotonic() >= deadline:
-                return f"no DCV session within {wait_s:g} s: {last}"
-            await asyncio.sleep(WAIT_STEP_S)
+                return None
+            if job_state is JobState.PENDING:
+                why = info.reason if info is not None and info.reason not in ("", "None") else "waiting"
+                last = f"no free GPU in partition {self.settings.partition} (job {job_id} queued: {why})"
+            elif job_state in (JobState.ENDED, JobState.COMPLETING):
+                return f"the DCV job {job_id} ended ({raw}); its output: {state['workdir']}/job-{job_id}.out"
+            elif job_state is JobState.RUNNING:
+                result = await self.slurm.poll(account, state)
+                if result.endpoint is None:
+                    last = f"DCV did not report session {state['session_id']}"
+                    return None
+                try:
+                    await self.prove_ready(account, state, result.endpoint)
+                    return True
+                except (OSError, TimeoutError, BackendError) as exc:
+                    last = f"the DCV web server on {result.endpoint} does not answer ({exc or type(exc).__name__})"
+            return None
+
+        try:
+            verdict = await poll_until(outcome, timeout_s=self.settings.wait_s, what="DCV session",
+                                       backoff=Backoff(first_s=WAIT_STEP_S, factor=1.0, max_s=WAIT_STEP_S))
+        except PollTimeout:
+            return f"no DCV session within {self.settings.wait_s:g} s: {last}"
+        return None if verdict is True else str(verdict)
 
     async def _discard(self, account: Account, state: DesktopState) -> None:
         """Stop a DCV job that will not be used; errors are logged (the job's time limit ends it anyway)."""
@@ -303,9 +299,8 @@ class DcvBackend(Backend):
         job_id, session = str(state.get("job_id", "")), str(state.get("session_id", ""))
         if not job_id.isdigit() or not session:
             return
-        argv = self.slurm._as_user(state.get("user") or None) + [
-            "srun", f"--jobid={job_id}", "--overlap", "--nodes=1", "--ntasks=1", "--quiet",
-            str(state.get("dcv_path") or self.settings.dcv_path), "close-session", session]
+        argv = step_argv(job_id, state.get("user") or None,
+                         [str(state.get("dcv_path") or self.settings.dcv_path), "close-session", session])
         try:
             result = await run(argv, timeout_s=CLOSE_TIMEOUT_S)
         except (CommandTimeout, OSError) as exc:
@@ -314,7 +309,7 @@ class DcvBackend(Backend):
         if result.ok:
             log.info("DCV session closed job=%s session=%s", job_id, session)
         else:
-            log.info("dcv close-session did not run job=%s session=%s reason=%s", job_id, session, _last_line(result))
+            log.info("dcv close-session did not run job=%s session=%s reason=%s", job_id, session, why_failed(result))
 
 
 def _url_host(host: str) -> str:

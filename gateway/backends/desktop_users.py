@@ -19,7 +19,6 @@ reach its own files (0600, owned by the user) but can neither list the directory
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import json
@@ -28,7 +27,6 @@ import pwd
 import re
 import shutil
 import signal
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,6 +34,7 @@ from pathlib import Path
 from gateway.model.config import Config, DesktopLimits
 from gateway.model.errors import Problem, UserError
 from gateway.common.files import atomic_write
+from gateway.common.polling import Backoff, PollTimeout, poll_until
 from gateway.common.proc import run
 from gateway.model.tokens import Account
 
@@ -362,16 +361,19 @@ async def kill_user_processes(uid: int, *, timeout_s: float = 5.0) -> int:
     Repeats until none is left, since a process may fork while the list is read. Returns how many.
     """
     killed = 0
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+
+    def none_left() -> bool:
+        nonlocal killed
         pids = list(_pids_of(uid))
-        if not pids:
-            break
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
                 killed += 1
-        await asyncio.sleep(0.05)
+        return not pids
+
+    with contextlib.suppress(PollTimeout):
+        await poll_until(none_left, timeout_s=timeout_s, what=f"processes of uid {uid} gone",
+                         backoff=Backoff(first_s=0.05, factor=1.0, max_s=0.05))
     return killed
 
 

@@ -15,28 +15,26 @@ import asyncio
 import contextlib
 import logging
 import os
+import pwd
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from gateway.backends.desktop import DISPLAYFD_TIMEOUT_S, NOTICE_SECONDS, session_environment, xvnc_argv
 from gateway.model.config import Config
 from gateway.backends.desktop_users import (DesktopUser, ensure_runtime_dir, ensure_users, kill_user_processes, launch_argv,
                              workspace_for)
 from gateway.common.files import atomic_write, ensure_private_dir
-from gateway.common.proc import ProcessIdentity, is_alive, run, spawn, terminate_group
+from gateway.common.proc import ProcessIdentity, is_alive, last_line, run, spawn, terminate_group
 from gateway.model.tokens import Account
 from gateway.model.viewonly import view_only_password, vncpasswd_input
 from gateway.backends.xauth import write_xauthority
 from gateway.backends.base import Backend, BackendError, DesktopState, Endpoint, PollResult, Status
 
-__all__ = ["LocalBackend", "xvnc_argv", "vnc_password_file_bytes"]
+__all__ = ["LocalBackend", "vnc_password_file_bytes"]
 
 log = logging.getLogger("gateway.local")
-
-DISPLAYFD_TIMEOUT_S = 15.0
-#: How long a notice (an idle warning) stays on the desktop unless closed.
-NOTICE_SECONDS = 300
 
 
 async def vnc_password_file_bytes(password: str, *, view_only: str | None = None,
@@ -46,44 +44,6 @@ async def vnc_password_file_bytes(password: str, *, view_only: str | None = None
     if not result.ok or len(result.stdout) < 8:
         raise BackendError(f"vncpasswd -f failed (status {result.returncode})")
     return result.stdout
-
-
-def xvnc_argv(
-    *,
-    xvnc: str,
-    displayfd: int,
-    rfb_port: int,
-    password_file: Path,
-    geometry: str,
-    depth: int,
-    desktop_name: str,
-    max_cut_text: int,
-    interface: str = "127.0.0.1",
-    xauthority: Path | None = None,
-) -> list[str]:
-    """The Xvnc command line. The password is in a file: command lines are public."""
-    # With -auth only clients holding the cookie open the display (its user's and root).
-    auth = ["-auth", str(xauthority)] if xauthority is not None else []
-    return [
-        xvnc,
-        *auth,
-        "-displayfd", str(displayfd),
-        "-rfbport", str(rfb_port),
-        "-rfbauth", str(password_file),
-        "-SecurityTypes", "VncAuth",
-        # Every viewer reaches Xvnc through a proxy on 127.0.0.1; TigerVNC's blacklist would lock
-        # out everyone behind it after one participant's five typos.
-        "-UseBlacklist=0",
-        "-interface", interface,
-        "-geometry", geometry,
-        "-depth", str(depth),
-        "-desktop", desktop_name,
-        "-AlwaysShared",
-        "-SendCutText=1",
-        "-AcceptCutText=1",
-        f"-MaxCutText={max_cut_text}",
-        "-nolisten", "tcp",
-    ]
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,9 +198,10 @@ class LocalBackend(Backend):
 
     def _environment(self, account: Account, user: DesktopUser | None, files: DesktopFiles,
                      display: int | None) -> dict[str, str]:
-        return session_environment(self.workspace(account), display, files.runtime_dir,
-                                   self.config.desktop.keyboard_layout, user_name=user.name if user else None,
-                                   xauthority=files.xauthority)
+        return session_environment(home=str(self.workspace(account)), runtime_dir=str(files.runtime_dir),
+                                   xauthority=str(files.xauthority), keyboard_layout=self.config.desktop.keyboard_layout,
+                                   user=user.name if user else pwd.getpwuid(os.geteuid()).pw_name,
+                                   display=f":{display}" if display is not None else None)
 
     def _desktop_files(self, account: Account, desktop: LocalDesktop) -> DesktopFiles:
         if desktop.xauthority is None:  # recorded by a version without X cookies
@@ -286,8 +247,7 @@ class LocalBackend(Backend):
         env = {"PATH": "/usr/bin:/bin", **_xauthority_env(desktop)}
         result = await run(["setxkbmap", "-display", f":{desktop.display}", "-layout", layout], timeout_s=10, env=env)
         if not result.ok:
-            detail = result.stderr.decode(errors="replace").strip().splitlines()
-            raise BackendError(f"setxkbmap refused {layout!r}: {detail[-1] if detail else result.returncode}")
+            raise BackendError(f"setxkbmap refused {layout!r}: {last_line(result.stderr) or result.returncode}")
         log.info("keyboard layout set account=%s layout=%s", account.id, layout)
 
     async def notify(self, account: Account, state: DesktopState, text: str) -> None:
@@ -333,29 +293,6 @@ class LocalBackend(Backend):
 
 def _xauthority_env(desktop: LocalDesktop) -> dict[str, str]:
     return {"XAUTHORITY": desktop.xauthority} if desktop.xauthority else {}
-
-
-def session_environment(home: Path, display: int | None, runtime_dir: Path, keyboard_layout: str, *,
-                        user_name: str | None = None, xauthority: Path | None = None) -> dict[str, str]:
-    """A clean environment for the desktop session: nothing of the gateway's own leaks in."""
-    user = user_name or os.environ.get("USER", "root")
-    env = {
-        "HOME": str(home),
-        "XDG_RUNTIME_DIR": str(runtime_dir),
-        "PATH": "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin",
-        "LANG": os.environ.get("LANG", "C.UTF-8"),
-        "SHELL": "/bin/bash",
-        "USER": user,
-        "LOGNAME": user,
-        "TERM": "xterm-256color",
-    }
-    if display is not None:
-        env["DISPLAY"] = f":{display}"
-    if xauthority is not None:
-        env["XAUTHORITY"] = str(xauthority)
-    if keyboard_layout:
-        env["GATEWAY_KEYBOARD_LAYOUT"] = keyboard_layout
-    return env
 
 
 async def _read_display(read_fd: int, proc: asyncio.subprocess.Process) -> int:

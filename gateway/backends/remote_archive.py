@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 import asyncssh
 
-from gateway.model.archive import FORMATS, PackResult, _Entry, archives_dir, pack_entries, record_archive
+from gateway.model.archive import FORMATS, ArchiveEntry, PackResult, archives_dir, pack_entries, record_archive
 from gateway.backends.base import BackendError
 from gateway.model.config import Config
 from gateway.common.files import ensure_private_dir
@@ -59,14 +59,14 @@ class _RemoteTree:
     def call(self, awaitable: Awaitable[T]) -> T:
         return asyncio.run_coroutine_threadsafe(_awaited(awaitable), self.loop).result()
 
-    def entries(self, root: str, root_name: str, skipped: list[str]) -> Iterator[_Entry]:
+    def entries(self, root: str, root_name: str, skipped: list[str]) -> Iterator[ArchiveEntry]:
         attrs = self.call(self.sftp.lstat(root))
         if not stat.S_ISDIR(attrs.permissions or 0):
             raise NotADirectoryError(f"{root} is not a directory (a link is never followed)")
-        yield _Entry("dir", root_name, _stat(attrs))
+        yield ArchiveEntry("dir", root_name, _stat(attrs))
         yield from self._walk(root, root_name, skipped)
 
-    def _walk(self, path: str, prefix: str, skipped: list[str]) -> Iterator[_Entry]:
+    def _walk(self, path: str, prefix: str, skipped: list[str]) -> Iterator[ArchiveEntry]:
         listing = sorted((n for n in self.call(self.sftp.readdir(path)) if n.filename not in (".", "..")),
                          key=lambda n: n.filename)
         for name in listing:
@@ -75,9 +75,9 @@ class _RemoteTree:
                 attrs = name.attrs if name.attrs.permissions is not None else self.call(self.sftp.lstat(remote))
                 mode = attrs.permissions or 0
                 if stat.S_ISLNK(mode):
-                    yield _Entry("link", inside, _stat(attrs), target=str(self.call(self.sftp.readlink(remote))))
+                    yield ArchiveEntry("link", inside, _stat(attrs), target=str(self.call(self.sftp.readlink(remote))))
                 elif stat.S_ISDIR(mode):
-                    yield _Entry("dir", inside, _stat(attrs))
+                    yield ArchiveEntry("dir", inside, _stat(attrs))
                     yield from self._walk(remote, inside, skipped)
                 elif stat.S_ISREG(mode):
                     yield from self._file(remote, inside, attrs)
@@ -89,13 +89,13 @@ class _RemoteTree:
             except (asyncssh.SFTPError, OSError) as exc:
                 skipped.append(f"{inside}: {getattr(exc, 'reason', None) or exc}")
 
-    def _file(self, remote: str, inside: str, attrs: asyncssh.SFTPAttrs) -> Iterator[_Entry]:
+    def _file(self, remote: str, inside: str, attrs: asyncssh.SFTPAttrs) -> Iterator[ArchiveEntry]:
         handle = self.call(self.sftp.open(remote, "rb", block_size=_CHUNK))
         try:
             st = _stat(self.call(handle.stat()))
             if not stat.S_ISREG(st.st_mode):  # swapped for something else since it was listed
                 return
-            yield _Entry("file", inside, st, read=lambda n: self.call(handle.read(n)))
+            yield ArchiveEntry("file", inside, st, read=lambda n: self.call(handle.read(n)))
         finally:
             self.call(handle.close())
 

@@ -10,10 +10,13 @@ The formats parsed here are the ones the gateway asks for:
 * ``squeue --noheader --format=%i|%T|%N|%r|%j|%u``             -> :func:`parse_squeue`
 * ``scontrol show job -o ID``                                  -> :func:`parse_scontrol_job`
 * ``sinfo --noheader --format=%P|%a|%D|%t|%G``                 -> :func:`parse_sinfo_partitions`
+* ``sinfo --noheader --Node --format=%N|%o``                     -> :func:`parse_node_addresses`
+* ``squeue --format=%S|%e|`` + SQUEUE_FORMAT (times in front)    -> :func:`split_times`
 """
 
 from __future__ import annotations
 
+import datetime
 import enum
 import re
 from dataclasses import dataclass
@@ -21,6 +24,8 @@ from dataclasses import dataclass
 __all__ = [
     "SQUEUE_FORMAT",
     "SINFO_PARTITION_FORMAT",
+    "SINFO_NODE_FORMAT",
+    "TIMES_FORMAT",
     "JobState",
     "JobInfo",
     "PartitionInfo",
@@ -30,13 +35,22 @@ __all__ = [
     "parse_scontrol_job",
     "parse_scontrol_jobs",
     "parse_sinfo_partitions",
+    "parse_node_addresses",
     "is_invalid_job_id",
+    "JobTimes",
+    "parse_slurm_time",
+    "split_times",
 ]
 
 #: The ``--format`` for ``squeue`` that :func:`parse_squeue` reads.
 SQUEUE_FORMAT = "%i|%T|%N|%r|%j|%u"
 #: The ``--format`` for ``sinfo`` that :func:`parse_sinfo_partitions` reads.
 SINFO_PARTITION_FORMAT = "%P|%a|%D|%t|%G"
+#: The ``--format`` for ``sinfo --Node`` that :func:`parse_node_addresses` reads.
+SINFO_NODE_FORMAT = "%N|%o"
+#: Columns put before SQUEUE_FORMAT for :func:`split_times`: start (expected while pending, as
+#: ``squeue --start`` shows it) and end time.
+TIMES_FORMAT = "%S|%e|"
 
 
 class JobState(enum.Enum):
@@ -244,3 +258,47 @@ def is_invalid_job_id(stderr: str) -> bool:
     it ended. A failed command with any other message means "don't know".
     """
     return "Invalid job id specified" in stderr
+
+
+def parse_node_addresses(stdout: str) -> dict[str, str]:
+    """Each node's address (NodeAddr) from ``sinfo --noheader --Node --format=%N|%o``; odd lines are skipped."""
+    addresses = {}
+    for line in stdout.splitlines():
+        name, sep, address = line.strip().partition("|")
+        if sep and name and address:
+            addresses[name] = address
+    return addresses
+
+
+@dataclass(frozen=True, slots=True)
+class JobTimes:
+    """A job's start (expected, while it is pending) and end (its time limit), as time.time() values."""
+
+    start: float | None
+    end: float | None
+
+
+def parse_slurm_time(text: str) -> float | None:
+    """A Slurm time such as 2026-11-23T09:00:00 (the cluster's local time); None for N/A, Unknown, ..."""
+    text = text.strip()
+    if not re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}(:[0-9]{2})?", text):
+        return None
+    return datetime.datetime.fromisoformat(text).timestamp()
+
+
+def split_times(stdout: str) -> tuple[dict[int, JobTimes], str]:
+    """Lines of ``squeue --format=%S|%e|`` + SQUEUE_FORMAT: each job's times, and the lines parse_squeue reads."""
+    times: dict[int, JobTimes] = {}
+    rest_lines = []
+    for line in stdout.splitlines():
+        if not line.strip():
+            continue
+        start, end, rest = (line.split("|", 2) + ["", ""])[:3]
+        if start.strip().isdigit():  # no times in front (an squeue that ignored them): a plain line
+            rest_lines.append(line)
+            continue
+        job_id = rest.split("|", 1)[0].strip()
+        if job_id.isdigit():
+            times[int(job_id)] = JobTimes(parse_slurm_time(start), parse_slurm_time(end))
+        rest_lines.append(rest)
+    return times, "\n".join(rest_lines)

@@ -8,20 +8,22 @@
   and never locks anyone out (one attacker behind a venue's NAT must not shut out the room).
 * :class:`ServerHandshake`: follows the server's half of an RFB handshake far enough to read the
   SecurityResult, so the builtin relay knows whether (and when) a viewer authenticated.
-* :class:`BoundedTable`: the tables above and the sign-in failure counters keep at most a fixed
-  number of keys, dropping the oldest, so a flood of addresses cannot grow memory.
+
+:class:`GuessBackoff` keeps its keys in a :class:`gateway.common.ratelimit.BoundedTable`, like the
+sign-in rate limits (:class:`gateway.common.ratelimit.RateLimit`, which refuse where it only delays),
+so a flood of addresses cannot grow memory.
 """
 
 from __future__ import annotations
 
 import secrets
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
 
-__all__ = ["FRONT_HEADER", "FRONT_TOKEN", "ReadTimeouts", "BoundedTable", "GuessBackoff", "ServerHandshake",
+from gateway.common.ratelimit import BoundedTable
+
+__all__ = ["FRONT_HEADER", "FRONT_TOKEN", "ReadTimeouts", "GuessBackoff", "ServerHandshake",
            "take_bytes"]
 
 FRONT_HEADER = "X-Gateway-Front"
@@ -48,40 +50,6 @@ def take_bytes(buffer: bytearray, n: int) -> bytes | None:
     chunk = bytes(buffer[:n])
     del buffer[:n]
     return chunk
-
-
-K = TypeVar("K")
-V = TypeVar("V")
-
-
-class BoundedTable(Generic[K, V]):
-    """A dict that keeps at most ``limit`` keys: the least recently used one is dropped first."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self._items: OrderedDict[K, V] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def get(self, key: K, make: Callable[[], V]) -> V:
-        """The value of ``key`` (made if missing), marked as used now."""
-        if key in self._items:
-            self._items.move_to_end(key)
-            return self._items[key]
-        value = make()
-        self._items[key] = value
-        while len(self._items) > self.limit:
-            self._items.popitem(last=False)
-        return value
-
-    def pop(self, key: K) -> None:
-        self._items.pop(key, None)
-
-    def expire(self, keep: Callable[[V], bool]) -> None:
-        """Drop every entry for which ``keep`` is false."""
-        for key in [k for k, v in self._items.items() if not keep(v)]:
-            del self._items[key]
 
 
 @dataclass(slots=True)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway.common.polling import wait_for_port
+from gateway.common.polling import Backoff, PollTimeout, poll_until, wait_for_port
 
 __all__ = [
     "CommandResult",
@@ -36,6 +36,7 @@ __all__ = [
     "is_alive",
     "last_line",
     "spawn_listening",
+    "stop_unless_listening",
 ]
 
 log = logging.getLogger("gateway.proc")
@@ -222,11 +223,9 @@ async def terminate_group(
         if proc is not None:
             await asyncio.shield(proc.wait())
         return
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline:
-        if _leader_gone(identity, proc):
-            break
-        await asyncio.sleep(0.05)
+    with contextlib.suppress(PollTimeout):
+        await poll_until(lambda: _leader_gone(identity, proc), timeout_s=grace_s,
+                         what=f"process group {identity.pgid} to stop", backoff=_GROUP_POLL)
     # Members of the group may outlive the leader (a session's terminal); SIGKILL the rest.
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(identity.pgid, signal.SIGKILL)
@@ -253,10 +252,14 @@ def group_members(pgid: int) -> list[int]:
     return members
 
 
+#: Waiting for a signalled group: it usually stops at once, so look soon, then at least every 50 ms.
+_GROUP_POLL = Backoff(first_s=0.02, factor=1.5, max_s=0.05)
+
+
 async def _wait_group_gone(pgid: int, *, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while group_members(pgid) and time.monotonic() < deadline:
-        await asyncio.sleep(0.02)
+    with contextlib.suppress(PollTimeout):
+        await poll_until(lambda: not group_members(pgid), timeout_s=timeout_s,
+                         what=f"process group {pgid} to exit", backoff=_GROUP_POLL)
 
 
 def _leader_gone(identity: ProcessIdentity, proc: asyncio.subprocess.Process | None) -> bool:
@@ -291,9 +294,21 @@ async def spawn_listening(
     :class:`gateway.common.polling.PortNotReady` is raised: nothing is left half-started.
     """
     proc, identity = await spawn(argv, **spawn_kwargs)
+    await stop_unless_listening(proc, identity, host=host, port=port, timeout_s=timeout_s)
+    return proc, identity
+
+
+async def stop_unless_listening(
+    proc: asyncio.subprocess.Process, identity: ProcessIdentity, *, host: str, port: int, timeout_s: float
+) -> None:
+    """Return once the started ``proc`` accepts connections on host:port (the waiting half of
+    :func:`spawn_listening`, for a process started otherwise, e.g. forked by a server).
+
+    If it exits first, does not listen in time, or the wait is cancelled, its process group is
+    stopped and the exception (:class:`gateway.common.polling.PortNotReady`) passes on.
+    """
     try:
         await wait_for_port(host, port, timeout_s=timeout_s, exit_status=lambda: proc.returncode)
     except BaseException:
         await terminate_group(identity, grace_s=2, proc=proc)
         raise
-    return proc, identity

@@ -8,6 +8,8 @@ It does the client side of the handshake up to and including ServerInit, then st
   it again. The websocket path goes through the same :func:`handshake` by way of a small adapter,
   so a desktop can be checked end to end through Apache and websockify.
 
+The VncAuth answer itself (DES) is :mod:`gateway.common.vncauth`.
+
 Passwords are never logged.
 """
 
@@ -23,32 +25,13 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import aiohttp
-from cryptography.hazmat.primitives.ciphers import Cipher, modes
 
-try:  # cryptography >= 43 keeps DES-era ciphers here
-    from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
-except ImportError:  # pragma: no cover - older cryptography
-    from cryptography.hazmat.primitives.ciphers.algorithms import TripleDES  # type: ignore[no-redef]
+from gateway.common.vncauth import CHALLENGE_LEN, vnc_auth_response
 
 __all__ = [
-    "RfbError",
-    "RfbAuthFailed",
-    "RfbSession",
-    "ByteReader",
-    "ByteWriter",
-    "SECURITY_NONE",
-    "SECURITY_VNC_AUTH",
-    "parse_banner",
-    "read_banner",
-    "probe",
-    "handshake",
-    "connect_tcp",
-    "connect_websocket",
-    "vnc_auth_key",
-    "vnc_auth_response",
-    "Framebuffer",
-    "read_framebuffer",
-    "grab_tcp",
+    "RfbError", "RfbAuthFailed", "RfbSession", "ByteReader", "ByteWriter", "SECURITY_NONE", "SECURITY_VNC_AUTH",
+    "parse_banner", "read_banner", "probe", "handshake", "connect_tcp", "open_tcp", "RfbClient",
+    "connect_websocket", "WebSocketStream", "Framebuffer", "read_framebuffer", "grab_tcp",
 ]
 
 log = logging.getLogger("gateway.rfb")
@@ -59,10 +42,8 @@ SECURITY_VNC_AUTH = 2
 
 _BANNER_LEN = 12
 _BANNER_RE = re.compile(rb"RFB (\d{3})\.(\d{3})\n")
-_CHALLENGE_LEN = 16
 _MAX_STRING_LEN = 1 << 16  # reason strings and desktop names; anything longer is not a VNC server
 _CLOSE_TIMEOUT_S = 2.0
-_BIT_REVERSED = bytes(int(f"{i:08b}"[::-1], 2) for i in range(256))
 
 
 class RfbError(Exception):
@@ -100,34 +81,6 @@ class ByteWriter(Protocol):
     def write(self, data: bytes) -> None: ...
 
     async def drain(self) -> None: ...
-
-
-# --- VncAuth -------------------------------------------------------------------------------------
-
-
-def vnc_auth_key(password: str) -> bytes:
-    """Return the 8-byte DES key VncAuth derives from ``password``.
-
-    The password is UTF-8 encoded, truncated or NUL-padded to 8 bytes, and the bits of each byte
-    are reversed (VNC's DES code numbers key bits the other way round from standard DES).
-    """
-    return password.encode()[:8].ljust(8, b"\0").translate(_BIT_REVERSED)
-
-
-def vnc_auth_response(password: str, challenge: bytes) -> bytes:
-    """Return the 16-byte answer to a VncAuth ``challenge``: the challenge DES-ECB encrypted.
-
-    Raises ValueError if ``challenge`` is not 16 bytes long.
-    """
-    if len(challenge) != _CHALLENGE_LEN:
-        raise ValueError(f"a VncAuth challenge is {_CHALLENGE_LEN} bytes, not {len(challenge)}")
-    return _des_ecb_encrypt(vnc_auth_key(password), challenge)
-
-
-def _des_ecb_encrypt(key: bytes, data: bytes) -> bytes:
-    """Single DES in ECB mode: TripleDES with the key repeated three times is plain DES."""
-    encryptor = Cipher(TripleDES(key * 3), modes.ECB()).encryptor()
-    return encryptor.update(data) + encryptor.finalize()
 
 
 # --- wire helpers --------------------------------------------------------------------------------
@@ -236,7 +189,7 @@ async def _negotiate_security(
 
 
 async def _vnc_auth(reader: ByteReader, writer: ByteWriter, password: str) -> None:
-    challenge = await _read(reader, _CHALLENGE_LEN, "the VncAuth challenge")
+    challenge = await _read(reader, CHALLENGE_LEN, "the VncAuth challenge")
     await _send(writer, vnc_auth_response(password, challenge))
 
 
@@ -372,7 +325,7 @@ _WS_END = frozenset(
 )
 
 
-class _WebSocketStream:
+class WebSocketStream:
     """Presents an aiohttp client websocket as the reader/writer pair :func:`handshake` expects.
 
     Incoming binary messages are concatenated into one byte stream; writes are buffered and sent
@@ -446,7 +399,7 @@ async def connect_websocket(
         async with asyncio.timeout_at(deadline):
             ws = await http.ws_connect(url, protocols=("binary",), headers=headers, **ssl_kwargs)
         try:
-            stream = _WebSocketStream(ws)
+            stream = WebSocketStream(ws)
             async with asyncio.timeout_at(deadline):
                 return await handshake(stream, stream, password)
         finally:

@@ -38,6 +38,7 @@ __all__ = [
     "FORMATS",
     "PackResult",
     "ArchiveRecord",
+    "ArchiveEntry",
     "archives_dir",
     "pack_workspace",
     "pack_entries",
@@ -89,7 +90,9 @@ def archives_dir(state_dir: Path) -> Path:
 
 
 @dataclass(frozen=True, slots=True)
-class _Entry:
+class ArchiveEntry:
+    """One thing to pack, from a local walk or a remote one (:func:`pack_entries` takes either)."""
+
     kind: str            # "dir", "file" or "link"
     name: str            # path inside the archive, "/"-separated
     st: os.stat_result
@@ -102,7 +105,7 @@ class _Entry:
         return _FixedSizeReader(self.read or functools.partial(os.read, self.fd), size)
 
 
-def _walk(dir_fd: int, prefix: str, skipped: list[str]) -> Iterator[_Entry]:
+def _walk(dir_fd: int, prefix: str, skipped: list[str]) -> Iterator[ArchiveEntry]:
     with os.scandir(dir_fd) as listing:
         names = sorted(entry.name for entry in listing)
     for name in names:
@@ -110,11 +113,11 @@ def _walk(dir_fd: int, prefix: str, skipped: list[str]) -> Iterator[_Entry]:
         try:
             st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
             if stat.S_ISLNK(st.st_mode):
-                yield _Entry("link", path, st, target=os.readlink(name, dir_fd=dir_fd))
+                yield ArchiveEntry("link", path, st, target=os.readlink(name, dir_fd=dir_fd))
             elif stat.S_ISDIR(st.st_mode):
                 child = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
                 try:
-                    yield _Entry("dir", path, os.fstat(child))
+                    yield ArchiveEntry("dir", path, os.fstat(child))
                     yield from _walk(child, path, skipped)
                 finally:
                     os.close(child)
@@ -125,7 +128,7 @@ def _walk(dir_fd: int, prefix: str, skipped: list[str]) -> Iterator[_Entry]:
                     if not stat.S_ISREG(st.st_mode):
                         skipped.append(f"{path}: changed into a special file while packing")
                         continue
-                    yield _Entry("file", path, st, fd=fd)
+                    yield ArchiveEntry("file", path, st, fd=fd)
                 finally:
                     os.close(fd)
             else:
@@ -195,7 +198,7 @@ class _HashingWriter:
 # -- the two formats ------------------------------------------------------------------------------
 
 
-def _pack_tar(entries: Iterator[_Entry], out: _HashingWriter, level: int, changed: list[str]) -> int:
+def _pack_tar(entries: Iterator[ArchiveEntry], out: _HashingWriter, level: int, changed: list[str]) -> int:
     count = 0
     with gzip.GzipFile(filename="", fileobj=out, mode="wb", compresslevel=level, mtime=0) as gz:  # type: ignore[arg-type]
         # Large blocks: zlib and the hash cost per call, and tarfile's defaults are 10-16 KiB.
@@ -230,7 +233,7 @@ def _zip_info(name: str, st: os.stat_result, mode: int) -> zipfile.ZipInfo:
     return info
 
 
-def _pack_zip(entries: Iterator[_Entry], out: _HashingWriter, level: int, changed: list[str]) -> int:
+def _pack_zip(entries: Iterator[ArchiveEntry], out: _HashingWriter, level: int, changed: list[str]) -> int:
     count = 0
     with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=level,  # type: ignore[arg-type]
                          allowZip64=True) as archive:
@@ -268,8 +271,8 @@ def pack_workspace(workspace: Path, destination: Path, *, root_name: str, fmt: s
         raise ValueError(f"unknown archive format {fmt!r} (use {' or '.join(FORMATS)})")
     root_fd = os.open(workspace, _DIR_FLAGS)
     try:
-        def entries(skipped: list[str]) -> Iterator[_Entry]:
-            yield _Entry("dir", root_name, os.fstat(root_fd))
+        def entries(skipped: list[str]) -> Iterator[ArchiveEntry]:
+            yield ArchiveEntry("dir", root_name, os.fstat(root_fd))
             yield from _walk(root_fd, root_name, skipped)
 
         return pack_entries(entries, destination, fmt=fmt, level=level)
@@ -277,7 +280,7 @@ def pack_workspace(workspace: Path, destination: Path, *, root_name: str, fmt: s
         os.close(root_fd)
 
 
-def pack_entries(entries: Callable[[list[str]], Iterator[_Entry]], destination: Path, *, fmt: str,
+def pack_entries(entries: Callable[[list[str]], Iterator[ArchiveEntry]], destination: Path, *, fmt: str,
                  level: int = 6) -> PackResult:
     """Pack what ``entries(skipped)`` yields (it appends what it leaves out to ``skipped``) into
     ``destination`` (0600, written under a temporary name, renamed when complete), with its SHA-256."""

@@ -25,23 +25,18 @@ from gateway.model.errors import InputError, Problem
 
 __all__ = [
     "Account",
+    "ACCOUNT_ID_RE",
     "TokenFile",
     "parse_tokens",
     "load_tokens",
     "generate_tokens",
     "format_tokens",
-    "RESERVED_ROUTES",
     "LOCAL_HOSTS",
     "AUTO_HOST",
     "is_local_host",
     "generate_password",
 ]
 
-#: First path segments the gateway serves itself; a websocket path may not start with them.
-RESERVED_ROUTES = frozenset(
-    {"static", "novnc", "view", "api", "admin", "metrics", "archive", "dcv", "signup", "login",
-     "logout", "me", "healthz", "favicon.ico", "robots.txt", "welcome", "files", "watch"}
-)
 LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 AUTO_HOST = "auto"
 
@@ -53,7 +48,10 @@ EXTRA_KEYS: dict[str, frozenset[str] | None] = {
     "gpu": frozenset({"yes", "no"}),
 }
 
-_ACCOUNT_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+#: The one pattern of an account id (the token file, sign-in, routes with an account in them): it
+#: becomes a path part (workspaces, archives, files), so it never starts with "." ("." and ".." are
+#: never a path part) and never holds a "/".
+ACCOUNT_ID_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
 _SEGMENT_RE = re.compile(r"[A-Za-z0-9._-]+")
 _HOSTNAME_RE = re.compile(
     r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
@@ -97,8 +95,12 @@ def is_local_host(host: str) -> bool:
     return host in LOCAL_HOSTS
 
 
-def load_tokens(path: str | os.PathLike[str]) -> TokenFile:
-    """Read and validate a token file; raise :class:`InputError` listing every problem."""
+def load_tokens(path: str | os.PathLike[str], *, reserved_routes: frozenset[str]) -> TokenFile:
+    """Read and validate a token file; raise :class:`InputError` listing every problem.
+
+    ``reserved_routes``: the first path segments the web app serves itself (computed from its route
+    table by :func:`gateway.web.app.reserved_segments`); a websocket path may not start with one.
+    """
     shown = os.fspath(path)
     try:
         raw = Path(path).read_bytes()
@@ -110,7 +112,7 @@ def load_tokens(path: str | os.PathLike[str]) -> TokenFile:
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         raise InputError([Problem(shown, line, "not valid UTF-8 text")]) from None
-    tokens = parse_tokens(text, shown)
+    tokens = parse_tokens(text, shown, reserved_routes=reserved_routes)
     return TokenFile(tokens.path, tokens.accounts, tuple(warnings))
 
 
@@ -125,7 +127,7 @@ def _permission_warnings(path: Path) -> list[str]:
     return []
 
 
-def parse_tokens(text: str, path: str = "<tokens>") -> TokenFile:
+def parse_tokens(text: str, path: str = "<tokens>", *, reserved_routes: frozenset[str] = frozenset()) -> TokenFile:
     """Parse token-file text; raise :class:`InputError` with every problem found."""
     problems: list[Problem] = []
     accounts: list[Account] = []
@@ -133,7 +135,7 @@ def parse_tokens(text: str, path: str = "<tokens>") -> TokenFile:
         content = line.split("#", 1)[0].strip()
         if not content:
             continue
-        account = _parse_line(content, path, number, problems)
+        account = _parse_line(content, path, number, problems, reserved_routes)
         if account is not None:
             accounts.append(account)
     problems.extend(_cross_check(accounts, path))
@@ -145,7 +147,8 @@ def parse_tokens(text: str, path: str = "<tokens>") -> TokenFile:
     return TokenFile(path, tuple(accounts))
 
 
-def _parse_line(content: str, path: str, number: int, problems: list[Problem]) -> Account | None:
+def _parse_line(content: str, path: str, number: int, problems: list[Problem],
+                reserved_routes: frozenset[str]) -> Account | None:
     fields = content.split()
     if len(fields) < 6:
         problems.append(Problem(path, number, f"expected 6 fields (account vnchost websocketpath "
@@ -157,11 +160,11 @@ def _parse_line(content: str, path: str, number: int, problems: list[Problem]) -
         problems.append(Problem(path, number, message))
 
     account_id, host, ws_path, ws_port, vnc_port, password = fields[:6]
-    if not _ACCOUNT_RE.fullmatch(account_id):
-        bad(f"account {_show(account_id)}: use 1-64 characters from A-Z a-z 0-9 . _ -")
+    if not ACCOUNT_ID_RE.fullmatch(account_id):
+        bad(f"account {_show(account_id)}: use 1-64 characters from A-Z a-z 0-9 . _ -, not starting with .")
     if not _valid_host(host):
         bad(f"vnchost {_show(host)} is not a host name or IP address")
-    path_norm = _normalise_path(ws_path, bad)
+    path_norm = _normalise_path(ws_path, bad, reserved_routes)
     ws_port_n = _port(ws_port, "websocketport", 1024, bad)
     vnc_port_n = _port(vnc_port, "vncport", 1, bad)
     _check_password(password, bad)
@@ -187,7 +190,7 @@ def _valid_host(host: str) -> bool:
         return bool(_HOSTNAME_RE.fullmatch(host))
 
 
-def _normalise_path(raw: str, bad) -> str | None:
+def _normalise_path(raw: str, bad, reserved_routes: frozenset[str]) -> str | None:
     segments = raw.strip("/").split("/") if raw.strip("/") else []
     if not segments:
         bad(f"websocketpath {_show(raw)} is empty")
@@ -202,7 +205,7 @@ def _normalise_path(raw: str, bad) -> str | None:
         if not _SEGMENT_RE.fullmatch(segment):
             bad(f"websocketpath {_show(raw)}: segments may use only A-Z a-z 0-9 . _ -")
             return None
-    if segments[0] in RESERVED_ROUTES:
+    if segments[0] in reserved_routes:
         bad(f"websocketpath {_show(raw)} collides with the gateway's own route /{segments[0]}")
         return None
     return "/" + "/".join(segments)

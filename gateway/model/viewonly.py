@@ -8,10 +8,9 @@ replaced (:func:`rotate_view_only_password`) when a share link that handed it ou
 
 from __future__ import annotations
 
-import secrets
 from pathlib import Path
 
-from gateway.common.files import atomic_write
+from gateway.common.files import atomic_write, read_or_create_secret
 from gateway.model.tokens import generate_password
 
 __all__ = ["view_only_password", "vncpasswd_input", "rotate_view_only_password", "view_only_made_at"]
@@ -22,14 +21,8 @@ def _path(state_dir: Path, account_id: str) -> Path:
 
 
 def view_only_password(state_dir: Path, account_id: str) -> str:
-    path = _path(state_dir, account_id)
-    if path.exists():
-        existing = path.read_text().strip()
-        if existing:
-            return existing
-    password = generate_password()
-    atomic_write(path, password + "\n", mode=0o600)
-    return password
+    """The account's view-only password, made (0600) the first time it is asked for."""
+    return read_or_create_secret(_path(state_dir, account_id), generate_password)
 
 
 def rotate_view_only_password(state_dir: Path, account_id: str) -> None:
@@ -49,7 +42,3 @@ def vncpasswd_input(password: str, view_only: str | None) -> bytes:
     """What ``vncpasswd -f`` reads on stdin: the full password, then the view-only one."""
     lines = [password] + ([view_only] if view_only else [])
     return ("\n".join(lines) + "\n").encode()
-
-
-def random_token() -> str:
-    return secrets.token_urlsafe(24)

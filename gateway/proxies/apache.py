@@ -10,13 +10,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.model.config import PROJECT_ROOT, STATIC_DIR, Config, parse_listen
-from gateway.model.errors import UserError
 from gateway.common.files import atomic_write
 from gateway.common.frontdoor import FRONT_HEADER, FRONT_TOKEN, ReadTimeouts
-from gateway.common.proc import ProcessIdentity, run, spawn, terminate_group
-from gateway.proxies.websockify import Route, wait_for_port
+from gateway.common.proc import ProcessIdentity, run, spawn_listening, terminate_group
 from gateway.common.render import render
+from gateway.model.config import PROJECT_ROOT, STATIC_DIR, Config, parse_listen
+from gateway.model.errors import UserError
+from gateway.proxies.base import Route, reported_as_start_error
 
 __all__ = ["ApacheLayout", "MpmSizing", "render_apache_config", "configtest", "PrivateApache",
            "install_system_rules", "novnc_dir", "STATIC_DIR"]
@@ -198,13 +198,10 @@ class PrivateApache:
     async def start(self, listen: str) -> tuple[asyncio.subprocess.Process, ProcessIdentity]:
         self.layout.pid_file.unlink(missing_ok=True)
         argv = [self.config.apache.binary, "-f", str(self.layout.config_file), "-DFOREGROUND"]
-        proc, identity = await spawn(argv, log_path=self.layout.root / "logs" / "stderr.log")
         host, port = parse_listen(listen)
-        try:
-            await wait_for_port(host, port, timeout_s=20, process=proc)
-        except BaseException:
-            await terminate_group(identity, proc=proc, grace_s=3)
-            raise
+        with reported_as_start_error():
+            proc, identity = await spawn_listening(argv, host=host, port=port, timeout_s=20,
+                                                   log_path=self.layout.root / "logs" / "stderr.log")
         self.process, self.identity = proc, identity
         log.info("apache started listen=%s pid=%d", listen, proc.pid)
         return proc, identity

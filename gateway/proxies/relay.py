@@ -24,13 +24,12 @@ from dataclasses import dataclass, field
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from gateway.backends.base import Endpoint
-from gateway.model.config import Config
 from gateway.common.frontdoor import GuessBackoff, ServerHandshake, take_bytes
 from gateway.common.httpauth import client_address
-from gateway.proxies.websockify import ProxyMode, Route, RunningProxy
-from gateway.model.status import DesktopSlot
+from gateway.model.config import Config
+from gateway.model.status import DesktopSlot, Endpoint
 from gateway.model.tokens import Account
+from gateway.proxies.base import ProxyMode, Route, RunningProxy
 
 __all__ = ["BuiltinRelay", "InputScanner"]
 

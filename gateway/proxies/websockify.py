@@ -1,131 +1,44 @@
-"""Websocket-to-VNC proxies: what Apache forwards each account's websocket path to.
-
-Three modes stand behind :class:`ProxyMode` (``proxy.mode`` in the config):
+"""``proxy.mode`` per-account and shared: websockify processes that Apache forwards each account's websocket to.
 
 * ``per-account`` (:class:`PerAccountWebsockify`): one websockify process per account, each forked
   from one pre-loaded parent (:mod:`gateway.proxies.websockify_server`);
 * ``shared`` (:class:`SharedWebsockify`): one websockify with its TokenFile plugin; each account's
-  Apache route carries a random secret token that the token file maps to the account's desktop;
-* ``builtin`` (:class:`gateway.proxies.relay.BuiltinRelay`): the gateway's own aiohttp server relays each
-  account's websocket to its desktop; no extra process.
+  Apache route carries a random secret token that the token file maps to the account's desktop.
 
-The supervisor only uses :meth:`ProxyMode.start`, :meth:`ProxyMode.stop` and
-:meth:`RunningProxy.wait`, so it does not know which mode runs.
+The third mode, ``builtin``, is :class:`gateway.proxies.relay.BuiltinRelay`; what the modes share is
+:mod:`gateway.proxies.base`.
 """
 
 from __future__ import annotations
 
-import abc
 import asyncio
 import logging
 import secrets
 import socket
 import sys
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
 
-from aiohttp import web
-
-from gateway.backends.base import Endpoint
-from gateway.model.config import Config
 from gateway.common.files import atomic_write
-from gateway.common.proc import ProcessIdentity, process_start_time, spawn, terminate_group
+from gateway.common.proc import (
+    ProcessIdentity,
+    process_start_time,
+    spawn_listening,
+    stop_unless_listening,
+    terminate_group,
+)
+from gateway.model.config import Config
+from gateway.model.status import Endpoint
 from gateway.model.tokens import Account
+from gateway.proxies.base import ProxyMode, Route, RunningProxy, reported_as_start_error
 from gateway.proxies.websockify_server import ForkServer, ProxySpec
 
-if TYPE_CHECKING:
-    from gateway.model.status import DesktopSlot
-
-__all__ = ["Route", "ProxyMode", "PerAccountWebsockify", "SharedWebsockify", "RunningProxy", "websockify_argv",
-           "wait_for_port", "ProxyStartError", "make_proxy_mode"]
+__all__ = ["PerAccountWebsockify", "SharedWebsockify", "websockify_argv"]
 
 log = logging.getLogger("gateway.proxy")
 
-
-@dataclass(frozen=True, slots=True)
-class Route:
-    """One Apache route: a public websocket path to a listener on 127.0.0.1.
-
-    ``port`` None means the gateway's own web server (its port is known only once it listens).
-    ``target`` is the path (and query) asked of that listener; ``nocanon`` passes it to the
-    backend as written (needed for a ``?token=`` query, which Apache would otherwise escape).
-    """
-
-    account: str
-    path: str
-    port: int | None
-    target: str = "/"
-    nocanon: bool = False
-
-
-class ProxyProcess(Protocol):
-    """What the gateway uses of a proxy process: an asyncio subprocess, or a forked websockify."""
-
-    pid: int
-    returncode: int | None
-
-    async def wait(self) -> int: ...
-
-
-@dataclass(slots=True)
-class RunningProxy:
-    """One account's running proxy, as :meth:`ProxyMode.start` returned it.
-
-    ``process`` and ``identity`` are the websockify serving the account (shared by every account
-    in shared mode), or None when the proxy runs inside the gateway (builtin mode).
-    """
-
-    account: str
-    endpoint: Endpoint
-    process: ProxyProcess | None = None
-    identity: ProcessIdentity | None = None
-    _stopped: asyncio.Event = field(default_factory=asyncio.Event)
-
-    @property
-    def alive(self) -> bool:
-        if self.process is not None:
-            return self.process.returncode is None
-        return not self._stopped.is_set()
-
-    async def wait(self) -> int:
-        """Return once the proxy has died (or was stopped): its exit status, 0 for builtin."""
-        if self.process is not None:
-            return await self.process.wait()
-        await self._stopped.wait()
-        return 0
-
-    def mark_stopped(self) -> None:
-        self._stopped.set()
-
-
-class ProxyMode(abc.ABC):
-    """How websockets reach VNC servers. Listeners bind to 127.0.0.1 only."""
-
-    name: str
-
-    @abc.abstractmethod
-    def routes(self, accounts: Sequence[Account]) -> list[Route]:
-        """The Apache routes for these accounts; fixed for the life of the gateway."""
-
-    @abc.abstractmethod
-    async def start(self, account: Account, endpoint: Endpoint) -> RunningProxy:
-        """Start forwarding ``account``'s websocket to ``endpoint``; return once it listens.
-
-        May be called again for the same account after its proxy died or its endpoint moved.
-        """
-
-    def web_routes(self, accounts: Sequence[Account]) -> list[web.RouteDef]:
-        """Routes this mode adds to the gateway's own web server (only the builtin relay has any)."""
-        return []
-
-    async def stop(self, proxy: RunningProxy) -> None:
-        """Stop forwarding for the account ``proxy`` was started for; idempotent."""
-        if proxy.identity is not None:
-            await terminate_group(proxy.identity, proc=proxy.process, grace_s=3)  # type: ignore[arg-type]
-        proxy.mark_stopped()
-
+#: How long a websockify may take to listen after it was started.
+LISTEN_TIMEOUT_S = 15
 
 def websockify_argv(listen_port: int, target: Endpoint | Path, *, heartbeat_s: int) -> list[str]:
     """websockify for one target endpoint, or (given a token file) for the targets it lists."""
@@ -167,11 +80,9 @@ class PerAccountWebsockify(ProxyMode):
             proc = await self.server.fork(self.spec(account, endpoint))
             # The child leads its own session: its process group is its pid, as with spawn().
             identity = ProcessIdentity(proc.pid, proc.pid, process_start_time(proc.pid) or 0)
-            try:
-                await wait_for_port("127.0.0.1", account.websocket_port, timeout_s=15, process=proc)
-            except BaseException:
-                await terminate_group(identity, proc=proc, grace_s=1)  # type: ignore[arg-type]
-                raise
+            with reported_as_start_error():
+                await stop_unless_listening(proc, identity, host="127.0.0.1",  # type: ignore[arg-type]
+                                            port=account.websocket_port, timeout_s=LISTEN_TIMEOUT_S)
         finally:
             self._starting -= 1
         log.info("proxy started account=%s port=%d target=%s pid=%d",
@@ -236,12 +147,9 @@ class SharedWebsockify(ProxyMode):
         if self._identity is not None:  # died: make sure no child of it still holds the port
             await terminate_group(self._identity, proc=self._process, grace_s=1)
         argv = websockify_argv(self.port, self.token_file, heartbeat_s=self.heartbeat_s)
-        proc, identity = await spawn(argv, log_path=self.logs_dir / "shared.websockify.log")
-        try:
-            await wait_for_port("127.0.0.1", self.port, timeout_s=15, process=proc)
-        except BaseException:
-            await terminate_group(identity, proc=proc, grace_s=1)
-            raise
+        with reported_as_start_error():
+            proc, identity = await spawn_listening(argv, host="127.0.0.1", port=self.port, timeout_s=LISTEN_TIMEOUT_S,
+                                                   log_path=self.logs_dir / "shared.websockify.log")
         self._process, self._identity = proc, identity
         log.info("shared proxy started port=%d accounts=%d pid=%d", self.port, len(self._targets), proc.pid)
 
@@ -259,41 +167,3 @@ def _free_loopback_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-class ProxyStartError(Exception):
-    pass
-
-
-async def wait_for_port(host: str, port: int, *, timeout_s: float,
-                        process: ProxyProcess | None = None) -> None:
-    """Return once a TCP connection to host:port succeeds; fail early if ``process`` exits."""
-    delay = 0.02
-    try:
-        async with asyncio.timeout(timeout_s):
-            while True:
-                if process is not None and process.returncode is not None:
-                    raise ProxyStartError(f"exited with status {process.returncode} before listening on {port}")
-                try:
-                    _, writer = await asyncio.open_connection(host, port)
-                except OSError:
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 0.25)
-                    continue
-                writer.close()
-                await writer.wait_closed()
-                return
-    except TimeoutError:
-        raise ProxyStartError(f"nothing listened on {host}:{port} within {timeout_s:g} s") from None
-
-
-def make_proxy_mode(config: Config, *, logs_dir: Path, runtime_dir: Path,
-                    slots: Mapping[str, "DesktopSlot"]) -> ProxyMode:
-    """The proxy mode ``config.proxy.mode`` names."""
-    if config.proxy.mode == "shared":
-        return SharedWebsockify(config, logs_dir, runtime_dir)
-    if config.proxy.mode == "builtin":
-        from gateway.proxies.relay import BuiltinRelay  # it imports this module
-
-        return BuiltinRelay(config, slots)
-    return PerAccountWebsockify(config, logs_dir)

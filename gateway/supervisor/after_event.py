@@ -17,23 +17,23 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
-from aiohttp import web
-
+from gateway.backends.base import BackendError
+from gateway.common.files import atomic_write, ensure_private_dir
 from gateway.model.archive import archive_records
-from gateway.backends.base import BackendError, Endpoint
-from gateway.web.cockpit import GatewayMetrics
 from gateway.model.config import Config, load_config, parse_listen
 from gateway.model.errors import UserError
-from gateway.common.files import atomic_write, ensure_private_dir
-from gateway.proxies.websockify import ProxyMode, RunningProxy
 from gateway.model.state import StateStore
 from gateway.model.status import DesktopSlot, Phase
-from gateway.supervisor.gateway import Gateway, GatewayOptions, port_is_free
-from gateway.model.tokens import Account, TokenFile
-from gateway.web.app import TEMPLATES
+from gateway.model.tokens import TokenFile
+from gateway.proxies.apache import novnc_dir
+from gateway.supervisor.front import WebFront, gateway_url, port_is_free
+from gateway.supervisor.gateway import GatewayOptions
+from gateway.supervisor.recover import STATE_DB, open_state_store, stop_leftover_services
+from gateway.web.app import TEMPLATES, make_app
+from gateway.web.cockpit import GatewayMetrics
 
 __all__ = ["AfterEventGateway", "after_event_problems", "downloads_line", "record_invocation", "EVENT_OVER"]
 
@@ -43,18 +43,6 @@ log = logging.getLogger("gateway.after_event")
 EVENT_OVER = "the event is over"
 #: In the state dir: how `gateway up` was last run (token file, config), for `gateway down`'s last line.
 INVOCATION_RECORD = "last-up.json"
-
-
-class _NoProxies(ProxyMode):
-    """No desktop runs after the event, so no websocket reaches one."""
-
-    name = "none"
-
-    def routes(self, accounts: Sequence[Account]) -> list:  # type: ignore[type-arg]
-        return []
-
-    async def start(self, account: Account, endpoint: Endpoint) -> RunningProxy:
-        raise RuntimeError("no desktops run after the event")
 
 
 def after_event_problems(config: Config) -> list[str]:
@@ -76,29 +64,20 @@ def landing_notice(config: Config) -> str:
             "sign in with your account and password to fetch them.")
 
 
-class AfterEventGateway(Gateway):
-    """The web front of :class:`Gateway` (pages, sign-in, archives, admin, metrics), without desktops."""
+class AfterEventGateway:
+    """The web front of :class:`~gateway.supervisor.gateway.Gateway` (pages, sign-in, archives, admin,
+    metrics), without desktops: it makes no backend and no proxy mode, so nothing of those can run."""
 
     def __init__(self, tokens: TokenFile, config: Config, options: GatewayOptions) -> None:
-        # Not Gateway.__init__: that makes the backends and the proxy mode, and nothing of those may run.
         self.tokens = tokens
         self.config = config
         self.options = options
-        self.state_dir = options.state_dir
-        self.logs_dir = options.state_dir / "logs"
         self.slots = {a.id: DesktopSlot(a, phase=Phase.STOPPED, reason=EVENT_OVER, backend="none")
                       for a in tokens.accounts}
-        self.backends = {}
-        self.proxy_mode = _NoProxies()
-        self.metrics = GatewayMetrics()
-        self.thumbnails = None  # type: ignore[assignment]
-        self.watchers = {}
-        self.cockpit = None
-        self.changed = asyncio.Event()
-        self.store = None
-        self.apache = None
-        self.web_port = None
-        self.idle = None
+
+    @property
+    def url(self) -> str:
+        return gateway_url(self.config, self.options.listen)
 
     async def act(self, account_id: str, action: str) -> str:
         if account_id not in self.slots:
@@ -111,47 +90,47 @@ class AfterEventGateway(Gateway):
     async def extend(self, seconds: float, accounts: list[str] | None, actor: str) -> list[str]:
         return [f"nothing to extend: {EVENT_OVER} (downloads are offered {until_text(self.config)})"]
 
-    def customise_app(self, app: web.Application) -> None:
-        app[TEMPLATES].globals["after_event"] = landing_notice(self.config)
-
     async def run(self, stop: asyncio.Event, *, on_ready: Callable[[str], None] | None = None) -> None:
-        ensure_private_dir(self.state_dir)
-        self.logs_dir.mkdir(exist_ok=True)
+        state_dir = self.options.state_dir
+        ensure_private_dir(state_dir)
+        (state_dir / "logs").mkdir(exist_ok=True)
         async with contextlib.AsyncExitStack() as stack:
-            self.store = StateStore(self.state_dir / "gateway.db")
-            stack.callback(self.store.close)
-            self._refuse_running_desktops()
-            await self._clean_stale_services()
+            store = open_state_store(state_dir)
+            stack.callback(store.close)
+            _refuse_running_desktops(store)
+            await stop_leftover_services(store)
             host, port = parse_listen(self.options.listen)
             if not port_is_free(host, port):
                 raise UserError(f"--listen {self.options.listen}: the port is already in use")
-            self.cockpit = self._make_cockpit()
-            await self._start_control(stack)
-            await self._start_web(stack)
-            await self._start_front(stack)
-            self.store.record_event("after-event:up", None, f"downloads served at {self.url}")
+            front = WebFront(self.config, state_dir, self.options.listen, store)
+            cockpit = front.make_cockpit(self.slots, act=self.act, metrics=GatewayMetrics(), thumbnails=None,
+                                         extend=self.extend)
+            app = make_app(self.config, self.slots, novnc=novnc_dir(self.config), store=store,
+                           state_dir=state_dir, cockpit=cockpit, set_keyboard_layout=self.set_keyboard_layout)
+            app[TEMPLATES].globals["after_event"] = landing_notice(self.config)
+            apache = await front.serve(stack, app, cockpit, routes=[])
+            store.record_event("after-event:up", None, f"downloads served at {self.url}")
             if on_ready is not None:
-                on_ready(self._announcement())
+                on_ready(self._announcement(store))
             async with asyncio.TaskGroup() as group:
-                keeper = group.create_task(self._keep_apache()) if self.apache is not None else None
+                keeper = group.create_task(front.keep_apache(apache)) if apache is not None else None
                 await stop.wait()
                 if keeper is not None:
                     keeper.cancel()
-            self.store.record_event("after-event:down", None, "")
+            store.record_event("after-event:down", None, "")
 
-    def _refuse_running_desktops(self) -> None:
-        assert self.store is not None
-        left = sorted(self.store.desktops())
-        if left:
-            raise UserError(f"desktops of the event are still recorded ({', '.join(left[:5])}"
-                            f"{', ...' if len(left) > 5 else ''}): stop them with `gateway down` first")
-
-    def _announcement(self) -> str:
-        assert self.store is not None
-        packed = {r.account for r in archive_records(self.store)}
+    def _announcement(self, store: StateStore) -> str:
+        packed = {r.account for r in archive_records(store)}
         count = sum(1 for account in self.slots if account in packed)
         return (f"After the event: {count} of {len(self.slots)} archives offered for download "
                 f"{until_text(self.config)}; no desktops run.\nLanding page: {self.url}")
+
+
+def _refuse_running_desktops(store: StateStore) -> None:
+    left = sorted(store.desktops())
+    if left:
+        raise UserError(f"desktops of the event are still recorded ({', '.join(left[:5])}"
+                        f"{', ...' if len(left) > 5 else ''}): stop them with `gateway down` first")
 
 
 # -- what `gateway down` says last -------------------------------------------------------------------
@@ -177,10 +156,9 @@ def downloads_line(state_dir: Path, config_path: Path | None) -> str:
 
     The config is ``config_path``, else the one the last `gateway up` was given (for archive.expires).
     """
-    store_path = state_dir / "gateway.db"
-    if not store_path.exists():
+    if not (state_dir / STATE_DB).exists():
         return "Nothing remains offered: this state dir has no archives."
-    store = StateStore(store_path)
+    store = open_state_store(state_dir)
     try:
         count = len(archive_records(store))
     finally:

@@ -18,7 +18,6 @@ import smtplib
 import socket
 import ssl
 import stat
-import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass
 from email.message import EmailMessage

@@ -4,10 +4,11 @@ One task in the supervisor's task group checks every ready desktop each ``idle.c
 A desktop is idle once it had no viewer for ``after_minutes_without_viewers`` or no keyboard or
 mouse input for ``after_minutes_without_input`` (whichever is configured and comes first; input is
 only seen in proxy.mode builtin). ``warn_minutes_before`` that moment a message is shown inside
-the desktop (Backend.notify); the action follows no earlier than that long after the warning, and
-never while a viewer typed within the warning time. Inside the event window ``event_action``
-applies (default: nothing), outside it ``action``. Actions go through Gateway.act, like an
-organiser's, and every warning and action is written to the audit log.
+the desktop (by its watcher, Backend.notify); the action follows no earlier than that long after
+the warning, and never while a viewer typed within the warning time. Inside the event window ``event_action``
+applies (default: nothing), outside it ``action``. Warnings and actions are commands to the
+desktop's watcher (gateway.supervisor.commands), like an organiser's, and every warning and action
+is written to the audit log.
 
 The same task warns inside each ready desktop before its end (``end_warnings_minutes``, default 15
 and 5): the end of its Slurm job (its time limit, as the watcher's polls report it) or ``event_end``,
@@ -23,17 +24,14 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from gateway.model.config import IdleConfig, parse_moment
 from gateway.common.netstat import established_by_remote
 from gateway.model.state import StateStore
 from gateway.model.status import DesktopSlot, Phase
 
-if TYPE_CHECKING:
-    from gateway.supervisor.gateway import Gateway
-
-__all__ = ["IdlePolicy", "IdleDecision", "IdleWatcher", "idle_watcher_for"]
+__all__ = ["IdlePolicy", "IdleDecision", "IdleWatcher"]
 
 log = logging.getLogger("gateway.idle")
 
@@ -257,26 +255,3 @@ def _duration(seconds: float) -> str:
     if seconds < 90:
         return f"{max(1, round(seconds))} s"
     return f"{round(seconds / 60)} min"
-
-
-NOTIFY_TIMEOUT_S = 15.0
-
-
-def idle_watcher_for(gateway: "Gateway") -> IdleWatcher:
-    """The idle watcher of a running gateway: actions through Gateway.act, warnings through the
-    account's backend (Backend.notify) on the desktop its watcher currently runs."""
-    from gateway.web.cockpit import viewer_count
-
-    async def notify(account_id: str, text: str) -> None:
-        watcher = gateway.watchers.get(account_id)
-        if watcher is None or watcher.state is None:
-            return
-        try:
-            async with asyncio.timeout(NOTIFY_TIMEOUT_S):
-                await watcher.backend.notify(watcher.account, watcher.state, text)
-        except Exception as exc:  # a warning that can't be shown never stops idle handling
-            log.warning("idle warning not shown account=%s error=%s", account_id, str(exc) or type(exc).__name__)
-
-    assert gateway.store is not None
-    return IdleWatcher(gateway.config.idle, gateway.slots, gateway.store, act=gateway.act, notify=notify,
-                       count_viewers=viewer_count, input_known=gateway.config.proxy.mode == "builtin")

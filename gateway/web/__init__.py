@@ -1,5 +1,10 @@
 """The gateway's web app: landing and viewer pages, participants, the organiser's cockpit, files, DCV.
 
-:mod:`gateway.web.app` composes every route. May import: :mod:`gateway.backends`' public interface
-(never a backend's own module), :mod:`gateway.model`, :mod:`gateway.common`. Never :mod:`gateway.proxies`.
+:mod:`gateway.web.app` composes every route, and only it imports the route modules (``pages``,
+``signup``, ``participant``, ``dcv_proxy``, ``transfer``, ``watch``, ``wall``, ``cockpit``). They share
+``context`` (app keys, the page renderer), ``sessions`` (participants' sign-in), ``admin_access`` (the
+organisers' credential), ``theme``, ``terms`` and ``thumbnails``, never each other.
+
+May import: :mod:`gateway.backends`' public interface (never a backend's own module), :mod:`gateway.model`,
+:mod:`gateway.common`. Never :mod:`gateway.proxies`.
 """

@@ -14,13 +14,12 @@ the audit log in the state database with who asked, from where, and when.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,17 +28,18 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from gateway.common.files import atomic_write
-from gateway.common.frontdoor import BoundedTable
-from gateway.common.httpauth import basic_credentials, client_address
+from gateway.common.files import read_or_create_secret
 from gateway.common.netstat import established_by_remote
+from gateway.model.signups import claims
 from gateway.model.state import StateStore
 from gateway.model.status import DesktopSlot, Phase
+from gateway.web.admin_access import check_admin
+from gateway.web.context import client_address_of, render_page
 from gateway.web.thumbnails import ThumbnailService
-from gateway.web.app import CONFIG
 
 __all__ = [
     "ACTIONS",
+    "COCKPIT",
     "Cockpit",
     "GatewayMetrics",
     "status_rows",
@@ -48,6 +48,9 @@ __all__ = [
     "load_or_create_admin_password",
     "fetch_status",
 ]
+
+#: Each handler's route is written above it, in the order they are matched.
+_routes = web.RouteTableDef()
 
 log = logging.getLogger("gateway.cockpit")
 
@@ -59,9 +62,6 @@ ActFunction = Callable[[str, str], Awaitable[str]]
 ExtendFunction = Callable[[float, "list[str] | None", str], Awaitable[list[str]]]
 #: The longest single `gateway extend` (a day).
 MAX_EXTEND_S = 24 * 3600.0
-
-#: Client addresses whose failed admin sign-ins are remembered at most.
-MAX_FAILURE_ADDRESSES = 10_000
 
 
 class GatewayMetrics:
@@ -176,8 +176,6 @@ class Cockpit:
     isolation: str = ""
     #: `gateway extend` and the admin page's Extend (None: this gateway cannot extend).
     extend: ExtendFunction | None = None
-    #: Failed admin sign-ins per client address (the oldest addresses are dropped past the bound).
-    _failures: BoundedTable[str, list[float]] = field(default_factory=lambda: BoundedTable(MAX_FAILURE_ADDRESSES))
 
     def record(self, actor: str, action: str, account: str, result: str) -> None:
         self.store.record_event(f"admin:{action}", account, f"by {actor}: {result}")
@@ -190,99 +188,53 @@ COCKPIT = web.AppKey("cockpit", Cockpit)
 
 def load_or_create_admin_password(path: Path) -> str:
     """The admin password from ``path``; a random one is made (0600) the first time."""
-    if path.exists():
-        password = path.read_text().strip()
-        if password:
-            return password
-    password = secrets.token_urlsafe(12)
-    atomic_write(path, password + "\n", mode=0o600)
-    log.info("admin password created path=%s", path)
-    return password
+
+    def make() -> str:
+        log.info("admin password created path=%s", path)
+        return secrets.token_urlsafe(12)
+
+    return read_or_create_secret(path, make)
 
 
 # -- admin pages ------------------------------------------------------------------------------------
 
-MAX_FAILURES_PER_MINUTE = 10
+
+def add_admin_routes(app: web.Application) -> None:
+    """The admin page, its APIs and /metrics (the app needs :data:`COCKPIT` and the admin credential).
+
+    The watch and wall routes (the factory adds them) come first: the generic action route
+    (``admin_action``) would take their POSTs too."""
+    app.router.add_routes(_routes)
 
 
-def _client_address(request: web.Request) -> str:
-    """X-Forwarded-For counts only behind the gateway's Apache (private or system), never without one."""
-    config = request.app.get(CONFIG)
-    return client_address(request, behind_apache=config is not None and config.apache.mode != "none")
+@_routes.get("/admin/")
+async def admin_page(request: web.Request) -> web.Response:
+    check_admin(request)
+    return render_page(request, "admin.html.j2", "../")
 
 
-def _check_admin(request: web.Request) -> str:
-    """The admin user name, or an HTTP error: 401 asks for credentials, 429 after too many failures."""
-    cockpit = request.app[COCKPIT]
-    address = _client_address(request)
-    now = time.monotonic()
-    recent = cockpit._failures.get(address, list)
-    recent[:] = [t for t in recent if now - t < 60]
-    if len(recent) >= MAX_FAILURES_PER_MINUTE:
-        raise web.HTTPTooManyRequests(text="Too many failed sign-ins; wait a minute.")
-    user, password = basic_credentials(request) or ("", "")
-    user_ok = hmac.compare_digest(user.encode(), cockpit.admin_user.encode())
-    password_ok = hmac.compare_digest(password.encode(), cockpit.admin_password.encode())
-    if user_ok and password_ok:
-        return user
-    if user or password:
-        recent.append(now)
-        log.warning("admin sign-in refused address=%s", address)
-    raise web.HTTPUnauthorized(headers={"WWW-Authenticate": 'Basic realm="gateway admin", charset="UTF-8"'},
-                               text="Admin credentials required.")
-
-
-def add_admin_routes(app: web.Application, cockpit: Cockpit,
-                     render_page: Callable[[web.Request, str, str], web.Response]) -> None:
-    app[COCKPIT] = cockpit
-    cockpit.metrics.attach(cockpit.slots)
-
-    async def admin_page(request: web.Request) -> web.Response:
-        _check_admin(request)
-        return render_page(request, "admin.html.j2", "../")
-
-    app.router.add_get("/admin/", admin_page)
-    app.router.add_get("/admin", lambda request: _redirect(request, "admin/"))
-    app.router.add_get("/admin/api/desktops", admin_desktops)
-    app.router.add_get("/admin/events", admin_events)
-    app.router.add_get("/admin/api/audit", admin_audit)
-    if cockpit.state_dir is not None:  # instructors' view-only tools, before the generic action route
-        from gateway.web.watch import add_watch_routes
-
-        add_watch_routes(app, slots=cockpit.slots, store=cockpit.store, state_dir=cockpit.state_dir,
-                         check_admin=_check_admin, client_address=_client_address, render_page=render_page,
-                         act=cockpit.act)
-    if cockpit.thumbnails is not None:
-        from gateway.web.thumbnails import add_wall_routes
-
-        add_wall_routes(app, cockpit.thumbnails, slots=cockpit.slots, check_admin=_check_admin,
-                        render_page=render_page)
-    app.router.add_post("/admin/api/extend", admin_extend)
-    app.router.add_post("/admin/api/desktops/{account}/{action}", admin_action)
-    app.router.add_get("/metrics", metrics)
-
-
-async def _redirect(request: web.Request, location: str) -> web.Response:
-    raise web.HTTPFound(location)
+@_routes.get("/admin")
+async def admin_redirect(request: web.Request) -> web.Response:
+    raise web.HTTPFound("admin/")
 
 
 def admin_rows(cockpit: Cockpit) -> list[dict[str, Any]]:
     """The status rows with who signed up for each account (the admin page's Participant column)."""
-    from gateway.model.signups import claims
-
     by_account = {c.account: {"name": c.name, "email": c.email} for c in claims(cockpit.store)}
     return [dict(row, participant=by_account.get(row["account"])) for row in status_rows(cockpit.slots)]
 
 
+@_routes.get("/admin/api/desktops")
 async def admin_desktops(request: web.Request) -> web.Response:
-    _check_admin(request)
+    check_admin(request)
     return web.json_response({"desktops": admin_rows(request.app[COCKPIT])},
                              headers={"Cache-Control": "no-store"})
 
 
+@_routes.get("/admin/events")
 async def admin_events(request: web.Request) -> web.StreamResponse:
     """Server-sent events: the status rows every two seconds while the page is open."""
-    _check_admin(request)
+    check_admin(request)
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
                                            "X-Accel-Buffering": "no"})
     await response.prepare(request)
@@ -297,16 +249,18 @@ async def admin_events(request: web.Request) -> web.StreamResponse:
     return response
 
 
+@_routes.get("/admin/api/audit")
 async def admin_audit(request: web.Request) -> web.Response:
-    _check_admin(request)
+    check_admin(request)
     events = request.app[COCKPIT].store.events()[-200:]
     return web.json_response({"events": [
         {"at": at, "account": account, "kind": kind, "detail": detail} for at, account, kind, detail in events
     ]})
 
 
+@_routes.post("/admin/api/desktops/{account}/{action}")
 async def admin_action(request: web.Request) -> web.Response:
-    user = _check_admin(request)
+    user = check_admin(request)
     # Browsers send Basic credentials with any request to this origin, forms from other sites
     # included; a JSON body needs a CORS preflight they won't get, so it is the CSRF guard.
     if request.content_type != "application/json":
@@ -316,7 +270,7 @@ async def admin_action(request: web.Request) -> web.Response:
     if account not in cockpit.slots or action not in ACTIONS:
         raise web.HTTPNotFound(text="no such account or action")
     result = await cockpit.act(account, action)
-    cockpit.record(f"{user}@{_client_address(request)}", action, account, result)
+    cockpit.record(f"{user}@{client_address_of(request)}", action, account, result)
     return web.json_response({"account": account, "action": action, "result": result})
 
 
@@ -347,20 +301,22 @@ async def _run_extend(cockpit: Cockpit, body: object, actor: str) -> web.Respons
     return web.json_response({"minutes": seconds / 60, "lines": lines})
 
 
+@_routes.post("/admin/api/extend")
 async def admin_extend(request: web.Request) -> web.Response:
     """The admin page's Extend: the same as `gateway extend`, recorded with who asked from where."""
-    user = _check_admin(request)
+    user = check_admin(request)
     if request.content_type != "application/json":  # the CSRF guard, as for the other actions
         raise web.HTTPUnsupportedMediaType(text="send application/json")
     try:
         body = await request.json()
     except ValueError:
         return web.json_response({"error": "send JSON"}, status=400)
-    return await _run_extend(request.app[COCKPIT], body, f"{user}@{_client_address(request)}")
+    return await _run_extend(request.app[COCKPIT], body, f"{user}@{client_address_of(request)}")
 
 
+@_routes.get("/metrics")
 async def metrics(request: web.Request) -> web.Response:
-    _check_admin(request)
+    check_admin(request)
     return web.Response(body=request.app[COCKPIT].metrics.render(),
                         headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 

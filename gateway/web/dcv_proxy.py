@@ -8,7 +8,7 @@ Routes (added to the gateway's aiohttp app; Apache forwards ``/dcv/`` here, webs
   user; never a password).
 
 Both are served only to the participant of ACCOUNT: signed in (the session cookie of
-:mod:`gateway.web.participant`) or sending ACCOUNT's id and password as HTTP Basic credentials. Any
+:mod:`gateway.web.sessions`) or sending ACCOUNT's id and password as HTTP Basic credentials. Any
 other account's credentials get 403, and so does a cross-site request (Sec-Fetch-Site, Origin). The target is exactly the endpoint the supervisor registered for
 that account (its slot, once ready with protocol "dcv"); no host, port or path prefix comes from the
 request. The gateway's own credentials and cookies are not passed on to DCV.
@@ -25,13 +25,13 @@ import aiohttp
 from aiohttp import WSMsgType, web
 from yarl import URL
 
-from gateway.web import participant
 from gateway.backends.dcv_access import connection_file, upstream_ssl, web_url_path
 from gateway.model.config import Config
 from gateway.model.status import DesktopSlot, Phase
-from gateway.web.app import CONFIG, SLOTS
+from gateway.web.context import CONFIG, SLOTS
+from gateway.web.sessions import CSRF_COOKIE, SESSION_COOKIE, authenticated_slot
 
-__all__ = ["add_routes", "DCV_PREFIX"]
+__all__ = ["add_dcv_routes", "DCV_PREFIX"]
 
 log = logging.getLogger("gateway.dcv_proxy")
 
@@ -47,11 +47,11 @@ _HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "prox
 #: Never sent to DCV: the gateway's credentials, and what the websocket handshake sets itself.
 _NOT_FORWARDED = _HOP_BY_HOP | {"authorization", "cookie", "sec-websocket-key", "sec-websocket-version",
                                 "sec-websocket-extensions", "sec-websocket-protocol", "sec-websocket-accept"}
-_GATEWAY_COOKIES = frozenset({participant.SESSION_COOKIE, participant.CSRF_COOKIE})
+_GATEWAY_COOKIES = frozenset({SESSION_COOKIE, CSRF_COOKIE})
 
 
-def add_routes(app: web.Application, config: Config) -> None:
-    """Add the DCV routes (see the module docstring). Needs the participants' routes (sign-in)."""
+def add_dcv_routes(app: web.Application) -> None:
+    """Add the DCV routes (see the module docstring). The app needs the participants' sessions."""
     app.cleanup_ctx.append(_http_client)
     app.router.add_get(DCV_PREFIX + "{account}.dcv", connection_file_download)
     app.router.add_get(DCV_PREFIX + "{account}", _add_slash)
@@ -73,7 +73,7 @@ def _own_slot(request: web.Request) -> DesktopSlot:
     slot = request.app[SLOTS].get(wanted)
     if slot is None:
         raise web.HTTPNotFound(text="No such account.")
-    own = participant.authenticated_slot(request, realm=REALM)
+    own = authenticated_slot(request, realm=REALM)
     if own.account.id != wanted:
         log.warning("DCV route refused: account=%s asked for another account's session", own.account.id)
         raise web.HTTPForbidden(text="This is not your session.")

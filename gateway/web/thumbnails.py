@@ -1,4 +1,4 @@
-"""The wall of live thumbnails (/admin/wall): a small PNG of every desktop, refreshed while someone looks.
+"""The wall's thumbnails (:mod:`gateway.web.wall`): a small PNG of every desktop, fresh while someone looks.
 
 One task in the supervisor's task group grabs every ready VNC desktop's screen over RFB (a shared
 connection with the view-only password, so the participant is never disturbed or disconnected),
@@ -13,18 +13,16 @@ import asyncio
 import io
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-
-from aiohttp import web
 
 from gateway.common import rfb
 from gateway.model.config import WallConfig
 from gateway.model.status import DesktopSlot, Phase
 from gateway.model.viewonly import view_only_password
 
-__all__ = ["Thumbnail", "ThumbnailService", "add_wall_routes", "render_thumbnail", "parse_size"]
+__all__ = ["Thumbnail", "ThumbnailService", "render_thumbnail", "parse_size"]
 
 log = logging.getLogger("gateway.thumbnails")
 
@@ -124,35 +122,3 @@ class ThumbnailService:
             except TimeoutError:
                 break
         return self.cache.get(account)
-
-
-def add_wall_routes(
-    app: web.Application,
-    service: ThumbnailService,
-    *,
-    slots: Mapping[str, DesktopSlot],
-    check_admin: Callable[[web.Request], str],
-    render_page: Callable[..., web.Response],
-) -> None:
-    async def wall(request: web.Request) -> web.Response:
-        check_admin(request)
-        service.watched()
-        width, height = service.size
-        return render_page(request, "admin-wall.html.j2", "../", interval_s=service.config.interval_s,
-                           thumbnail_width=width, thumbnail_height=height)
-
-    async def thumbnail(request: web.Request) -> web.Response:
-        check_admin(request)
-        account = request.match_info["account"]
-        if account not in slots:
-            raise web.HTTPNotFound(text="No such account.")
-        picture = await service.thumbnail(account)
-        if picture is None:
-            raise web.HTTPNotFound(text="No picture of this desktop yet.", headers={"Cache-Control": "no-store"})
-        return web.Response(body=picture.png, content_type="image/png",
-                            headers={"Cache-Control": "no-store",
-                                     "Last-Modified": time.strftime("%a, %d %b %Y %H:%M:%S GMT",
-                                                                    time.gmtime(picture.taken_at))})
-
-    app.router.add_get("/admin/wall", wall)
-    app.router.add_get("/admin/api/thumbnail/{account}.png", thumbnail)

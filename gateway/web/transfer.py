@@ -36,8 +36,10 @@ from aiohttp import web
 from gateway.model.config import Config
 from gateway.backends.desktop_users import account_workspace, recorded_users
 from gateway.model.status import DesktopSlot
+from gateway.web.context import SLOTS
+from gateway.web.sessions import session_account
 
-__all__ = ["TRANSFER", "Transfers", "add_routes", "TransferRefused", "safe_name"]
+__all__ = ["TRANSFER", "Transfers", "add_transfer_routes", "TransferRefused", "safe_name"]
 
 log = logging.getLogger("gateway.transfer")
 
@@ -147,9 +149,6 @@ def _regular_files(folder: int, owner: Owner) -> Iterator[tuple[str, os.stat_res
 
 def _participant(request: web.Request) -> tuple[Transfers, DesktopSlot]:
     """The request's own account (from its session), or an HTTP error: files are nobody else's."""
-    from gateway.web.participant import session_account
-    from gateway.web.app import SLOTS
-
     wanted = request.match_info["account"]
     slot = session_account(request)
     if slot is None:
@@ -353,9 +352,8 @@ async def download(request: web.Request) -> web.StreamResponse:
         os.close(fd)
 
 
-def add_routes(app: web.Application, *, config: Config, state_dir: Path) -> None:
-    """The file routes, when ``transfer.enabled`` (see the module docstring)."""
-    app[TRANSFER] = Transfers(config, state_dir)
+def add_transfer_routes(app: web.Application) -> None:
+    """The file routes, when ``transfer.enabled`` (see the module docstring; the app needs :data:`TRANSFER`)."""
     app.router.add_get("/files/{account}/", list_files)
     app.router.add_put("/files/{account}/uploads/{name}", upload)
     app.router.add_get("/files/{account}/downloads/{name}", download)

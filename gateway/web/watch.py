@@ -26,7 +26,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,8 +35,10 @@ from aiohttp import web
 from gateway.model.state import StateStore
 from gateway.model.status import DesktopSlot
 from gateway.model.viewonly import rotate_view_only_password, view_only_made_at, view_only_password
+from gateway.web.admin_access import check_admin
+from gateway.web.context import client_address_of, render_page
 
-__all__ = ["WatchLinks", "WatchLink", "add_watch_routes", "DEFAULT_LINK_MINUTES", "MAX_LINK_MINUTES",
+__all__ = ["WatchLinks", "WatchLink", "Watching", "WATCHING", "add_watch_routes", "DEFAULT_LINK_MINUTES", "MAX_LINK_MINUTES",
            "retire_view_only_password", "REFRESH_PASSWORDS"]
 
 #: The watcher command that rewrites a running desktop's password file (see AccountWatcher).
@@ -116,102 +118,117 @@ async def retire_view_only_password(state_dir: Path, account: str, act: ActFunct
     log.info("view-only password replaced account=%s why=%s", account, why)
 
 
-def add_watch_routes(
-    app: web.Application,
-    *,
-    slots: dict[str, DesktopSlot] | object,
-    store: StateStore,
-    state_dir: Path,
-    check_admin: Callable[[web.Request], str],
-    client_address: Callable[[web.Request], str],
-    render_page: Callable[..., web.Response],
-    act: ActFunction | None = None,
-) -> None:
-    """The watch page, share-link creation (both behind the admin credential) and /watch/<token>."""
-    links = WatchLinks(store)
+@dataclass(frozen=True, slots=True)
+class Watching:
+    """What the watch routes need from the running gateway (one per app, under :data:`WATCHING`)."""
 
-    def page(request: web.Request, slot: DesktopSlot, root: str) -> web.Response:
-        if slot.protocol != "vnc":
-            raise web.HTTPConflict(text=f"Watching works for VNC desktops; {slot.account.id} uses {slot.protocol}.")
-        response = render_page(
-            request, "viewer.html.j2", root, account=slot.account.id,
-            websocket_path=slot.account.websocket_path.lstrip("/"), novnc_url=f"{root}novnc/",
-            view_only=True, watch_password=view_only_password(state_dir, slot.account.id),
-            # The viewer page's keyboard-layout picker is hidden in view-only mode.
-            keyboard_layout=getattr(slot, "keyboard_layout", ""), keyboard_layouts=[],
-        )
-        response.headers["Cache-Control"] = "no-store"
-        return response
+    slots: Mapping[str, DesktopSlot]
+    store: StateStore
+    state_dir: Path
+    #: Asks a desktop's watcher to act (here: use the new view-only password); None in small test setups.
+    act: ActFunction | None = None
 
-    def slot_of(account: str) -> DesktopSlot:
-        slot = slots.get(account)  # type: ignore[union-attr]
+    @property
+    def links(self) -> WatchLinks:
+        return WatchLinks(self.store)
+
+    def slot_of(self, account: str) -> DesktopSlot:
+        slot = self.slots.get(account)
         if slot is None:
             raise web.HTTPNotFound(text="No such account.")
         return slot
 
-    async def admin_watch(request: web.Request) -> web.Response:
-        user = check_admin(request)
-        slot = slot_of(request.match_info["account"])
-        response = page(request, slot, "../../")
-        store.record_event("admin:watch", slot.account.id, f"by {user}@{client_address(request)}: view-only")
-        return response
 
-    async def admin_share(request: web.Request) -> web.Response:
-        user = check_admin(request)
-        if request.content_type != "application/json":  # the CSRF guard, as for the other actions
-            raise web.HTTPUnsupportedMediaType(text="send application/json")
-        slot = slot_of(request.match_info["account"])
-        try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise web.HTTPBadRequest(text="the body must be JSON") from None
-        minutes = body.get("minutes", DEFAULT_LINK_MINUTES) if isinstance(body, dict) else None
-        if isinstance(minutes, bool) or not isinstance(minutes, (int, float)) or not 0 < minutes <= MAX_LINK_MINUTES:
-            raise web.HTTPBadRequest(text=f"minutes must be a number above 0 and at most {MAX_LINK_MINUTES:g}")
-        if slot.protocol != "vnc":
-            raise web.HTTPConflict(text=f"Watching works for VNC desktops; {slot.account.id} uses {slot.protocol}.")
-        actor = f"{user}@{client_address(request)}"
-        token, link = links.create(slot.account.id, actor, float(minutes))
-        expires = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(link.expires_at))
-        store.record_event("admin:share", slot.account.id,
-                           f"by {actor}: view-only link {_digest(token)[:12]} until {expires}")
-        log.info("view-only link made account=%s minutes=%g", slot.account.id, minutes)
-        return web.json_response({"account": slot.account.id, "path": f"watch/{token}",
-                                  "expires_at": link.expires_at}, headers={"Cache-Control": "no-store"})
+WATCHING = web.AppKey("watching", Watching)
 
-    async def admin_revoke(request: web.Request) -> web.Response:
-        user = check_admin(request)
-        if request.content_type != "application/json":  # the CSRF guard, as for the other actions
-            raise web.HTTPUnsupportedMediaType(text="send application/json")
-        slot = slot_of(request.match_info["account"])
-        ended = links.revoke(slot.account.id)
-        actor = f"{user}@{client_address(request)}"
-        store.record_event("admin:share-revoke", slot.account.id, f"by {actor}: {ended} link(s) ended")
-        if act is not None:
-            await retire_view_only_password(state_dir, slot.account.id, act, store, f"links revoked by {actor}")
-        return web.json_response({"account": slot.account.id, "revoked": ended},
-                                  headers={"Cache-Control": "no-store"})
 
-    async def shared_watch(request: web.Request) -> web.Response:
-        token = request.match_info["token"]
-        link = links.find(token)
-        # A real page, not a bare error: whoever opens a stale link should know what to do.
-        if link is None or time.time() >= link.expires_at:
-            expired = link is not None
-            response = render_page(request, "message.html.j2", "../",
-                                   heading="This link has expired" if expired else "This link does not work",
-                                   message=("This view-only link has expired; ask the organiser for a new one."
-                                            if expired else "No such link. Check that you copied all of it, "
-                                            "or ask the organiser for a new one."))
-            response.set_status(410 if expired else 404)
-            return response
-        slot = slot_of(link.account)
-        response = page(request, slot, "../")
-        store.record_event("watch-link:open", link.account,
-                           f"link {_digest(token)[:12]} from {client_address(request)}")
-        return response
+def add_watch_routes(app: web.Application) -> None:
+    """The watch page, share-link creation (both behind the admin credential) and /watch/<token>.
 
+    The app needs :data:`WATCHING` and the admin credential."""
     app.router.add_get("/admin/watch/{account}", admin_watch)
     app.router.add_post("/admin/api/desktops/{account}/share", admin_share)
     app.router.add_post("/admin/api/desktops/{account}/share/revoke", admin_revoke)
     app.router.add_get("/watch/{token}", shared_watch)
+
+
+def _watch_page(request: web.Request, slot: DesktopSlot, root: str) -> web.Response:
+    if slot.protocol != "vnc":
+        raise web.HTTPConflict(text=f"Watching works for VNC desktops; {slot.account.id} uses {slot.protocol}.")
+    response = render_page(
+        request, "viewer.html.j2", root, account=slot.account.id,
+        websocket_path=slot.account.websocket_path.lstrip("/"), novnc_url=f"{root}novnc/",
+        view_only=True, watch_password=view_only_password(request.app[WATCHING].state_dir, slot.account.id),
+        # The viewer page's keyboard-layout picker is hidden in view-only mode.
+        keyboard_layout=getattr(slot, "keyboard_layout", ""), keyboard_layouts=[],
+    )
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+async def admin_watch(request: web.Request) -> web.Response:
+    user = check_admin(request)
+    w = request.app[WATCHING]
+    slot = w.slot_of(request.match_info["account"])
+    response = _watch_page(request, slot, "../../")
+    w.store.record_event("admin:watch", slot.account.id, f"by {user}@{client_address_of(request)}: view-only")
+    return response
+
+
+def _admin_action(request: web.Request) -> tuple[str, Watching, DesktopSlot]:
+    """Who asks (the admin, from where), and about which desktop; 401, 415 or 404 instead."""
+    user = check_admin(request)
+    if request.content_type != "application/json":  # the CSRF guard, as for the other actions
+        raise web.HTTPUnsupportedMediaType(text="send application/json")
+    w = request.app[WATCHING]
+    return f"{user}@{client_address_of(request)}", w, w.slot_of(request.match_info["account"])
+
+
+async def admin_share(request: web.Request) -> web.Response:
+    actor, w, slot = _admin_action(request)
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise web.HTTPBadRequest(text="the body must be JSON") from None
+    minutes = body.get("minutes", DEFAULT_LINK_MINUTES) if isinstance(body, dict) else None
+    if isinstance(minutes, bool) or not isinstance(minutes, (int, float)) or not 0 < minutes <= MAX_LINK_MINUTES:
+        raise web.HTTPBadRequest(text=f"minutes must be a number above 0 and at most {MAX_LINK_MINUTES:g}")
+    if slot.protocol != "vnc":
+        raise web.HTTPConflict(text=f"Watching works for VNC desktops; {slot.account.id} uses {slot.protocol}.")
+    token, link = w.links.create(slot.account.id, actor, float(minutes))
+    expires = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(link.expires_at))
+    w.store.record_event("admin:share", slot.account.id,
+                         f"by {actor}: view-only link {_digest(token)[:12]} until {expires}")
+    log.info("view-only link made account=%s minutes=%g", slot.account.id, minutes)
+    return web.json_response({"account": slot.account.id, "path": f"watch/{token}",
+                              "expires_at": link.expires_at}, headers={"Cache-Control": "no-store"})
+
+
+async def admin_revoke(request: web.Request) -> web.Response:
+    actor, w, slot = _admin_action(request)
+    ended = w.links.revoke(slot.account.id)
+    w.store.record_event("admin:share-revoke", slot.account.id, f"by {actor}: {ended} link(s) ended")
+    if w.act is not None:
+        await retire_view_only_password(w.state_dir, slot.account.id, w.act, w.store, f"links revoked by {actor}")
+    return web.json_response({"account": slot.account.id, "revoked": ended},
+                             headers={"Cache-Control": "no-store"})
+
+
+async def shared_watch(request: web.Request) -> web.Response:
+    w = request.app[WATCHING]
+    token = request.match_info["token"]
+    link = w.links.find(token)
+    # A real page, not a bare error: whoever opens a stale link should know what to do.
+    if link is None or time.time() >= link.expires_at:
+        expired = link is not None
+        response = render_page(request, "message.html.j2", "../",
+                               heading="This link has expired" if expired else "This link does not work",
+                               message=("This view-only link has expired; ask the organiser for a new one."
+                                        if expired else "No such link. Check that you copied all of it, "
+                                        "or ask the organiser for a new one."))
+        response.set_status(410 if expired else 404)
+        return response
+    slot = w.slot_of(link.account)
+    response = _watch_page(request, slot, "../")
+    w.store.record_event("watch-link:open", link.account, f"link {_digest(token)[:12]} from {client_address_of(request)}")
+    return response
