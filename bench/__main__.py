@@ -17,19 +17,22 @@ from .desktops import measure_gateway
 from .load import GATEWAY_CPUS, LOAD_CPUS, Backends, Chain, RefPipe, Target, landing, run_load
 from .realdesk import measure_real_desktops
 from .report import write_report
+from .wifi import measure_wifi
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODES = ("per-account", "shared", "builtin")
 
 PLANS = {
     "quick": {"real": [3], "real_rounds": 3, "real_duration_s": 4.0, "ready": [10], "serial": [], "memory": [10], "latency": [50], "repeats": 3, "duration_s": 4.0,
-              "ready_timeout_s": 120, "landing": 500},
+              "ready_timeout_s": 120, "landing": 500,
+              "wifi_rounds": 1, "wifi_duration_s": 10.0},
     # What a 2-core machine measures in about a quarter of an hour: the 60-desktop and
     # 150-session targets, each load point three times.
     "medium": {"real": [20, 60], "real_rounds": 3, "real_duration_s": 8.0, "ready": [10, 60], "serial": [], "memory": [60], "latency": [50, 100, 150, 200], "repeats": 3,
-               "duration_s": 8.0, "ready_timeout_s": 600, "landing": 500},
+               "duration_s": 8.0, "ready_timeout_s": 600, "landing": 500, "wifi_rounds": 2, "wifi_duration_s": 20.0},
     "full": {"real": [20, 60], "real_rounds": 5, "real_duration_s": 15.0, "ready": [10, 60, 200], "serial": [10, 60], "memory": [60, 200], "latency": [50, 100, 150, 200, 300],
-             "repeats": 5, "duration_s": 15.0, "ready_timeout_s": 900, "landing": 500},
+             "repeats": 5, "duration_s": 15.0, "ready_timeout_s": 900, "landing": 500, "wifi_rounds": 3,
+             "wifi_duration_s": 20.0},
 }
 #: The chains of the load benchmark, each against the reference pipe and the direct baseline.
 CHAINS = ("reference pipe", "builtin direct", "builtin behind Apache", "per-account behind Apache",
@@ -41,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small N, short loads: a few minutes on 2 cores")
     parser.add_argument("--medium", action="store_true",
                         help="60 desktops and up to 300 sessions: about ten minutes on 2 cores")
-    parser.add_argument("--only", choices=("ready", "memory", "latency", "landing", "real"), action="append",
+    parser.add_argument("--only", choices=("ready", "memory", "latency", "landing", "real", "wifi"), action="append",
                         help="run only these parts (repeatable)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory (default bench/results)")
     args = parser.parse_args(argv)
@@ -50,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{program} is not installed; run scripts/setup first", file=sys.stderr)
             return 2
     plan = PLANS["quick" if args.quick else "medium" if args.medium else "full"]
-    parts = set(args.only or ("ready", "memory", "latency", "landing", "real"))
+    parts = set(args.only or ("ready", "memory", "latency", "landing", "real", "wifi"))
     started = time.monotonic()
     results: dict[str, object] = {
         "machine": machine(),
@@ -58,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
                 "plan": plan},
         "cores": {"gateway": GATEWAY_CPUS, "load_generator": LOAD_CPUS},
         "ready": {}, "memory": {m: {} for m in MODES}, "restart": {}, "load": {}, "load_summary": {},
-        "max_sessions_p99_added_under_20ms": {}, "landing": {}, "real": {},
+        "max_sessions_p99_added_under_20ms": {}, "landing": {}, "real": {}, "wifi": {},
     }
     try:
         if parts & {"ready", "memory"}:
@@ -67,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
             _load(plan, parts, results)
         if "real" in parts:
             asyncio.run(_real(plan, results))
+        if "wifi" in parts:  # Playwright's sync API: outside any event loop
+            _log("the viewer on a clean link and on bad Wi-Fi (2 Mbit/s, 100 ms each way, 1% loss)")
+            results["wifi"] = measure_wifi(rounds=plan["wifi_rounds"], duration_s=plan["wifi_duration_s"],
+                                           timeout_s=plan["ready_timeout_s"])
     except Exception as exc:
         # A part that fails late (e.g. xdotool timing out on a saturated machine) must not throw away
         # the parts measured before it: they are written, marked incomplete.

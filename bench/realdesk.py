@@ -35,7 +35,7 @@ from gateway.common import rfb
 from tests.gateway_run import display_env
 
 from .common import cpu_seconds_total, latency_with_losses, spread
-from .desktops import GatewayUp, _WsStream
+from .desktops import GatewayUp
 from .load import GATEWAY_CPUS, LOAD_CPUS
 
 __all__ = ["measure_real_desktops"]
@@ -181,12 +181,12 @@ def _ws(http: aiohttp.ClientSession, url: str):  # type: ignore[no-untyped-def]
     async def open_stream():  # type: ignore[no-untyped-def]
         # As Chromium opens noVNC's websocket: subprotocol binary, deflate offered.
         async with http.ws_connect(url, protocols=("binary",), compress=15, max_msg_size=0) as ws:
-            stream = _WsStream(ws)
+            stream = rfb.WebSocketStream(ws)
             yield stream, stream
     return open_stream
 
 
-def _start_workload(run: GatewayUp, index: int) -> tuple[list[subprocess.Popen[bytes]], tuple[int, int, int, int]]:
+def start_workload(run: GatewayUp, index: int) -> tuple[list[subprocess.Popen[bytes]], tuple[int, int, int, int]]:
     account = run.accounts[index]
     env = display_env(run.tmp / "state", account.id)
     printer = ["xterm", "-geometry", "80x20+0+0", "-title", f"printer{index}", "-e", "sh", "-c",
@@ -281,7 +281,7 @@ async def measure_real_desktops(count: int, mode: str, *, rounds: int, duration_
                 os.sched_setaffinity(pid, set(GATEWAY_CPUS if pid in gateway else LOAD_CPUS) or set(os.sched_getaffinity(0)))
         probes = []
         for index in range(count):
-            procs, probe = _start_workload(run, index)
+            procs, probe = start_workload(run, index)
             workloads += procs
             probes.append(probe)
         await asyncio.sleep(2)

@@ -1,5 +1,10 @@
+"""Fixtures shared by the test modules, and the session's bytecode cache for the programs tests start."""
+
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -7,6 +12,18 @@ import pytest
 
 from tests.gateway_run import GatewayRun, make_accounts
 from tests.system import require_program
+
+_PYCACHE_ENV = "PYTHONPYCACHEPREFIX"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """With PYTHONDONTWRITEBYTECODE set, every `python -m gateway` a test starts (hundreds per run) compiles
+    the whole package from source again. Give those processes a bytecode cache of this session's own
+    instead, outside the source tree, so that the tree stays as clean as the setting wants it."""
+    if os.environ.get("PYTHONDONTWRITEBYTECODE") and _PYCACHE_ENV not in os.environ:
+        del os.environ["PYTHONDONTWRITEBYTECODE"]
+        os.environ[_PYCACHE_ENV] = tempfile.mkdtemp(prefix="gateway-tests-pycache-")
+        config.add_cleanup(lambda: shutil.rmtree(os.environ.pop(_PYCACHE_ENV), ignore_errors=True))
 
 
 @pytest.fixture

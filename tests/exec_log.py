@@ -6,12 +6,14 @@ descendants, with the whole argument vector and environment (``-v``, ``-s 65536`
 they live, whichever user they run as.
 
 - :meth:`ExecRecorder.command` wraps a command line so that it runs traced from its first
-  instruction; the wrapped process keeps its pid (a launcher makes strace attach to itself, then
-  execs the command), so signals sent to it reach the command itself, not strace.
-- :meth:`ExecRecorder.attach` traces an already running process (a private sshd, the Slurm node's
-  slurmd) and everything it starts from then on; :meth:`ExecRecorder.stop` detaches.
-
-Run as a script, this file is that launcher: ``exec_log.py LOG PIDFILE -- ARGV...``.
+  instruction. The wrapped process keeps its pid (``strace -D`` runs the tracer as a detached
+  grandchild and the command in its own process), so signals sent to it reach the command itself,
+  not strace. With ``--seccomp-bpf`` the kernel stops the command's processes only at ``execve``,
+  not at every system call, so the traced tree runs at nearly full speed.
+- :meth:`ExecRecorder.attach` traces an already running process (the Slurm node's slurmd) and
+  everything it starts from then on. seccomp-bpf can't be added to a running process: everything
+  under it stops at every system call while traced, so attach only what can't be started traced.
+- :meth:`ExecRecorder.stop` detaches every tracer.
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+
+from tests.os_check import proc_files
 
 __all__ = ["ExecRecorder", "STRACE_OPTIONS"]
 
@@ -56,7 +59,7 @@ class ExecRecorder:
         self.strace = strace
         self._count = 0
         self._tracers: list[int] = []  # strace pids
-        self._pidfiles: list[Path] = []  # where launchers wrote their strace's pid
+        self._command_logs: list[Path] = []  # the logs of wrapped commands' tracers, which name them
         self._popens: list[subprocess.Popen[bytes]] = []
 
     def _next(self, what: str) -> Path:
@@ -66,9 +69,10 @@ class ExecRecorder:
     def command(self, argv: Sequence[str], what: str = "command") -> list[str]:
         """``argv`` wrapped so that it runs traced from its first exec on, under the same pid."""
         log = self._next(what)
-        pidfile = log.with_suffix(".pid")
-        self._pidfiles.append(pidfile)
-        return [sys.executable, str(Path(__file__).resolve()), self.strace, str(log), str(pidfile), "--", *argv]
+        self._command_logs.append(log)
+        # A daemonized strace ignores SIGTERM unless told otherwise: stop() must be able to detach it.
+        return [self.strace, "--daemonize=session", "--interruptible=waiting", "--seccomp-bpf", *STRACE_OPTIONS,
+                "-o", str(log), "--", *argv]
 
     def attach(self, pid: int, what: str) -> None:
         """Trace the running process ``pid`` and everything it starts from now on."""
@@ -82,12 +86,8 @@ class ExecRecorder:
 
     def stop(self) -> None:
         """Detach every tracer (strace detaches from what it attached to on SIGTERM) and wait for it."""
-        for pidfile in self._pidfiles:
-            try:
-                self._tracers.append(int(pidfile.read_text()))
-            except (OSError, ValueError):
-                pass
-        self._pidfiles.clear()
+        self._tracers += _tracers_writing(self._command_logs)
+        self._command_logs.clear()
         for pid in self._tracers:
             try:
                 os.kill(pid, signal.SIGTERM)
@@ -100,10 +100,10 @@ class ExecRecorder:
                 popen.kill()
                 popen.wait()
         deadline = time.monotonic() + 10
-        for pid in self._tracers:  # launchers' tracers are not our children: wait for them to go
-            while Path(f"/proc/{pid}").exists() and _comm(pid) == "strace" and time.monotonic() < deadline:
+        for pid in self._tracers:  # wrapped commands' tracers are not our children: wait for them to go
+            while _is_strace(pid) and time.monotonic() < deadline:
                 time.sleep(0.05)
-            if Path(f"/proc/{pid}").exists() and _comm(pid) == "strace":
+            if _is_strace(pid):
                 os.kill(pid, signal.SIGKILL)
         self._tracers.clear()
         self._popens.clear()
@@ -144,33 +144,17 @@ class ExecRecorder:
         return found
 
 
-def _comm(pid: int) -> str:
+def _is_strace(pid: int) -> bool:
+    """Whether ``pid`` is a strace that still runs (an exited one, not yet reaped, is done writing)."""
     try:
-        return Path(f"/proc/{pid}/comm").read_text().strip()
+        stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
-        return ""
+        return False
+    return stat[stat.index("(") + 1:stat.rindex(")")] == "strace" and stat[stat.rindex(")") + 2] != "Z"
 
 
-def _launch(strace: str, log: str, pidfile: str, argv: list[str]) -> None:
-    """Make strace attach to this process, then exec ``argv`` (same pid, now traced)."""
-    me = os.getpid()
-    child = os.fork()
-    if child == 0:
-        grandchild = os.fork()
-        if grandchild == 0:  # strace, in a session of its own, not a child of the command
-            os.setsid()
-            devnull = os.open(os.devnull, os.O_RDWR)
-            for fd in (0, 1, 2):
-                os.dup2(devnull, fd)
-            os.execvp(strace, [strace, *STRACE_OPTIONS, "-o", log, "-p", str(me)])
-        Path(pidfile).write_text(str(grandchild))
-        os._exit(0)
-    os.waitpid(child, 0)
-    _wait_traced(me)
-    os.execvp(argv[0], argv)
-
-
-if __name__ == "__main__":
-    strace_, log_, pidfile_, separator, *argv_ = sys.argv[1:]
-    assert separator == "--" and argv_, "usage: exec_log.py STRACE LOG PIDFILE -- ARGV..."
-    _launch(strace_, log_, pidfile_, argv_)
+def _tracers_writing(logs: Sequence[Path]) -> list[int]:
+    """The straces, still running, that write one of ``logs`` (found by the ``-o LOG`` of their command line)."""
+    needles = [f"\0-o\0{log}\0".encode() for log in logs]
+    return [pid for pid, cmdline in proc_files("cmdline")
+            if any(needle in b"\0" + cmdline for needle in needles) and _is_strace(pid)]

@@ -15,8 +15,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gateway.common import rfb
+from gateway.backends import backends_with_leftovers
 from gateway.backends.desktop_users import DesktopUser, recorded_users
+from gateway.common import rfb
 from gateway.model.state import DesktopRecord, StateStore
 from gateway.model.tokens import Account, format_tokens, generate_password
 from tests.system import free_port, free_ports, require_program
@@ -212,7 +213,7 @@ class GatewayRun:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait()
-        if (self.state_dir / "gateway.db").exists():
+        if (self.state_dir / "gateway.db").exists() and not self.stopped_cleanly():
             subprocess.run([sys.executable, "-m", "gateway", "down", "--state-dir", str(self.state_dir),
                             "--config", str(self.config)], capture_output=True, timeout=120)
         for pid in processes_mentioning(str(self.state_dir)):
@@ -222,6 +223,18 @@ class GatewayRun:
                 pass
         if self.users():  # the users made for this run's desktops, their homes and processes
             self.remove_users(self.state_dir)
+
+    def stopped_cleanly(self) -> bool:
+        """The gateway exited by itself with status 0 and its records name nothing left to stop, so that
+        `gateway down` would do nothing (each such `down` costs a Python start; there are hundreds)."""
+        if self.process is None or self.process.returncode != 0:
+            return False
+        store = StateStore(self.state_dir / "gateway.db")
+        try:
+            recorded = bool(store.services() or store.desktops())
+        finally:
+            store.close()
+        return not recorded and not backends_with_leftovers(self.state_dir)
 
     @staticmethod
     def remove_users(state_dir: Path) -> None:

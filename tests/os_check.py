@@ -7,9 +7,23 @@ boot; a reused pid has another), found by its command line, whichever user it ru
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["start_time", "xvnc_on_port", "the_xvnc_on_port"]
+__all__ = ["proc_files", "start_time", "xvnc_on_port", "the_xvnc_on_port"]
+
+
+def proc_files(name: str) -> Iterator[tuple[int, bytes]]:
+    """(pid, contents of /proc/PID/NAME) of every process on this machine whose file could be read: a
+    process may end, or be another user's, between listing /proc and reading its file."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            data = (entry / name).read_bytes()
+        except OSError:
+            continue
+        yield int(entry.name), data
 
 
 def start_time(pid: int) -> int | None:

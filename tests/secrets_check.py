@@ -14,6 +14,8 @@ import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from tests.os_check import proc_files
+
 __all__ = ["assert_secrets_kept"]
 
 
@@ -70,13 +72,4 @@ def assert_secrets_kept(state_dir: Path, passwords: Sequence[str], *, output: Pa
 def passwords_in_command_lines(passwords: list[str]) -> list[int]:
     """Pids of any process on this machine whose command line holds one of the passwords."""
     needles = [p.encode() for p in passwords]
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if any(n in cmdline for n in needles):
-                found.append(int(entry.name))
-    return found
+    return [pid for pid, cmdline in proc_files("cmdline") if any(n in cmdline for n in needles)]

@@ -14,7 +14,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +22,8 @@ import pytest
 
 from gateway.model.tokens import Account, generate_password
 from tests.gateway_run import processes_mentioning
-from tests.system import REQUIRE_SYSTEM_ENV, free_port, require_program, system_required
+from tests.os_check import proc_files
+from tests.system import free_port, require_program, skip_or_fail
 
 __all__ = ["HOST", "SshHost", "ssh_host", "ssh_accounts", "free_port_on", "children_of"]
 
@@ -32,18 +33,12 @@ HOST = "127.0.0.2"
 def _require_sshd() -> str:
     path = shutil.which("sshd") or ("/usr/sbin/sshd" if os.access("/usr/sbin/sshd", os.X_OK) else None)
     if path is None:
-        message = "sshd is not installed (openssh-server)"
-        if system_required():
-            pytest.fail(f"{message}, and {REQUIRE_SYSTEM_ENV}=1 requires it", pytrace=False)
-        pytest.skip(message)
+        skip_or_fail("sshd is not installed (openssh-server)")
     require_program("ssh-keygen")
     privsep = Path("/run/sshd")  # sshd refuses to start without its privilege separation directory
     if not privsep.is_dir():
         if os.geteuid() != 0:
-            message = "/run/sshd is missing and only root can create it"
-            if system_required():
-                pytest.fail(f"{message}, and {REQUIRE_SYSTEM_ENV}=1 requires sshd to run", pytrace=False)
-            pytest.skip(message)
+            skip_or_fail("/run/sshd (which sshd needs) is missing and only root can create it")
         privsep.mkdir(mode=0o755, parents=True, exist_ok=True)
     return path
 
@@ -57,15 +52,9 @@ def free_port_on(address: str) -> int:
 def children_of(pid: int) -> list[int]:
     """Every descendant of ``pid`` (sshd's per-connection processes leave its process group)."""
     parents: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            text = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(text[text.rindex(")") + 2:].split()[1])
-        parents.setdefault(ppid, []).append(int(entry.name))
+    for child, stat in proc_files("stat"):
+        ppid = int(stat[stat.rindex(b")") + 2:].split()[1])
+        parents.setdefault(ppid, []).append(child)
     found, todo = [], [pid]
     while todo:
         for child in parents.get(todo.pop(), []):
@@ -109,10 +98,13 @@ class SshHost:
         kind, blob = key.with_suffix(".pub").read_text().split()[:2]
         self.known_hosts.write_text(f"[{HOST}]:{self.port} {kind} {blob}\n")
 
-    def start(self) -> None:
+    def start(self, wrap: Callable[[list[str]], list[str]] | None = None) -> None:
+        """Start sshd in the foreground; ``wrap`` may turn its command line into another that runs it
+        under the same pid (e.g. traced: tests.exec_log.ExecRecorder.command)."""
+        argv = [self.sshd, "-D", "-e", "-f", str(self.config)]
         log = open(self.log, "ab")
-        self.process = subprocess.Popen([self.sshd, "-D", "-e", "-f", str(self.config)], stdout=log,
-                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        self.process = subprocess.Popen(wrap(argv) if wrap else argv, stdout=log, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL, start_new_session=True)
         log.close()
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:

@@ -10,13 +10,14 @@ import contextlib
 import os
 import shutil
 import socket
+import subprocess
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 
-__all__ = ["REQUIRE_SYSTEM_ENV", "system_required", "require_program", "free_port", "free_ports", "chromium_browser",
-           "CHROMIUM_ARGS"]
+__all__ = ["REQUIRE_SYSTEM_ENV", "system_required", "skip_or_fail", "require_program", "require_slurm_cluster",
+           "free_port", "free_ports", "chromium_browser", "CHROMIUM_ARGS", "mouse_location"]
 
 #: Flags that let Debian's Chromium run headless as root on a machine without network (see facts.md).
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -30,18 +31,53 @@ def system_required() -> bool:
     return os.environ.get(REQUIRE_SYSTEM_ENV) == "1"
 
 
+def skip_or_fail(message: str) -> NoReturn:
+    """A system component is missing: skip the calling test, or fail it when GATEWAY_REQUIRE_SYSTEM=1."""
+    if system_required():
+        pytest.fail(f"{message}, and {REQUIRE_SYSTEM_ENV}=1 requires it", pytrace=False)
+    pytest.skip(message)
+
+
 def require_program(name: str) -> str:
     """Return the path of program ``name`` (as found by shutil.which).
 
     If it is missing, skip the calling test, or fail it when GATEWAY_REQUIRE_SYSTEM=1.
     """
     path = shutil.which(name)
-    if path is not None:
-        return path
-    message = f"{name} is not installed (not found on PATH)"
-    if system_required():
-        pytest.fail(f"{message}, and {REQUIRE_SYSTEM_ENV}=1 requires it", pytrace=False)
-    pytest.skip(message)
+    if path is None:
+        skip_or_fail(f"{name} is not installed (not found on PATH)")
+    return path
+
+
+SLURM_PROGRAMS = ("sinfo", "sbatch", "squeue", "scancel", "scontrol")
+
+
+def require_slurm_cluster(*programs: str, partition: str | None = None, gres: str | None = None) -> None:
+    """The project's Slurm test cluster answers ``sinfo``; skip the calling test, or fail it when
+    GATEWAY_REQUIRE_SYSTEM=1, if not.
+
+    ``programs`` are needed besides the Slurm commands. With ``partition``, that partition must exist;
+    with ``gres`` too, its nodes must advertise that generic resource (e.g. the "gpu" of the gpu partition).
+    """
+    for program in (*SLURM_PROGRAMS, *programs):
+        require_program(program)
+    argv = ["sinfo", "--noheader"]
+    if partition is not None:
+        argv.append(f"--partition={partition}")
+    if gres is not None:
+        argv.append("--format=%G")
+    try:
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=15)
+        detail = result.stderr.strip() or result.stdout.strip()
+        answered = result.returncode == 0 and bool(result.stdout.strip())
+    except subprocess.TimeoutExpired:
+        answered, detail = False, "timed out"
+    if answered and gres is not None and gres not in result.stdout:
+        answered, detail = False, f"its nodes advertise no {gres}: {detail}"
+    if not answered:
+        wanted = f"the Slurm test cluster's partition {partition}" if partition else "the Slurm test cluster"
+        skip_or_fail(f"{wanted} is not usable (run scripts/test-slurm-cluster up): "
+                     f"{detail or 'no such partition'}")
 
 
 def free_port() -> int:
@@ -77,12 +113,19 @@ def chromium_browser() -> Iterator[Any]:
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        if system_required():
-            pytest.fail("playwright is not installed")
-        pytest.skip("playwright is not installed")
+        skip_or_fail("playwright is not installed")
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS, headless=True)
         try:
             yield browser
         finally:
             browser.close()
+
+
+def mouse_location(x_env: dict[str, str]) -> tuple[int, int]:
+    """Where the pointer is on the X display of ``x_env`` (see gateway_run.display_env), by xdotool."""
+    xdotool = require_program("xdotool")
+    out = subprocess.run([xdotool, "getmouselocation", "--shell"], capture_output=True, text=True, timeout=10,
+                         env=x_env).stdout
+    values = dict(line.split("=", 1) for line in out.split())
+    return int(values["X"]), int(values["Y"])

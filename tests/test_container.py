@@ -26,10 +26,7 @@ from gateway.model.container import (
 )
 from gateway.model.errors import UserError
 
-try:
-    from system import free_port, require_program
-except ImportError:  # pragma: no cover - if tests/ becomes a package
-    from tests.system import free_port, require_program
+from tests.system import free_port, require_program
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFINITION = ROOT / "containers" / "desktop.def"

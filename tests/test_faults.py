@@ -3,8 +3,9 @@
 - SSH-host desktops: SIGKILL of the gateway, `gateway up` again re-adopts the same remote Xvnc.
 - A connected viewer's session continues after a gateway SIGKILL + up: it reconnects to the same X
   server, and its window and files are still there.
-- The Slurm controller is away for about a minute: desktops stay up and proxied, nothing is
-  resubmitted, organisers see the long UNKNOWN, and the gateway catches up when it is back.
+- The Slurm controller is away for longer than the 30 s after which organisers are told: desktops stay
+  up and proxied, nothing is resubmitted, organisers see the long UNKNOWN (not before 30 s), and the
+  gateway catches up when it is back.
 - Secrets (state dir 0700, secret files 0600, no password in any file, URL or command line) for
   local, SSH and Slurm runs.
 """
@@ -36,7 +37,7 @@ from tests.gateway_run import (
 from tests.os_check import start_time, the_xvnc_on_port
 from tests.secrets_check import assert_secrets_kept
 from tests.ssh_host import SshHost, ssh_accounts, ssh_host  # noqa: F401 - ssh_host is a fixture
-from tests.system import require_program, system_required
+from tests.system import require_program, require_slurm_cluster, skip_or_fail
 from tests.test_slurm_gateway import auto_accounts, our_jobs, recorded_jobs, slurm_event  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.system
@@ -140,7 +141,7 @@ async def test_a_connected_viewer_continues_on_the_same_desktop_after_a_gateway_
         async with aiohttp.ClientSession() as http:
             # A viewer, as noVNC: connected and authenticated, the websocket kept open.
             ws = await http.ws_connect(run.ws_url(account), protocols=("binary",))
-            stream = rfb._WebSocketStream(ws)
+            stream = rfb.WebSocketStream(ws)
             session = await asyncio.wait_for(rfb.handshake(stream, stream, account.password), 10)
             assert session.name == account.id
 
@@ -172,10 +173,14 @@ async def test_a_connected_viewer_continues_on_the_same_desktop_after_a_gateway_
     assert processes_mentioning(str(run.state_dir)) == []
 
 
-# -- the Slurm controller goes away for a minute --------------------------------------------------
+# -- the Slurm controller goes away for longer than organisers may wait to be told ------------------
 
 SLURM_STATE_DIR = Path(os.environ.get("GATEWAY_TEST_SLURM_DIR", "/run/gateway-test-slurm"))
-OUTAGE_S = 60.0
+# README ("What survives what"): "after 30 s `gateway status` shows 'cannot check this desktop for N s'".
+# The outage lasts until every desktop shows that, so it is longer than 30 s whatever the machine's load.
+REPORTED_AFTER_S = 30.0
+# How late the report may come: the poll interval (1 s here) and a slow `gateway status` on a busy machine.
+REPORT_LATE_S = 20.0
 
 
 def slurmctld_pid() -> int | None:
@@ -189,17 +194,11 @@ def slurmctld_pid() -> int | None:
 
 
 def require_cluster() -> int:
-    for program in ("sinfo", "sbatch", "squeue", "scancel", "scontrol", "Xvnc", "apache2"):
-        require_program(program)
+    """The pid of the test cluster's slurmctld: these tests stop it, or trace its node's slurmd."""
+    require_slurm_cluster("Xvnc", "apache2")
     pid = slurmctld_pid()
-    answered = pid is not None and subprocess.run(["sinfo", "--noheader"], capture_output=True,
-                                                  timeout=15).returncode == 0
-    if not answered:
-        message = f"no test cluster started by scripts/test-slurm-cluster (pid file in {SLURM_STATE_DIR})"
-        if system_required():
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
-    assert pid is not None
+    if pid is None:
+        skip_or_fail(f"no slurmctld started by scripts/test-slurm-cluster up (pid file in {SLURM_STATE_DIR})")
     return pid
 
 
@@ -209,7 +208,7 @@ def node_is_usable() -> bool:
     return result.returncode == 0 and result.stdout.split()[:1] in (["idle"], ["mix"], ["alloc"])
 
 
-async def test_slurm_controller_away_for_a_minute_changes_nothing_for_participants(slurm_event) -> None:
+async def test_slurm_controller_away_for_over_30_s_changes_nothing_for_participants(slurm_event) -> None:
     pid = require_cluster()
     accounts = auto_accounts(["so01", "so02"])
     run: GatewayRun = slurm_event(accounts, "desktop:\n  poll_interval_s: 1\n")
@@ -227,15 +226,17 @@ async def test_slurm_controller_away_for_a_minute_changes_nothing_for_participan
     handshakes = 0
     long_unknown: dict[str, str] = {}
     restore = subprocess.CompletedProcess[str]([], 0, "", "")
+    stopped_at = time.monotonic()  # before the signal: the gateway can't find Slurm away any earlier
     os.kill(pid, signal.SIGTERM)
-    stopped_at = time.monotonic()
     try:
         while Path(f"/proc/{pid}").exists():
             assert time.monotonic() - stopped_at < 20, "slurmctld did not stop"
             await asyncio.sleep(0.1)
         # squeue fails now: the controller is really unreachable.
         assert subprocess.run(["squeue", "--noheader"], capture_output=True, timeout=60).returncode != 0
-        while time.monotonic() - stopped_at < OUTAGE_S:
+        while not long_unknown:
+            away_s = time.monotonic() - stopped_at
+            assert away_s < REPORTED_AFTER_S + REPORT_LATE_S, f"organisers not told after {away_s:.0f} s"
             # Every desktop stays up and proxied, through Apache, with a full RFB handshake.
             for account in accounts:
                 session = await rfb.connect_websocket(run.ws_url(account), account.password, timeout_s=10)
@@ -243,13 +244,17 @@ async def test_slurm_controller_away_for_a_minute_changes_nothing_for_participan
                 handshakes += 1
             assert run.process is not None and run.process.poll() is None
             assert recorded_jobs(run) == job_ids  # nothing forgotten, nothing resubmitted
-            if time.monotonic() - stopped_at > 45 and not long_unknown:
-                # Organisers are told that these desktops can't be checked (after 30 s of UNKNOWN).
+            # Organisers are told that these desktops can't be checked, after 30 s of UNKNOWN, not before
+            # (asked from 10 s before: `gateway status` is a whole Python process on a busy machine).
+            if away_s > REPORTED_AFTER_S - 10:
                 rows = run.status()
-                for account in accounts:
-                    assert rows[account.id]["state"] == "ready", rows[account.id]
-                    long_unknown[account.id] = rows[account.id]["reason"] or ""
-            await asyncio.sleep(3)
+                assert all(rows[a.id]["state"] == "ready" for a in accounts), rows
+                reasons = {a.id: rows[a.id]["reason"] for a in accounts}
+                if all(reasons.values()):
+                    told_s = time.monotonic() - stopped_at
+                    assert told_s >= REPORTED_AFTER_S, f"organisers told after only {told_s:.0f} s: {reasons}"
+                    long_unknown = reasons
+            await asyncio.sleep(1)
     finally:
         restore = subprocess.run([str(PROJECT / "scripts" / "test-slurm-cluster"), "up"], capture_output=True,
                                  text=True, timeout=180)
@@ -261,7 +266,8 @@ async def test_slurm_controller_away_for_a_minute_changes_nothing_for_participan
         assert time.monotonic() < deadline, "the node did not come back"
         await asyncio.sleep(0.5)
     for account in accounts:
-        assert re.search(r"cannot check this desktop for \d+ s", long_unknown[account.id]), long_unknown
+        told = re.search(r"cannot check this desktop for (\d+) s", long_unknown[account.id])
+        assert told and int(told.group(1)) >= REPORTED_AFTER_S, long_unknown
         assert "Slurm" in long_unknown[account.id]
 
     # The gateway catches up: the reason clears, and each account still has its one job.
@@ -359,9 +365,10 @@ async def test_no_password_in_any_exec_of_an_ssh_up_restart_down_cycle(
     (tmp_path / "gw").mkdir()
     run = GatewayRun(tmp_path / "gw", remote, ssh_host.config_text() + RESTART_FAST)
     runs.append(run)
-    assert ssh_host.process is not None
+    # The "host": every remote command starts under its sshd, which now runs traced from its start.
+    ssh_host.stop()
     try:
-        recorder.attach(ssh_host.process.pid, "sshd")  # the "host": every remote command starts under it
+        ssh_host.start(wrap=lambda argv: recorder.command(argv, "sshd"))
         passwords = await _up_restart_down(run, remote, recorder)
     finally:
         recorder.stop()

@@ -113,7 +113,7 @@ async def test_each_account_has_a_websockify_process_of_its_own(proxies: Proxies
         assert int(fields[2]) == pid and int(fields[3]) == pid  # leads its own process group and session
         assert int(fields[1]) == proxies.mode.server.process.pid  # type: ignore[union-attr] # forked, not exec'ed
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
-        assert cmdline[1:] == [b"-m", b"websockify", b"--heartbeat", b"30", f"127.0.0.1:{account.websocket_port}".encode(),
+        assert cmdline[1:] == [b"-m", b"websockify", b"--heartbeat", b"5", f"127.0.0.1:{account.websocket_port}".encode(),
                                f"127.0.0.1:{account.vnc_port}".encode()]
         identity = proxies.running[account.id].identity
         assert identity is not None and identity.pgid == pid and identity.start_time == process_start_time(pid)

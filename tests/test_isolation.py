@@ -25,6 +25,7 @@ import pytest
 from gateway.common import rfb
 from gateway.backends.desktop_users import DesktopUser
 from tests.gateway_run import GatewayRun, display_env, handshake_until_ok, make_accounts, processes_mentioning
+from tests.os_check import proc_files
 from tests.system import require_program
 from tests.test_cockpit import admin_password, get
 
@@ -89,16 +90,9 @@ def wait_for_file(path: Path, timeout_s: float = 20) -> str:
 
 
 def processes_of(uid: int) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                status = (entry / "status").read_text()
-            except OSError:
-                continue
-            if f"\nUid:\t{uid}\t" in status and "State:\tZ" not in status:
-                pids.append(int(entry.name))
-    return pids
+    """Live (not zombie) processes whose real uid is ``uid``."""
+    return [pid for pid, status in proc_files("status")
+            if f"\nUid:\t{uid}\t".encode() in status and b"State:\tZ" not in status]
 
 
 def control_socket_reachable(user: DesktopUser, path: Path) -> subprocess.CompletedProcess[str]:

@@ -24,10 +24,7 @@ from gateway.backends.slurm_parse import (
     parse_squeue,
 )
 
-try:
-    from system import require_program, system_required
-except ImportError:  # pragma: no cover - if tests/ becomes a package
-    from tests.system import require_program, system_required
+from tests.system import require_slurm_cluster
 
 pytestmark = pytest.mark.system
 
@@ -44,19 +41,7 @@ def slurm(*argv: str, timeout: float = 20, check: bool = True) -> subprocess.Com
 @pytest.fixture(scope="module", autouse=True)
 def cluster() -> None:
     """Skip (or fail under GATEWAY_REQUIRE_SYSTEM=1) unless the test cluster answers."""
-    for program in ("sinfo", "sbatch", "squeue", "scancel", "scontrol"):
-        require_program(program)
-    try:
-        result = subprocess.run(["sinfo", "--noheader"], capture_output=True, text=True, timeout=15)
-        answered = result.returncode == 0
-        detail = result.stderr.strip()
-    except subprocess.TimeoutExpired:
-        answered, detail = False, "timed out"
-    if not answered:
-        message = f"the Slurm test cluster does not answer (run scripts/test-slurm-cluster up): {detail}"
-        if system_required():
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
+    require_slurm_cluster()
 
 
 @pytest.fixture

@@ -28,7 +28,7 @@ from gateway.model.state import StateStore
 from gateway.model.tokens import Account, generate_password
 from tests.gateway_run import GatewayRun, processes_mentioning
 from tests.gateway_run import handshake_until_ok as shared_handshake_until_ok
-from tests.system import free_port, require_program, system_required
+from tests.system import free_port, require_program, require_slurm_cluster
 
 pytestmark = pytest.mark.system
 
@@ -38,19 +38,7 @@ READY_WITHIN_S = 30.0
 
 @pytest.fixture(scope="module", autouse=True)
 def cluster() -> None:
-    for program in ("sinfo", "sbatch", "squeue", "scancel", "scontrol", "Xvnc", "vncpasswd", "apache2",
-                    "openbox", "xterm"):
-        require_program(program)
-    try:
-        result = subprocess.run(["sinfo", "--noheader"], capture_output=True, text=True, timeout=15)
-        answered, detail = result.returncode == 0, result.stderr.strip()
-    except subprocess.TimeoutExpired:
-        answered, detail = False, "timed out"
-    if not answered:
-        message = f"the Slurm test cluster does not answer (run scripts/test-slurm-cluster up): {detail}"
-        if system_required():
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
+    require_slurm_cluster("Xvnc", "vncpasswd", "apache2", "openbox", "xterm")
 
 
 def auto_accounts(names: list[str]) -> list[Account]:

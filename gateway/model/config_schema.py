@@ -114,8 +114,9 @@ class ProxyConfig:
     #: process; needed for apache.mode none).
     mode: Literal["per-account", "shared", "builtin"] = "per-account"
     #: websockify --heartbeat, or the builtin relay's ping interval: keeps idle tunnels open
-    #: through Apache and NAT.
-    heartbeat_s: int = 30
+    #: through Apache and NAT, and finds tunnels whose viewer vanished in a network cut (the ping
+    #: meets the viewer computer's reset) before they fill max_viewers_per_account.
+    heartbeat_s: int = 5
     #: shared mode: the loopback port of the shared websockify (0: any free port at start).
     shared_port: int = 0
     #: Tunnels open at once to one account (two tabs and an instructor watching); the next one is
