@@ -16,7 +16,7 @@ from typing import Protocol
 from gateway.backends import Backend, BackendError, backends_with_leftovers, make_backend
 from gateway.cli.checks import after_event_preflight, check_listen, check_signup, check_users, is_disk_full, preflight
 from gateway.cli.shared import (add_log_file, hold_lock, load_inputs, lock_is_held, read_pid, resolve_state_dir,
-                                setup_logging, use_pidfd_child_watcher)
+                                setup_logging, run_watching_children)
 from gateway.common.files import ensure_private_dir
 from gateway.common.polling import Backoff, PollTimeout, poll_until
 from gateway.model.config import Config, load_config
@@ -59,12 +59,12 @@ def cmd_up(args: argparse.Namespace) -> int:
         with hold_lock(state_dir):
             record_invocation(state_dir, args.tokens, args.config)  # for `gateway down`'s last line
             if args.after_event:
-                asyncio.run(_serve(lambda: AfterEventGateway(tokens, config, options),
+                run_watching_children(_serve(lambda: AfterEventGateway(tokens, config, options),
                                    f"After the event: serving downloads for {len(tokens.accounts)} accounts; "
                                    f"state in {state_dir}"))
                 print("Stopped: the download pages are no longer served.", file=sys.stderr)
                 return 0
-            asyncio.run(_serve(lambda: Gateway(tokens, config, options),
+            run_watching_children(_serve(lambda: Gateway(tokens, config, options),
                                f"Starting {len(tokens.accounts)} desktops; state in {state_dir}"))
             print("Stopped: every desktop, proxy and web server of this gateway has exited.", file=sys.stderr)
             return 0
@@ -78,7 +78,6 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 async def _serve(make_gateway: Callable[[], _Runnable], starting: str) -> None:
     """Run the gateway ``make_gateway()`` makes (inside the loop) until SIGINT or SIGTERM."""
-    use_pidfd_child_watcher()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -112,7 +111,7 @@ def cmd_down(args: argparse.Namespace) -> int:
         print("Stopped.", file=sys.stderr)
     else:
         # No gateway runs (it crashed): stop what it recorded.
-        asyncio.run(_clean_up_after_crash(state_dir, config))
+        run_watching_children(_clean_up_after_crash(state_dir, config))
     if args.remove_users:
         _remove_users(state_dir, args.delete_homes)
     from gateway.supervisor.after_event import downloads_line
@@ -149,7 +148,6 @@ def _remove_users(state_dir: Path, delete_homes: bool) -> None:
 
 async def _clean_up_after_crash(state_dir: Path, config: Config) -> None:
     """Stop every desktop and service a crashed gateway recorded, then what its backends left."""
-    use_pidfd_child_watcher()
     backends: dict[str, Backend] = {}
 
     def backend_for(name: str) -> Backend:

@@ -9,27 +9,53 @@ import logging
 import os
 import shutil
 import sys
+import warnings
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any, TypeVar
 
 from gateway.model.config import Config, default_state_dir, load_config
 from gateway.model.errors import InputError, UserError
-from gateway.web.app import reserved_segments
 from gateway.model.tokens import TokenFile, load_tokens
+from gateway.web.app import reserved_segments
 
-__all__ = ["use_pidfd_child_watcher", "load_inputs", "resolve_state_dir", "program_exists", "hold_lock", "read_pid",
+__all__ = ["run_watching_children", "load_inputs", "resolve_state_dir", "program_exists", "hold_lock", "read_pid",
            "lock_is_held", "setup_logging", "add_log_file"]
 
+T = TypeVar("T")
 
-def use_pidfd_child_watcher() -> None:
-    """Before Python 3.12 asyncio waits for each child in a thread of its own; pidfds need none."""
-    if sys.version_info < (3, 12) and hasattr(os, "pidfd_open"):
-        import warnings
 
+def run_watching_children(main: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run(main)``, with children watched through pidfds.
+
+    Before Python 3.12 asyncio waits for each child in a thread of its own (hundreds of desktops and
+    proxies: hundreds of threads); a pidfd watcher needs none. The process's previous watcher is put
+    back afterwards, so code that runs later in the same process (a test calling ``main()``, then
+    Playwright) finds asyncio as it was.
+    """
+    if sys.version_info >= (3, 12) or not hasattr(os, "pidfd_open"):
+        return asyncio.run(main)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        previous = asyncio.get_child_watcher()
+    try:
+        return asyncio.run(_with_pidfd_watcher(main))
+    finally:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
-            watcher = asyncio.PidfdChildWatcher()
-            watcher.attach_loop(asyncio.get_running_loop())
-            asyncio.set_child_watcher(watcher)
+            asyncio.set_child_watcher(previous)
+
+
+async def _with_pidfd_watcher(main: Coroutine[Any, Any, T]) -> T:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        watcher = asyncio.PidfdChildWatcher()
+        watcher.attach_loop(asyncio.get_running_loop())
+        asyncio.set_child_watcher(watcher)
+    try:
+        return await main
+    finally:
+        watcher.close()
 
 
 def load_inputs(tokens_path: Path, config_path: Path | None) -> tuple[TokenFile, Config]:
