@@ -33,6 +33,8 @@ __all__ = [
     "spawn",
     "terminate_group",
     "process_start_time",
+    "stat_fields",
+    "group_members",
     "is_alive",
     "last_line",
     "spawn_listening",
@@ -145,15 +147,21 @@ class ProcessIdentity:
         return cls(int(data["pid"]), int(data["pgid"]), int(data["start_time"]))
 
 
-def process_start_time(pid: int) -> int | None:
-    """The start time of ``pid`` in clock ticks since boot, or None if there is no such process."""
+def stat_fields(pid: int | str) -> list[str] | None:
+    """Fields 3 and on of ``/proc/PID/stat`` (state, ppid, pgrp, ...: field N is ``[N - 3]``), or None
+    if there is no such process. ``pid`` may be ``"self"``."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except (FileNotFoundError, ProcessLookupError):
         return None
     # The command name (field 2) may contain spaces and parentheses: split after the last ')'.
-    fields = stat[stat.rindex(")") + 2 :].split()
-    if fields[0] == "Z":  # a zombie is dead, whatever its pid says
+    return stat[stat.rindex(")") + 2 :].split()
+
+
+def process_start_time(pid: int) -> int | None:
+    """The start time of ``pid`` in clock ticks since boot, or None if there is no such process."""
+    fields = stat_fields(pid)
+    if fields is None or fields[0] == "Z":  # a zombie is dead, whatever its pid says
         return None
     return int(fields[19])
 
@@ -240,14 +248,8 @@ def group_members(pgid: int) -> list[int]:
     """The live (not zombie) processes of process group ``pgid``."""
     members = []
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        if fields[0] != "Z" and int(fields[2]) == pgid:
+        fields = stat_fields(entry.name) if entry.name.isdigit() else None
+        if fields is not None and fields[0] != "Z" and int(fields[2]) == pgid:
             members.append(int(entry.name))
     return members
 

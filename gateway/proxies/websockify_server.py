@@ -40,6 +40,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from gateway.common.proc import stat_fields
+
 __all__ = ["ProxySpec", "ForkServer", "ForkedProcess", "ForkServerError", "set_title"]
 
 log = logging.getLogger("gateway.websockify_server")
@@ -82,8 +84,8 @@ def set_title(argv: Sequence[str]) -> bool:
     and 49 of /proc/self/stat); the rest is filled with NULs. False (nothing changed) if it does
     not fit.
     """
-    stat = Path("/proc/self/stat").read_text()
-    fields = stat[stat.rindex(")") + 2:].split()
+    fields = stat_fields("self")
+    assert fields is not None  # this process exists
     start, end = int(fields[45]), int(fields[46])
     title = b"\0".join(a.encode() for a in argv) + b"\0"
     if not start or len(title) > end - start:
