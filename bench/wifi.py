@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 from tests.netem import ImpairedRelay, Link, namespace_link
-from tests.system import CHROMIUM_ARGS
+from tests.system import chromium_browser
 
 from .common import latency_with_losses, spread
 from .desktops import GatewayUp
@@ -148,8 +148,6 @@ def _measure_link(browser, link: Link, relay: ImpairedRelay, run: GatewayUp,  # 
 def measure_wifi(*, rounds: int = 2, duration_s: float = 20.0, mode: str = "per-account",
                  timeout_s: float = 120) -> dict[str, object]:
     """``rounds`` times each link of LINKS, one after the other, against one real desktop."""
-    from playwright.sync_api import sync_playwright
-
     run = GatewayUp(1, mode)
     workload: list[subprocess.Popen[bytes]] = []
     try:
@@ -160,20 +158,15 @@ def measure_wifi(*, rounds: int = 2, duration_s: float = 20.0, mode: str = "per-
         time.sleep(1)
         out: dict[str, list[dict[str, object]]] = {name: [] for name in LINKS}
         with namespace_link() as link, tempfile.TemporaryDirectory(prefix="bench-wifi-") as scratch, \
-                sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=str(link.chromium_wrapper(Path(scratch))),
-                                                 args=CHROMIUM_ARGS, headless=True)
-            try:
-                for _ in range(rounds):
-                    for name, spec in LINKS.items():
-                        _log(f"{name}: {spec}")
-                        link.shape(spec["rate"])  # type: ignore[arg-type]
-                        delay = float(spec["delay_s"])  # type: ignore[arg-type]
-                        with ImpairedRelay(link.host_address, ("127.0.0.1", run.port), delay_s=delay,
-                                           loss=float(spec["loss"]), stall_s=2 * delay + 0.02) as relay:  # type: ignore[arg-type]
-                            out[name].append(_measure_link(browser, link, relay, run, probe, duration_s))
-            finally:
-                browser.close()
+                chromium_browser(lambda chromium: link.chromium_wrapper(Path(scratch), chromium)) as browser:
+            for _ in range(rounds):
+                for name, spec in LINKS.items():
+                    _log(f"{name}: {spec}")
+                    link.shape(spec["rate"])  # type: ignore[arg-type]
+                    delay = float(spec["delay_s"])  # type: ignore[arg-type]
+                    with ImpairedRelay(link.host_address, ("127.0.0.1", run.port), delay_s=delay,
+                                       loss=float(spec["loss"]), stall_s=2 * delay + 0.02) as relay:  # type: ignore[arg-type]
+                        out[name].append(_measure_link(browser, link, relay, run, probe, duration_s))
         keys = ("key_p50_ms", "key_p99_ms", "keys_lost", "updates_per_s", "screen_changes_per_s", "reconnects")
         return {"mode": mode, "links": LINKS, "rounds": out,
                 "summary": {name: {k: spread([r.get(k) for r in runs]) for k in keys}  # type: ignore[misc]

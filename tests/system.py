@@ -11,7 +11,8 @@ import os
 import shutil
 import socket
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, NoReturn
 
 import pytest
@@ -104,18 +105,21 @@ def free_ports(count: int) -> list[int]:
 
 
 @contextlib.contextmanager
-def chromium_browser() -> Iterator[Any]:
+def chromium_browser(wrap: Callable[[str], str | Path] | None = None) -> Iterator[Any]:
     """Debian's headless Chromium driven by Playwright (never a downloaded browser); closed afterwards.
 
-    Skips, or fails under GATEWAY_REQUIRE_SYSTEM=1, when Chromium or Playwright is missing.
+    ``wrap(chromium)`` gives the program to launch instead, e.g. a script that runs Chromium in a
+    network namespace (tests/netem.py). Skips, or fails under GATEWAY_REQUIRE_SYSTEM=1, when Chromium
+    or Playwright is missing.
     """
     chromium = require_program("chromium")
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
         skip_or_fail("playwright is not installed")
+    executable = str(wrap(chromium)) if wrap is not None else chromium
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS, headless=True)
+        browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS, headless=True)
         try:
             yield browser
         finally:

@@ -29,7 +29,7 @@ import pytest
 from gateway.common import rfb
 from tests.gateway_run import GatewayRun, display_env, running_gateway
 from tests.netem import ImpairedRelay, Link, namespace_link, run_in_namespace
-from tests.system import CHROMIUM_ARGS, require_program, skip_or_fail
+from tests.system import chromium_browser, require_program, skip_or_fail
 
 pytestmark = pytest.mark.system
 
@@ -76,22 +76,6 @@ def relay(link: Link, gateway: GatewayRun) -> Iterator[ImpairedRelay]:
     """The namespace's way to the gateway: host_address:relay.port is the gateway's listen address."""
     with ImpairedRelay(link.host_address, ("127.0.0.1", gateway.listen_port)) as made:
         yield made
-
-
-@contextlib.contextmanager
-def chromium_in(link: Link, directory: Path) -> Iterator[object]:
-    chromium = require_program("chromium")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        skip_or_fail("playwright is not installed")
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(link.chromium_wrapper(directory, chromium)),
-                                             args=CHROMIUM_ARGS, headless=True)
-        try:
-            yield browser
-        finally:
-            browser.close()
 
 
 def wait_for_state(page, state: str, timeout_s: float) -> None:  # type: ignore[no-untyped-def]
@@ -147,7 +131,7 @@ def screen_is_live(page, within_s: float) -> bool:  # type: ignore[no-untyped-de
 def test_viewer_resumes_within_5_s_of_a_30_s_cut_without_the_password(gateway: GatewayRun, link: Link,
                                                                         relay: ImpairedRelay, tmp_path: Path) -> None:
     base = f"http://{link.host_address}:{relay.port}/"
-    with clocks(gateway), chromium_in(link, tmp_path) as browser:
+    with clocks(gateway), chromium_browser(lambda chromium: link.chromium_wrapper(tmp_path, chromium)) as browser:
         pages = {size: open_viewer(browser, base, account, size)
                  for size, account in zip(SIZES, gateway.accounts)}
         for size, page in pages.items():
