@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import pwd
 import re
-import secrets
 import stat
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -203,20 +202,5 @@ def private_dir(path: Path, owner: pwd.struct_passwd | None) -> None:
 
 
 def write_secret(path: Path, data: bytes, owner: pwd.struct_passwd | None) -> None:
-    """Write a 0600 file atomically, owned by ``owner``; the temporary file is never followed as a link."""
-    if owner is None:
-        atomic_write(path, data, mode=0o600)
-        return
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            os.fchmod(out.fileno(), 0o600)
-            os.fchown(out.fileno(), owner.pw_uid, owner.pw_gid)
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Write a 0600 file atomically, owned by ``owner`` before it appears under its name."""
+    atomic_write(path, data, mode=0o600, owner=None if owner is None else (owner.pw_uid, owner.pw_gid))

@@ -24,12 +24,15 @@ def atomic_write(path: Path, data: str | bytes, *, mode: int = 0o644, owner: tup
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         with os.fdopen(fd, "wb") as out:
+            # The umask may have narrowed the mode: make it exactly what was asked. Through the
+            # descriptor, never the name: in a directory a desktop's user can write, the name could
+            # be swapped for a link to another file before a chmod by name.
+            os.fchmod(out.fileno(), mode)
+            if owner is not None:
+                os.fchown(out.fileno(), *owner)
             out.write(payload)
             out.flush()
             os.fsync(out.fileno())
-            if owner is not None:
-                os.fchown(out.fileno(), *owner)
-        os.chmod(tmp, mode)  # the umask may have narrowed it; make it exactly what was asked
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
