@@ -1,7 +1,7 @@
 """Real desktops under a real workload, watched as noVNC watches them, straight and through the gateway.
 
 Each of N local desktops (a real `gateway up`: Xvnc, openbox) runs a workload that changes the screen:
-an xterm printing the time every 50 ms, moved back and forth by `xdotool`, and a small "probe" xterm
+an xterm printing the time every 100 ms, moved back and forth by `xdotool` every 2 s, and a small "probe" xterm
 (running `cat`, so a typed key is echoed at once) that has the keyboard focus. One client per desktop
 speaks RFB with the project's RFB client (gateway.common.rfb.handshake): it asks for ZRLE and CopyRect,
 requests the next incremental update as soon as one has arrived (as noVNC does), and every
@@ -42,6 +42,11 @@ __all__ = ["measure_real_desktops"]
 
 ENCODINGS = (16, 1, 0, -223)  # ZRLE, CopyRect, Raw, DesktopSize
 KEY_EVERY_S = 0.5
+#: The real-desktop benchmark's workload: ten lines a second and a move every two seconds on each desktop,
+#: so that 60 desktops and their viewers fit on the load generator's one core (with the Wi-Fi benchmark's
+#: 20 lines and one move a second, 60 desktops saturate it and the figures measure the overload).
+PRINT_EVERY_S = 0.1
+MOVE_EVERY_S = 2.0
 KEY_LOST_S = 2.0
 SAMPLE_BYTES = 2_000_000  # update stream kept per desktop for the deflate measurement
 KEYSYM_A = 0x61
@@ -186,20 +191,31 @@ def _ws(http: aiohttp.ClientSession, url: str):  # type: ignore[no-untyped-def]
     return open_stream
 
 
-def start_workload(run: GatewayUp, index: int) -> tuple[list[subprocess.Popen[bytes]], tuple[int, int, int, int]]:
+#: The printing xterm's program: one process that never forks (a shell loop of `date` and `sleep` forks
+#: twice per line, which at 60 desktops is thousands of forks a second, and measures the kernel, not the gateway).
+TICKER = "import sys, time\nwhile True:\n    print(time.strftime('%T'), time.time() % 1, flush=True)\n    time.sleep({every})"
+
+
+def start_workload(run: GatewayUp, index: int, *, print_every_s: float = 0.05, move_every_s: float = 1.0
+                   ) -> tuple[list[subprocess.Popen[bytes]], tuple[int, int, int, int]]:
+    """The workload on desktop ``index``: a terminal printing a line every ``print_every_s``, moved every
+    ``move_every_s`` by xdotool, and the focused probe terminal; returns its processes and the probe's geometry."""
     account = run.accounts[index]
     env = display_env(run.tmp / "state", account.id)
-    printer = ["xterm", "-geometry", "80x20+0+0", "-title", f"printer{index}", "-e", "sh", "-c",
-               "while :; do date +%T.%N; sleep 0.05; done"]
+    printer = ["xterm", "-geometry", "80x20+0+0", "-title", f"printer{index}", "-e", "python3", "-c",
+               TICKER.format(every=print_every_s)]
     probe = ["xterm", "-geometry", "30x3-40-40", "-title", f"probe{index}", "-e", "cat"]
     mover = ["sh", "-c", f"while :; do for x in 0 120 240 120; do xdotool search --name printer{index} "
-             f"windowmove %@ $x 0 2>/dev/null; sleep 1; done; done"]
+             f"windowmove %@ $x 0 2>/dev/null; sleep {move_every_s}; done; done"]
     procs = [subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True) for argv in (printer, probe)]
     geometry = None
     for _ in range(100):  # until the probe window is mapped
-        out = subprocess.run(["xdotool", "search", "--sync", "--name", f"probe{index}", "windowactivate", "--sync",
-                              "getwindowgeometry", "--shell"], env=env, capture_output=True, text=True, timeout=10)
+        try:
+            out = subprocess.run(["xdotool", "search", "--sync", "--name", f"probe{index}", "windowactivate", "--sync",
+                                  "getwindowgeometry", "--shell"], env=env, capture_output=True, text=True, timeout=10)
+        except subprocess.TimeoutExpired:
+            continue  # a busy desktop maps the window late: ask again
         values = dict(line.split("=", 1) for line in out.stdout.splitlines() if "=" in line)
         if {"X", "Y", "WIDTH", "HEIGHT"} <= values.keys():
             geometry = (int(values["X"]), int(values["Y"]), int(values["WIDTH"]), int(values["HEIGHT"]))
@@ -261,8 +277,9 @@ async def _round(run: GatewayUp, probes: list[tuple[int, int, int, int]], via: s
     }
 
 
-async def measure_real_desktops(count: int, mode: str, *, rounds: int, duration_s: float,
-                                timeout_s: float) -> dict[str, object]:
+async def measure_real_desktops(count: int, mode: str, *, rounds: int, duration_s: float, timeout_s: float,
+                                print_every_s: float = PRINT_EVERY_S, move_every_s: float = MOVE_EVERY_S
+                                ) -> dict[str, object]:
     """N real desktops with the workload: ``rounds`` times straight, then through ``mode``."""
     run = GatewayUp(count, mode)
     workloads: list[subprocess.Popen[bytes]] = []
@@ -281,7 +298,7 @@ async def measure_real_desktops(count: int, mode: str, *, rounds: int, duration_
                 os.sched_setaffinity(pid, set(GATEWAY_CPUS if pid in gateway else LOAD_CPUS) or set(os.sched_getaffinity(0)))
         probes = []
         for index in range(count):
-            procs, probe = start_workload(run, index)
+            procs, probe = start_workload(run, index, print_every_s=print_every_s, move_every_s=move_every_s)
             workloads += procs
             probes.append(probe)
         await asyncio.sleep(2)
@@ -296,7 +313,8 @@ async def measure_real_desktops(count: int, mode: str, *, rounds: int, duration_
                 "updates_per_s_per_desktop", "gateway_cpu_s", "gateway_cpu_s_per_gb")
         summary = {via: {k: spread([r.get(k) for r in runs]) for k in keys} for via, runs in out.items()}
         deflate = [r["deflate"] for r in out["direct"] if r["deflate"]]
-        return {"rounds": out, "summary": summary, "deflate": {
+        return {"workload": {"print_every_s": print_every_s, "move_every_s": move_every_s},
+                "rounds": out, "summary": summary, "deflate": {
             "ratio": spread([d["ratio"] for d in deflate]), "cpu_ms_per_mb": spread([d["cpu_ms_per_mb"] for d in deflate])}}
     finally:
         for proc in workloads:

@@ -119,7 +119,10 @@ def load_tables(r: dict) -> list[str]:
 
 def real_tables(r: dict) -> list[str]:
     plan = r["run"]["plan"]
-    lines = ["## Real desktops (Xvnc, openbox, an xterm printing every 50 ms moved by xdotool, a key typed every 0.5 s)",
+    first = next(iter(next(iter(r["real"].values())).values()))
+    workload = first.get("workload", {"print_every_s": 0.05, "move_every_s": 1.0})  # older runs: the Wi-Fi workload
+    lines = [f"## Real desktops (Xvnc, openbox, an xterm printing every {workload['print_every_s'] * 1000:g} ms moved "
+             f"by xdotool every {workload['move_every_s']:g} s, a key typed every 0.5 s)",
              "",
              f"Each round watches every desktop straight (TCP to Xvnc) and then through the gateway (websocket via "
              f"Apache, Chromium's handshake), {plan.get('real_rounds')} rounds of {plan.get('real_duration_s')} s; "

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,6 +27,35 @@ def pytest_configure(config: pytest.Config) -> None:
         del os.environ["PYTHONDONTWRITEBYTECODE"]
         os.environ[_PYCACHE_ENV] = tempfile.mkdtemp(prefix="gateway-tests-pycache-")
         config.add_cleanup(lambda: shutil.rmtree(os.environ.pop(_PYCACHE_ENV), ignore_errors=True))
+
+
+#: What marks a module that uses the one Slurm test cluster of scripts/test-slurm-cluster.
+_USES_SLURM_CLUSTER = re.compile(r"require_slurm_cluster|slurm_event|\b(squeue|sbatch|scontrol|slurmctld|slurmd)\b")
+
+
+@functools.cache
+def _uses_slurm_cluster(module: str) -> bool:
+    path = Path(module)
+    return path.suffix == ".py" and path.is_file() and bool(_USES_SLURM_CLUSTER.search(path.read_text()))
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """With two workers (scripts/test runs `pytest -n 2`), the tests that use the Slurm test cluster run on one
+    worker, one after another: some stop its controller, trace its slurmd, or make the event reservation
+    on its one node, which a test on the other worker would disturb. Every other test goes to whichever
+    worker is free.
+
+    (A scheduler rather than `xdist_group` marks: pytest-xdist 3.8 loses those marks under pytest 9.2,
+    pytest-dev/pytest-xdist#1386.)
+    """
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SlurmClusterTestsTogether(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return "slurm-cluster" if _uses_slurm_cluster(str(config.rootpath / module)) else nodeid
+
+    return SlurmClusterTestsTogether(config, log)
 
 
 @pytest.fixture

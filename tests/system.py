@@ -81,23 +81,56 @@ def require_slurm_cluster(*programs: str, partition: str | None = None, gres: st
                      f"{detail or 'no such partition'}")
 
 
-def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that was free a moment ago (bound to port 0, then released)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+#: Under pytest-xdist each worker hands out ports of a range of its own, in turn, so that two workers never
+#: pick the same port between choosing it and a server binding it, and one worker does not hand out a port
+#: again soon after. The ranges lie below the kernel's ephemeral ports (32768 and up), which outgoing
+#: connections and port-0 binds use.
+_WORKER_PORTS_START = 20000
+_WORKER_PORTS_EACH = 3000
+_worker_port_offset = 0
+
+
+def _worker_range() -> range | None:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if not worker.startswith("gw") or not worker[2:].isdigit():
+        return None
+    start = _WORKER_PORTS_START + _WORKER_PORTS_EACH * (int(worker[2:]) % 4)
+    return range(start, start + _WORKER_PORTS_EACH)
+
+
+def _bind_free(sock: socket.socket, ports: range | None) -> None:
+    """Bind ``sock`` on 127.0.0.1 to the next free port of ``ports``, or to any free port."""
+    global _worker_port_offset
+    if ports is None:
         sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+        return
+    for _ in range(len(ports)):
+        port = ports[_worker_port_offset]
+        _worker_port_offset = (_worker_port_offset + 1) % len(ports)
+        try:
+            sock.bind(("127.0.0.1", port))
+            return
+        except OSError:
+            continue
+    raise OSError(f"no free port in {ports}")
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that was free a moment ago (bound, then released)."""
+    return free_ports(1)[0]
 
 
 def free_ports(count: int) -> list[int]:
     """``count`` distinct TCP ports on 127.0.0.1 that were free a moment ago.
 
-    All are bound at once before any is released: calling :func:`free_port` repeatedly may hand
-    out the same port twice.
+    All are bound at once before any is released: binding port 0 repeatedly may hand out the same
+    port twice.
     """
+    ports = _worker_range()
     sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
     try:
         for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
+            _bind_free(sock, ports)
         return [int(sock.getsockname()[1]) for sock in sockets]
     finally:
         for sock in sockets:

@@ -34,14 +34,31 @@ def stat_fields(pid: int) -> list[str]:
 
 
 def children(pid: int) -> list[int]:
+    """Live (not yet reaped, not zombie) children of ``pid``."""
     found = []
     for entry in Path("/proc").iterdir():
         try:
-            if entry.name.isdigit() and int(stat_fields(int(entry.name))[1]) == pid:
+            fields = stat_fields(int(entry.name)) if entry.name.isdigit() else []
+            if fields and fields[0] != "Z" and int(fields[1]) == pid:
                 found.append(int(entry.name))
         except (OSError, ValueError):
             continue
     return found
+
+
+async def child_counts_become(expected: dict[int, int], timeout_s: float = 5) -> bool:
+    """Whether each pid has exactly its expected number of live children, within ``timeout_s``.
+
+    The gateway's readiness probe is itself a connection, so each websockify briefly has a child for it
+    (gone once the probe's close is seen): wait for that instead of counting it as a viewer's.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while {pid: len(children(pid)) for pid in expected} != expected:
+        if loop.time() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
 
 
 async def echo_vnc(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -125,10 +142,11 @@ async def test_connections_get_children_and_a_killed_proxy_drops_only_its_accoun
     victim, bystander = proxies.accounts
     victim_pid = proxies.running[victim.id].process.pid  # type: ignore[union-attr]
     bystander_pid = proxies.running[bystander.id].process.pid  # type: ignore[union-attr]
+    assert await child_counts_become({victim_pid: 0, bystander_pid: 0})  # the readiness probes' children have ended
     async with aiohttp.ClientSession() as http:
         viewers = {a.id: await open_viewer(http, proxies.url(a)) for a in proxies.accounts}
         # One child per connection, of that account's websockify (websockify's own process model).
-        assert len(children(victim_pid)) == 1 and len(children(bystander_pid)) == 1
+        assert await child_counts_become({victim_pid: 1, bystander_pid: 1})
         assert all([await echoes(ws) for ws in viewers.values()])
 
         os.kill(victim_pid, signal.SIGKILL)
