@@ -2,19 +2,21 @@
 
 Each of N local desktops (a real `gateway up`: Xvnc, openbox) runs a workload that changes the screen:
 an xterm printing the time every 100 ms, moved back and forth by `xdotool` every 2 s, and a small "probe" xterm
-(running `cat`, so a typed key is echoed at once) that has the keyboard focus. One client per desktop
-speaks RFB with the project's RFB client (gateway.common.rfb.handshake): it asks for ZRLE and CopyRect,
-requests the next incremental update as soon as one has arrived (as noVNC does), and every
-``KEY_EVERY_S`` types a key. Measured per desktop:
+(running `cat`, so a typed key is echoed at once) that has the keyboard focus. In each round one client per
+desktop watches it: for half of the desktops straight (TCP to its Xvnc, no gateway), for the other half
+through the gateway (websocket through Apache, with Chromium's handshake), all at the same time; the halves
+swap from round to round. Each client speaks RFB with the project's RFB client
+(gateway.common.rfb.handshake): it asks for ZRLE and CopyRect, requests the next incremental update as soon
+as one has arrived (as noVNC does), and every ``KEY_EVERY_S`` types a key. Measured per path:
 
 * bytes per second and updates per second;
 * key-to-pixel: from sending the key to the first update that touches the probe window
   (nothing else draws there); a key with no such update within ``KEY_LOST_S`` is lost and counts
   as ``KEY_LOST_S``.
 
-Each round measures the desktops straight (TCP to each Xvnc, no gateway) and then through the
-gateway (websocket through Apache), so "added" is always against the same desktops at the same time.
-The update stream of each desktop is also sampled to decide permessage-deflate: it is deflated
+Both paths are measured at the same time, so "added" is against the same kind of desktop under the same load
+(on 2 cores, 60 desktops keep the load generator's core busy, and figures measured one after the other
+differ more between rounds than the gateway adds). The update stream of each desktop is also sampled to decide permessage-deflate: it is deflated
 afterwards per update at zlib level 1 with context takeover (what aiohttp does), for its ratio and CPU.
 """
 
@@ -113,11 +115,16 @@ class _Viewer:
             self.key_rtts_ms.append((time.perf_counter() - self.key_sent_at) * 1000)
             self.key_sent_at = None
 
-    async def watch(self, reader: _Counting, writer: rfb.ByteWriter, width: int, height: int, until: float) -> None:
+    def start_counting(self, reader: _Counting) -> None:
+        """Count from now on: the first (whole-screen) updates of a round are not the workload's traffic."""
+        self.updates, reader.bytes = 0, 0
+        self.samples, self.sampled = [], 0
+
+    async def watch(self, reader: _Counting, writer: rfb.ByteWriter, width: int, height: int) -> None:
         writer.write(struct.pack(">BxH", 2, len(ENCODINGS)) + b"".join(struct.pack(">i", e) for e in ENCODINGS))
         writer.write(struct.pack(">BBHHHH", 3, 0, 0, 0, width, height))
         await writer.drain()
-        while time.monotonic() < until:
+        while True:  # until cancelled
             reader.message = bytearray()
             reader.keep = self.sampled < SAMPLE_BYTES
             kind = (await reader.readexactly(1))[0]
@@ -136,38 +143,64 @@ class _Viewer:
                 self.samples.append(bytes(reader.message))
                 self.sampled += len(reader.message)
 
-    async def type_keys(self, writer: rfb.ByteWriter, until: float) -> None:
-        # Not before the first (whole-screen) update: it would "show" any key.
-        await asyncio.wait_for(self.first_update.wait(), max(0.1, until - time.monotonic()))
+    async def type_key(self, writer: rfb.ByteWriter) -> None:
+        """Type one key and wait for the update that shows it (or count it lost after ``KEY_LOST_S``)."""
+        self.key_sent_at = sent = time.perf_counter()
+        writer.write(struct.pack(">BBxxI", 4, 1, KEYSYM_A) + struct.pack(">BBxxI", 4, 0, KEYSYM_A))
+        await writer.drain()
+        deadline = time.monotonic() + KEY_LOST_S
+        while self.key_sent_at == sent and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        if self.key_sent_at == sent:
+            self.keys_lost += 1
+            self.key_sent_at = None
+
+
+@dataclass
+class _Connection:
+    """One viewer's RFB connection to a desktop (straight or through the gateway), watched until closed."""
+
+    viewer: _Viewer
+    reader: _Counting
+    writer: rfb.ByteWriter
+    watcher: asyncio.Future[None]
+
+
+class _Watched:
+    """One desktop, watched by one viewer (straight or through the gateway) for a round."""
+
+    def __init__(self, via: str, open_stream: object, password: str, probe: tuple[int, int, int, int]) -> None:
+        self.opens, self.password, self.probe = {via: open_stream}, password, probe
+        self.paths: dict[str, _Connection] = {}
+        self.stack = contextlib.AsyncExitStack()
+
+    async def connect(self) -> None:
+        for via, open_stream in self.opens.items():
+            reader, writer = await self.stack.enter_async_context(open_stream())  # type: ignore[operator]
+            counting = _Counting(reader)
+            session = await rfb.handshake(counting, writer, self.password)
+            viewer = _Viewer(self.probe)
+            watcher = asyncio.ensure_future(viewer.watch(counting, writer, session.width, session.height))
+            self.paths[via] = _Connection(viewer, counting, writer, watcher)
+
+    async def first_updates(self) -> None:
+        await asyncio.gather(*(path.viewer.first_update.wait() for path in self.paths.values()))
+
+    async def type_keys(self, until: float) -> None:
+        for path in self.paths.values():
+            path.viewer.start_counting(path.reader)
         while time.monotonic() + KEY_LOST_S < until:
-            self.key_sent_at = time.perf_counter()
-            writer.write(struct.pack(">BBxxI", 4, 1, KEYSYM_A) + struct.pack(">BBxxI", 4, 0, KEYSYM_A))
-            await writer.drain()
-            sent = self.key_sent_at
-            deadline = time.monotonic() + KEY_LOST_S
-            while self.key_sent_at == sent and time.monotonic() < deadline:
-                await asyncio.sleep(0.005)
-            if self.key_sent_at == sent:
-                self.keys_lost += 1
-                self.key_sent_at = None
+            for path in self.paths.values():
+                await path.viewer.type_key(path.writer)
             await asyncio.sleep(KEY_EVERY_S)
 
-
-async def _watch_one(open_stream, password: str, probe: tuple[int, int, int, int],  # type: ignore[no-untyped-def]
-                     duration_s: float) -> tuple[_Viewer, int]:
-    async with open_stream() as (reader, writer):
-        counting = _Counting(reader)
-        session = await rfb.handshake(counting, writer, password)
-        viewer = _Viewer(probe)
-        until = time.monotonic() + duration_s
-        watcher = asyncio.ensure_future(viewer.watch(counting, writer, session.width, session.height, until + 1))
-        try:
-            await viewer.type_keys(writer, until)
-        finally:
-            watcher.cancel()
+    async def close(self) -> dict[str, tuple[_Viewer, int]]:
+        for path in self.paths.values():
+            path.watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await watcher
-        return viewer, counting.bytes
+                await path.watcher
+        await self.stack.aclose()
+        return {via: (path.viewer, path.reader.bytes) for via, path in self.paths.items()}
 
 
 def _tcp(port: int):  # type: ignore[no-untyped-def]
@@ -205,8 +238,6 @@ def start_workload(run: GatewayUp, index: int, *, print_every_s: float = 0.05, m
     printer = ["xterm", "-geometry", "80x20+0+0", "-title", f"printer{index}", "-e", "python3", "-c",
                TICKER.format(every=print_every_s)]
     probe = ["xterm", "-geometry", "30x3-40-40", "-title", f"probe{index}", "-e", "cat"]
-    mover = ["sh", "-c", f"while :; do for x in 0 120 240 120; do xdotool search --name printer{index} "
-             f"windowmove %@ $x 0 2>/dev/null; sleep {move_every_s}; done; done"]
     procs = [subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True) for argv in (printer, probe)]
     geometry = None
@@ -223,11 +254,27 @@ def start_workload(run: GatewayUp, index: int, *, print_every_s: float = 0.05, m
         time.sleep(0.1)
     if geometry is None:
         raise RuntimeError(f"the probe window of {account.id} did not appear")
+    # The printer's window is looked up once: `xdotool search` on every move lists every window of the
+    # display, and at 60 desktops that alone took half a core.
+    printer_window = _window_id(env, f"printer{index}")
+    mover = ["sh", "-c", f"while :; do for x in 0 120 240 120; do xdotool windowmove {printer_window} $x 0; "
+             f"sleep {move_every_s}; done; done"]
     procs.append(subprocess.Popen(mover, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                   start_new_session=True))
     for proc in procs:
         _pin_tree(proc.pid, LOAD_CPUS)
     return procs, geometry
+
+
+def _window_id(env: dict[str, str], title: str) -> int:
+    for _ in range(100):
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            out = subprocess.run(["xdotool", "search", "--sync", "--name", title], env=env, capture_output=True,
+                                 text=True, timeout=10)
+            if out.stdout.split():
+                return int(out.stdout.split()[0])
+        time.sleep(0.1)
+    raise RuntimeError(f"the window {title} did not appear")
 
 
 def _pin_tree(pid: int, cpus: list[int]) -> None:
@@ -251,36 +298,62 @@ def _deflate(samples: list[bytes]) -> dict[str, float | None]:
     return {"ratio": round(out / total, 3), "cpu_ms_per_mb": round(cpu * 1000 / (total / 1e6), 2)}
 
 
-async def _round(run: GatewayUp, probes: list[tuple[int, int, int, int]], via: str, duration_s: float) -> dict:
-    gateway = [p for pids in run.gateway_pids().values() for p in pids]
-    before = cpu_seconds_total(gateway)
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
-        opens = [_tcp(a.vnc_port) if via == "direct" else _ws(http, run.url(a)) for a in run.accounts]
-        results = await asyncio.gather(*(_watch_one(o, a.password, p, duration_s)
-                                         for o, a, p in zip(opens, run.accounts, probes)), return_exceptions=True)
-    after = cpu_seconds_total(gateway)
-    viewers = [r for r in results if not isinstance(r, BaseException)]
-    failed = len(results) - len(viewers)
-    rtts = [ms for v, _ in viewers for ms in v.key_rtts_ms]
-    lost = sum(v.keys_lost for v, _ in viewers)
-    total_bytes = sum(b for _, b in viewers)
+def _path_figures(results: list[tuple[_Viewer, int]], failed: int, duration_s: float) -> dict:
+    rtts = [ms for v, _ in results for ms in v.key_rtts_ms]
+    lost = sum(v.keys_lost for v, _ in results)
+    total_bytes = sum(b for _, b in results)
     keys = latency_with_losses(rtts, lost, KEY_LOST_S)
-    gateway_cpu = sum(after.get(p, 0) - before.get(p, 0) for p in after)
     return {
         "failed": failed, "key_p50_ms": keys["p50_ms"], "key_p99_ms": keys["p99_ms"], "keys_lost": lost,
-        "keys": len(rtts) + lost,
-        "kb_per_s_per_desktop": round(total_bytes / 1000 / duration_s / max(1, len(viewers)), 1),
-        "updates_per_s_per_desktop": round(sum(v.updates for v, _ in viewers) / duration_s / max(1, len(viewers)), 1),
-        "gateway_cpu_s": round(gateway_cpu, 2) if via != "direct" else None,
-        "gateway_cpu_s_per_gb": round(gateway_cpu / (total_bytes / 1e9), 1) if via != "direct" and total_bytes else None,
-        "deflate": _deflate([s for v, _ in viewers for s in v.samples]) if via == "direct" else None,
+        "keys": len(rtts) + lost, "bytes": total_bytes,
+        "kb_per_s_per_desktop": round(total_bytes / 1000 / duration_s / max(1, len(results)), 1),
+        "updates_per_s_per_desktop": round(sum(v.updates for v, _ in results) / duration_s / max(1, len(results)), 1),
     }
+
+
+async def _round(run: GatewayUp, probes: list[tuple[int, int, int, int]], duration_s: float,
+                 number: int) -> dict[str, dict]:
+    """Half of the desktops watched straight and the other half through the gateway, at the same time
+    (which half alternates from round to round). The measured window starts once every connection has had
+    its first, whole-screen update (60 of them keep the load generator's core busy for a while) and the
+    desktops have settled for a second."""
+    gateway = [p for pids in run.gateway_pids().values() for p in pids]
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
+        pairs = [_Watched("gateway", _ws(http, run.url(a)), a.password, probe) if (index + number) % 2 else
+                 _Watched("direct", _tcp(a.vnc_port), a.password, probe)
+                 for index, (a, probe) in enumerate(zip(run.accounts, probes))]
+        connected = await asyncio.gather(*(pair.connect() for pair in pairs), return_exceptions=True)
+        live = [pair for pair, result in zip(pairs, connected) if not isinstance(result, BaseException)]
+        try:
+            await asyncio.wait_for(asyncio.gather(*(pair.first_updates() for pair in live)), 120)
+            await asyncio.sleep(1)
+            before = cpu_seconds_total(gateway)
+            until = time.monotonic() + duration_s
+            await asyncio.gather(*(pair.type_keys(until) for pair in live))
+            after = cpu_seconds_total(gateway)
+        finally:
+            watched = [await pair.close() for pair in pairs]
+    failed = {via: sum(1 for pair in pairs if pair not in live and via in pair.opens) for via in ("direct", "gateway")}
+    by_path: dict[str, list[tuple[_Viewer, int]]] = {"direct": [], "gateway": []}
+    for pair, result in zip(pairs, watched):
+        if pair in live:
+            for via, figures in result.items():
+                by_path[via].append(figures)
+    direct = _path_figures(by_path["direct"], failed["direct"], duration_s)
+    direct["deflate"] = _deflate([s for viewer, _ in by_path["direct"] for s in viewer.samples])
+    through = _path_figures(by_path["gateway"], failed["gateway"], duration_s)
+    gateway_cpu = sum(after.get(p, 0) - before.get(p, 0) for p in after)
+    through["gateway_cpu_s"] = round(gateway_cpu, 2)
+    through["gateway_cpu_s_per_gb"] = round(gateway_cpu / (through["bytes"] / 1e9), 1) if through["bytes"] else None
+    if direct["key_p99_ms"] is not None and through["key_p99_ms"] is not None:
+        through["key_p99_added_ms"] = round(through["key_p99_ms"] - direct["key_p99_ms"], 2)
+    return {"direct": direct, "gateway": through}
 
 
 async def measure_real_desktops(count: int, mode: str, *, rounds: int, duration_s: float, timeout_s: float,
                                 print_every_s: float = PRINT_EVERY_S, move_every_s: float = MOVE_EVERY_S
                                 ) -> dict[str, object]:
-    """N real desktops with the workload: ``rounds`` times straight, then through ``mode``."""
+    """N real desktops with the workload, ``rounds`` times watched straight and through ``mode`` at once."""
     run = GatewayUp(count, mode)
     workloads: list[subprocess.Popen[bytes]] = []
     try:
@@ -303,12 +376,9 @@ async def measure_real_desktops(count: int, mode: str, *, rounds: int, duration_
             probes.append(probe)
         await asyncio.sleep(2)
         out: dict[str, list] = {"direct": [], "gateway": []}
-        for _ in range(rounds):
-            for via in ("direct", "gateway"):
-                out[via].append(await _round(run, probes, via, duration_s))
-        for direct, through in zip(out["direct"], out["gateway"]):
-            if direct["key_p99_ms"] is not None and through["key_p99_ms"] is not None:
-                through["key_p99_added_ms"] = round(through["key_p99_ms"] - direct["key_p99_ms"], 2)
+        for number in range(rounds):
+            for via, figures in (await _round(run, probes, duration_s, number)).items():
+                out[via].append(figures)
         keys = ("key_p50_ms", "key_p99_ms", "key_p99_added_ms", "keys_lost", "failed", "kb_per_s_per_desktop",
                 "updates_per_s_per_desktop", "gateway_cpu_s", "gateway_cpu_s_per_gb")
         summary = {via: {k: spread([r.get(k) for r in runs]) for k in keys} for via, runs in out.items()}

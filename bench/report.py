@@ -124,11 +124,13 @@ def real_tables(r: dict) -> list[str]:
     lines = [f"## Real desktops (Xvnc, openbox, an xterm printing every {workload['print_every_s'] * 1000:g} ms moved "
              f"by xdotool every {workload['move_every_s']:g} s, a key typed every 0.5 s)",
              "",
-             f"Each round watches every desktop straight (TCP to Xvnc) and then through the gateway (websocket via "
-             f"Apache, Chromium's handshake), {plan.get('real_rounds')} rounds of {plan.get('real_duration_s')} s; "
-             "median (min-max). Key-to-pixel: from the key event to the first update touching the probe window; a "
-             "key without one within 2 s is lost and counts as 2 s. \"added\" is against the straight figure of the "
-             "same round.", "",
+             f"In each round every desktop has one client: for half of the desktops it connects straight (TCP to "
+             f"Xvnc), for the other half through the gateway (websocket via Apache, Chromium's handshake), all at "
+             f"the same time; the halves swap every round. {plan.get('real_rounds')} rounds of {plan.get('real_duration_s')} s, "
+             "measured after every connection's first whole-screen update; median (min-max). Key-to-pixel: from the "
+             "key event to the first update touching the probe window; a key without one within 2 s is lost and "
+             "counts as 2 s. \"added\" is against the straight figure of the same round. The desktops, their "
+             "workload and the clients share the load generator's core.", "",
              "| desktops | mode | path | key p50 ms | key p99 ms | key p99 added ms | keys lost | KB/s per desktop | "
              "updates/s per desktop | gateway CPU-s per GB | failed |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
