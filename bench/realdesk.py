@@ -16,8 +16,9 @@ as one has arrived (as noVNC does), and every ``KEY_EVERY_S`` types a key. Measu
 
 Both paths are measured at the same time, so "added" is against the same kind of desktop under the same load
 (on 2 cores, 60 desktops keep the load generator's core busy, and figures measured one after the other
-differ more between rounds than the gateway adds). The update stream of each desktop is also sampled to decide permessage-deflate: it is deflated
-afterwards per update at zlib level 1 with context takeover (what aiohttp does), for its ratio and CPU.
+differ more between rounds than the gateway adds). The update stream of each desktop is also sampled to
+decide permessage-deflate: it is deflated afterwards per update at zlib level 1 with context takeover (what
+aiohttp does), for its ratio and CPU.
 """
 
 from __future__ import annotations
@@ -170,37 +171,39 @@ class _Watched:
     """One desktop, watched by one viewer (straight or through the gateway) for a round."""
 
     def __init__(self, via: str, open_stream: object, password: str, probe: tuple[int, int, int, int]) -> None:
-        self.opens, self.password, self.probe = {via: open_stream}, password, probe
-        self.paths: dict[str, _Connection] = {}
+        self.via, self.open_stream, self.password, self.probe = via, open_stream, password, probe
+        self.connection: _Connection | None = None
         self.stack = contextlib.AsyncExitStack()
 
     async def connect(self) -> None:
-        for via, open_stream in self.opens.items():
-            reader, writer = await self.stack.enter_async_context(open_stream())  # type: ignore[operator]
-            counting = _Counting(reader)
-            session = await rfb.handshake(counting, writer, self.password)
-            viewer = _Viewer(self.probe)
-            watcher = asyncio.ensure_future(viewer.watch(counting, writer, session.width, session.height))
-            self.paths[via] = _Connection(viewer, counting, writer, watcher)
+        reader, writer = await self.stack.enter_async_context(self.open_stream())  # type: ignore[operator]
+        counting = _Counting(reader)
+        session = await rfb.handshake(counting, writer, self.password)
+        viewer = _Viewer(self.probe)
+        watcher = asyncio.ensure_future(viewer.watch(counting, writer, session.width, session.height))
+        self.connection = _Connection(viewer, counting, writer, watcher)
 
-    async def first_updates(self) -> None:
-        await asyncio.gather(*(path.viewer.first_update.wait() for path in self.paths.values()))
+    async def first_update(self) -> None:
+        assert self.connection is not None
+        await self.connection.viewer.first_update.wait()
 
     async def type_keys(self, until: float) -> None:
-        for path in self.paths.values():
-            path.viewer.start_counting(path.reader)
+        assert self.connection is not None
+        viewer = self.connection.viewer
+        viewer.start_counting(self.connection.reader)
         while time.monotonic() + KEY_LOST_S < until:
-            for path in self.paths.values():
-                await path.viewer.type_key(path.writer)
+            await viewer.type_key(self.connection.writer)
             await asyncio.sleep(KEY_EVERY_S)
 
-    async def close(self) -> dict[str, tuple[_Viewer, int]]:
-        for path in self.paths.values():
-            path.watcher.cancel()
+    async def close(self) -> tuple[_Viewer, int] | None:
+        """Stop watching; the viewer and the bytes it counted, if it connected."""
+        connection = self.connection
+        if connection is not None:
+            connection.watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await path.watcher
+                await connection.watcher
         await self.stack.aclose()
-        return {via: (path.viewer, path.reader.bytes) for via, path in self.paths.items()}
+        return None if connection is None else (connection.viewer, connection.reader.bytes)
 
 
 def _tcp(port: int):  # type: ignore[no-untyped-def]
@@ -319,26 +322,25 @@ async def _round(run: GatewayUp, probes: list[tuple[int, int, int, int]], durati
     desktops have settled for a second."""
     gateway = [p for pids in run.gateway_pids().values() for p in pids]
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
-        pairs = [_Watched("gateway", _ws(http, run.url(a)), a.password, probe) if (index + number) % 2 else
-                 _Watched("direct", _tcp(a.vnc_port), a.password, probe)
-                 for index, (a, probe) in enumerate(zip(run.accounts, probes))]
-        connected = await asyncio.gather(*(pair.connect() for pair in pairs), return_exceptions=True)
-        live = [pair for pair, result in zip(pairs, connected) if not isinstance(result, BaseException)]
+        desktops = [_Watched("gateway", _ws(http, run.url(a)), a.password, probe) if (index + number) % 2 else
+                    _Watched("direct", _tcp(a.vnc_port), a.password, probe)
+                    for index, (a, probe) in enumerate(zip(run.accounts, probes))]
+        connected = await asyncio.gather(*(desktop.connect() for desktop in desktops), return_exceptions=True)
+        live = [desktop for desktop, result in zip(desktops, connected) if not isinstance(result, BaseException)]
         try:
-            await asyncio.wait_for(asyncio.gather(*(pair.first_updates() for pair in live)), 120)
+            await asyncio.wait_for(asyncio.gather(*(desktop.first_update() for desktop in live)), 120)
             await asyncio.sleep(1)
             before = cpu_seconds_total(gateway)
             until = time.monotonic() + duration_s
-            await asyncio.gather(*(pair.type_keys(until) for pair in live))
+            await asyncio.gather(*(desktop.type_keys(until) for desktop in live))
             after = cpu_seconds_total(gateway)
         finally:
-            watched = [await pair.close() for pair in pairs]
-    failed = {via: sum(1 for pair in pairs if pair not in live and via in pair.opens) for via in ("direct", "gateway")}
+            watched = [await desktop.close() for desktop in desktops]
+    failed = {via: sum(1 for d in desktops if d not in live and d.via == via) for via in ("direct", "gateway")}
     by_path: dict[str, list[tuple[_Viewer, int]]] = {"direct": [], "gateway": []}
-    for pair, result in zip(pairs, watched):
-        if pair in live:
-            for via, figures in result.items():
-                by_path[via].append(figures)
+    for desktop, result in zip(desktops, watched):
+        if desktop in live and result is not None:
+            by_path[desktop.via].append(result)
     direct = _path_figures(by_path["direct"], failed["direct"], duration_s)
     direct["deflate"] = _deflate([s for viewer, _ in by_path["direct"] for s in viewer.samples])
     through = _path_figures(by_path["gateway"], failed["gateway"], duration_s)
