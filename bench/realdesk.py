@@ -30,7 +30,9 @@ import struct
 import subprocess
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import aiohttp
 
@@ -42,6 +44,8 @@ from .desktops import GatewayUp
 from .load import GATEWAY_CPUS, LOAD_CPUS
 
 __all__ = ["measure_real_desktops"]
+
+T = TypeVar("T")
 
 ENCODINGS = (16, 1, 0, -223)  # ZRLE, CopyRect, Raw, DesktopSize
 KEY_EVERY_S = 0.5
@@ -243,23 +247,14 @@ def start_workload(run: GatewayUp, index: int, *, print_every_s: float = 0.05, m
     probe = ["xterm", "-geometry", "30x3-40-40", "-title", f"probe{index}", "-e", "cat"]
     procs = [subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True) for argv in (printer, probe)]
-    geometry = None
-    for _ in range(100):  # until the probe window is mapped
-        try:
-            out = subprocess.run(["xdotool", "search", "--sync", "--name", f"probe{index}", "windowactivate", "--sync",
-                                  "getwindowgeometry", "--shell"], env=env, capture_output=True, text=True, timeout=10)
-        except subprocess.TimeoutExpired:
-            continue  # a busy desktop maps the window late: ask again
-        values = dict(line.split("=", 1) for line in out.stdout.splitlines() if "=" in line)
-        if {"X", "Y", "WIDTH", "HEIGHT"} <= values.keys():
-            geometry = (int(values["X"]), int(values["Y"]), int(values["WIDTH"]), int(values["HEIGHT"]))
-            break
-        time.sleep(0.1)
-    if geometry is None:
-        raise RuntimeError(f"the probe window of {account.id} did not appear")
+    geometry = _xdotool_until(env, ["search", "--sync", "--name", f"probe{index}", "windowactivate", "--sync",
+                                    "getwindowgeometry", "--shell"], _geometry,
+                              what=f"the probe window of {account.id}")
     # The printer's window is looked up once: `xdotool search` on every move lists every window of the
     # display, and at 60 desktops that alone took half a core.
-    printer_window = _window_id(env, f"printer{index}")
+    printer_window = _xdotool_until(env, ["search", "--sync", "--name", f"printer{index}"],
+                                    lambda out: int(out.split()[0]) if out.split() else None,
+                                    what=f"the printer window of {account.id}")
     mover = ["sh", "-c", f"while :; do for x in 0 120 240 120; do xdotool windowmove {printer_window} $x 0; "
              f"sleep {move_every_s}; done; done"]
     procs.append(subprocess.Popen(mover, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -269,15 +264,22 @@ def start_workload(run: GatewayUp, index: int, *, print_every_s: float = 0.05, m
     return procs, geometry
 
 
-def _window_id(env: dict[str, str], title: str) -> int:
+def _xdotool_until(env: dict[str, str], args: list[str], parse: Callable[[str], T | None], *, what: str) -> T:
+    """Run ``xdotool ARGS`` until ``parse`` finds an answer in its output: a busy desktop maps windows late."""
     for _ in range(100):
         with contextlib.suppress(subprocess.TimeoutExpired):
-            out = subprocess.run(["xdotool", "search", "--sync", "--name", title], env=env, capture_output=True,
-                                 text=True, timeout=10)
-            if out.stdout.split():
-                return int(out.stdout.split()[0])
+            out = subprocess.run(["xdotool", *args], env=env, capture_output=True, text=True, timeout=10)
+            if (answer := parse(out.stdout)) is not None:
+                return answer
         time.sleep(0.1)
-    raise RuntimeError(f"the window {title} did not appear")
+    raise RuntimeError(f"{what} did not appear")
+
+
+def _geometry(xdotool_shell_output: str) -> tuple[int, int, int, int] | None:
+    values = dict(line.split("=", 1) for line in xdotool_shell_output.splitlines() if "=" in line)
+    if not {"X", "Y", "WIDTH", "HEIGHT"} <= values.keys():
+        return None
+    return int(values["X"]), int(values["Y"]), int(values["WIDTH"]), int(values["HEIGHT"])
 
 
 def _pin_tree(pid: int, cpus: list[int]) -> None:

@@ -20,7 +20,8 @@ import pytest
 
 from gateway.backends.base import Endpoint
 from gateway.model.config import parse_config
-from gateway.common.proc import process_start_time
+from gateway.common.polling import poll_until
+from gateway.common.proc import process_start_time, stat_fields
 from gateway.proxies.base import RunningProxy
 from gateway.proxies.modes import make_proxy_mode
 from gateway.proxies.websockify import PerAccountWebsockify
@@ -28,37 +29,24 @@ from gateway.model.tokens import Account
 from tests.system import free_ports
 
 
-def stat_fields(pid: int) -> list[str]:
-    text = Path(f"/proc/{pid}/stat").read_text()
-    return text[text.rindex(")") + 2:].split()
-
-
 def children(pid: int) -> list[int]:
     """Live (not yet reaped, not zombie) children of ``pid``."""
     found = []
     for entry in Path("/proc").iterdir():
-        try:
-            fields = stat_fields(int(entry.name)) if entry.name.isdigit() else []
-            if fields and fields[0] != "Z" and int(fields[1]) == pid:
-                found.append(int(entry.name))
-        except (OSError, ValueError):
-            continue
+        fields = stat_fields(entry.name) if entry.name.isdigit() else None
+        if fields and fields[0] != "Z" and int(fields[1]) == pid:
+            found.append(int(entry.name))
     return found
 
 
-async def child_counts_become(expected: dict[int, int], timeout_s: float = 5) -> bool:
-    """Whether each pid has exactly its expected number of live children, within ``timeout_s``.
+async def child_counts_become(expected: dict[int, int], timeout_s: float = 5) -> None:
+    """Return once each pid has exactly its expected number of live children; fail after ``timeout_s``.
 
     The gateway's readiness probe is itself a connection, so each websockify briefly has a child for it
     (gone once the probe's close is seen): wait for that instead of counting it as a viewer's.
     """
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while {pid: len(children(pid)) for pid in expected} != expected:
-        if loop.time() > deadline:
-            return False
-        await asyncio.sleep(0.05)
-    return True
+    await poll_until(lambda: {pid: len(children(pid)) for pid in expected} == expected, timeout_s=timeout_s,
+                     what=f"live children per websockify pid: {expected}")
 
 
 async def echo_vnc(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -127,6 +115,7 @@ async def test_each_account_has_a_websockify_process_of_its_own(proxies: Proxies
     for account in proxies.accounts:
         pid = pids[account.id]
         fields = stat_fields(pid)
+        assert fields is not None
         assert int(fields[2]) == pid and int(fields[3]) == pid  # leads its own process group and session
         assert int(fields[1]) == proxies.mode.server.process.pid  # type: ignore[union-attr] # forked, not exec'ed
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
@@ -142,11 +131,11 @@ async def test_connections_get_children_and_a_killed_proxy_drops_only_its_accoun
     victim, bystander = proxies.accounts
     victim_pid = proxies.running[victim.id].process.pid  # type: ignore[union-attr]
     bystander_pid = proxies.running[bystander.id].process.pid  # type: ignore[union-attr]
-    assert await child_counts_become({victim_pid: 0, bystander_pid: 0})  # the readiness probes' children have ended
+    await child_counts_become({victim_pid: 0, bystander_pid: 0})  # the readiness probes' children have ended
     async with aiohttp.ClientSession() as http:
         viewers = {a.id: await open_viewer(http, proxies.url(a)) for a in proxies.accounts}
         # One child per connection, of that account's websockify (websockify's own process model).
-        assert await child_counts_become({victim_pid: 1, bystander_pid: 1})
+        await child_counts_become({victim_pid: 1, bystander_pid: 1})
         assert all([await echoes(ws) for ws in viewers.values()])
 
         os.kill(victim_pid, signal.SIGKILL)
