@@ -8,18 +8,20 @@ import logging
 import socket
 import sqlite3
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from gateway.backends.base import Backend, BackendError, DesktopState, PollResult, Status
 from gateway.cli.main import main
+from gateway.model.actions import Action
 from gateway.model.config import load_config
 from gateway.model.state import StateStore
 from gateway.model.status import DesktopSlot, Endpoint, Phase
 from gateway.model.tokens import Account, format_tokens
 from gateway.proxies.base import ProxyMode, RunningProxy
-from gateway.supervisor.commands import Action, Command, DesktopCommands
+from gateway.supervisor.commands import Command, DesktopCommands
 from gateway.supervisor.recover import recover
 from gateway.supervisor.watcher import AccountWatcher, EventContext
 from gateway.web.cockpit import GatewayMetrics
@@ -198,5 +200,44 @@ def test_down_that_cannot_stop_a_leftover_desktop_keeps_it_and_says_so(
     store = StateStore(tmp_path / "gateway.db")
     try:
         assert "a1" in store.desktops()
+    finally:
+        store.close()
+
+
+async def test_an_account_whose_earlier_desktop_could_not_be_stopped_gets_no_new_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The account moved to another backend, and its old desktop can't be stopped (its host is down): a
+    new desktop would overwrite the old one's record, which would then run on unseen. It is held instead."""
+    import gateway.supervisor.gateway as supervisor
+    from gateway.model.tokens import TokenFile
+
+    state_dir = tmp_path / "state"
+    state_dir.mkdir(mode=0o700)
+    store = StateStore(state_dir / "gateway.db")
+    store.save_desktop("a1", "old", {"desktop": "a1"})
+    store.close()
+    old, new = FakeBackend(stop_fails=True), FakeBackend()
+    monkeypatch.setattr(supervisor, "make_backends", lambda *args: {"local": new, "old": old})
+    defaults = load_config(None)
+    config = replace(defaults, apache=replace(defaults.apache, mode="none"), proxy=replace(defaults.proxy, mode="builtin"))
+    accounts = [account("a1"), account("a2")]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    gateway = supervisor.Gateway(TokenFile(str(tmp_path / "tokens.txt"), tuple(accounts)), config,
+                                 supervisor.GatewayOptions(state_dir, f"127.0.0.1:{port}"))
+    stop = asyncio.Event()
+    running = asyncio.create_task(gateway.run(stop))
+    try:
+        await wait_for(lambda: gateway.slots["a2"].phase is Phase.READY, timeout_s=15)
+        held = gateway.slots["a1"]
+        assert held.phase is Phase.FAILED and "could not be stopped (the host is unreachable)" in held.reason
+        assert ("start", "a1") not in new.calls and ("start", "a2") in new.calls
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, 30)
+    store = StateStore(state_dir / "gateway.db")
+    try:  # the old desktop is still on record, under its own backend: `gateway down` tries again
+        assert store.desktops()["a1"].backend == "old"
     finally:
         store.close()

@@ -19,6 +19,7 @@ from gateway.cli.control import cmd_desktop, cmd_extend, cmd_status
 from gateway.cli.lifecycle import cmd_down, cmd_up, cmd_users_list, cmd_users_remove
 from gateway.cli.prepare import (cmd_apache_config, cmd_container_build, cmd_systemd_install, cmd_tokens_check,
                                  cmd_tokens_generate, cmd_tokens_sheet)
+from gateway.model.actions import ORGANISER_ACTION_NAMES
 from gateway.model.config import PROJECT_ROOT, default_state_dir
 from gateway.model.errors import InputError, UserError
 
@@ -125,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.set_defaults(handler=cmd_status)
 
     desktop = commands.add_parser("desktop", help="restart, stop, start or disconnect one desktop")
-    desktop.add_argument("action", choices=("restart", "stop", "start", "disconnect"))
+    desktop.add_argument("action", choices=ORGANISER_ACTION_NAMES)
     desktop.add_argument("account")
     desktop.add_argument("--state-dir", type=Path)
     desktop.add_argument("--config", type=Path)

@@ -11,15 +11,15 @@ nothing else of it.
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from gateway.backends.base import BackendError
+from gateway.model.actions import Action
 from gateway.model.status import DesktopSlot, Phase
 
-__all__ = ["Action", "Command", "DesktopCommands", "AWAITED_COMMAND_TIMEOUT_S", "NOTIFY_TIMEOUT_S"]
+__all__ = ["Command", "DesktopCommands", "AWAITED_COMMAND_TIMEOUT_S", "NOTIFY_TIMEOUT_S"]
 
 log = logging.getLogger("gateway")
 
@@ -27,31 +27,6 @@ log = logging.getLogger("gateway")
 AWAITED_COMMAND_TIMEOUT_S = 30.0
 #: How long a notice inside a desktop may take; one that can't be shown never holds anything up.
 NOTIFY_TIMEOUT_S = 15.0
-
-
-class Action(enum.Enum):
-    """What a watcher can be asked to do. The first four are organisers' actions (admin page, control socket)."""
-
-    RESTART = "restart"
-    STOP = "stop"
-    START = "start"
-    DISCONNECT = "disconnect"
-    #: Rewrite the desktop's password file (a view-only password was replaced); no payload.
-    REFRESH_PASSWORDS = "refresh-passwords"
-    #: More time for the running desktop; payload: seconds (float).
-    EXTEND = "extend"
-    #: A participant's keyboard layout; payload: the layout name (str).
-    KEYBOARD_LAYOUT = "keyboard-layout"
-    #: A message shown inside the desktop (idle and end warnings); payload: the text (str).
-    NOTIFY = "notify"
-
-    @property
-    def awaited(self) -> bool:
-        """The caller relies on it being done, so it waits for the outcome (the others are fire-and-forget)."""
-        return self not in _ORGANISER_ACTIONS
-
-
-_ORGANISER_ACTIONS = frozenset({Action.RESTART, Action.STOP, Action.START, Action.DISCONNECT})
 
 
 @dataclass(slots=True)

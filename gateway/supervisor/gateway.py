@@ -103,9 +103,10 @@ class Gateway:
             context = EventContext(self.config, self.slots, store, self.proxy_mode, self.metrics,
                                    start_limit=asyncio.Semaphore(self.config.desktop.start_concurrency),
                                    changed=self.changed)
+            held = self._hold(recovery.held(wanted))
             watchers = [AccountWatcher(context, account, self.backends[self.slots[account.id].backend],
                                        recovery.adopted.get(account.id))
-                        for account in self.tokens.accounts]
+                        for account in self.tokens.accounts if account.id not in held]
             commands = DesktopCommands({w.account.id: w.commands for w in watchers}, self.slots)
             idle = IdleWatcher(self.config.idle, self.slots, store, act=commands.act, notify=commands.notify,
                                count_viewers=viewer_count, input_known=self.config.proxy.mode == "builtin")
@@ -146,6 +147,14 @@ class Gateway:
                 raise UserError(f"backend {name}: {exc}") from None
             # Runs after every account's task has stopped its desktop: the event is over.
             stack.push_async_callback(backend.close, final=True)
+
+    def _hold(self, held: Mapping[str, str]) -> Mapping[str, str]:
+        """Show each held account as failed, saying why it has no desktop (see Recovery.held)."""
+        for account_id, reason in held.items():
+            self.slots[account_id].set(Phase.FAILED, f"its earlier desktop could not be stopped ({reason}); "
+                                                     "stop it, then restart the gateway")
+            log.error("no new desktop: the earlier one could not be stopped account=%s error=%s", account_id, reason)
+        return held
 
     def _check_ports_free(self, adopted: Mapping[str, DesktopState]) -> None:
         """Refuse to start if a port the token file names is taken, before anything starts."""

@@ -58,6 +58,14 @@ class Recovery:
     #: Desktops that could not be stopped, with why; their records are kept.
     not_stopped: dict[str, str] = field(default_factory=dict)
 
+    def held(self, wanted: Mapping[str, object]) -> dict[str, str]:
+        """Wanted accounts whose earlier desktop could not be stopped, with why.
+
+        They get no new desktop: its record would replace the old one's, which would then run on
+        unseen. The organiser stops it (or fixes what prevented it) and starts the gateway again.
+        """
+        return {account: reason for account, reason in self.not_stopped.items() if account in wanted}
+
 
 async def recover(store: StateStore, backend_for: Callable[[str], Backend | None],
                   wanted: Mapping[str, tuple[Account, str]]) -> Recovery:

@@ -20,13 +20,14 @@ from dataclasses import dataclass
 from gateway.backends.base import Backend, BackendError, DesktopState, PollResult, Status
 from gateway.common import rfb
 from gateway.common.polling import Backoff, PollTimeout, poll_until
+from gateway.model.actions import Action
 from gateway.model.config import Config
 from gateway.model.restart import RestartPolicy
 from gateway.model.state import StateStore
 from gateway.model.status import DesktopSlot, Endpoint, Phase
 from gateway.model.tokens import Account
 from gateway.proxies.base import ProxyMode, RunningProxy
-from gateway.supervisor.commands import NOTIFY_TIMEOUT_S, Action, Command
+from gateway.supervisor.commands import NOTIFY_TIMEOUT_S, Command
 from gateway.web.cockpit import GatewayMetrics
 
 __all__ = ["AccountWatcher", "EventContext", "Ending", "WatchOutcome"]

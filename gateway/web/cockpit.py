@@ -30,6 +30,7 @@ from prometheus_client.registry import Collector
 
 from gateway.common.files import read_or_create_secret
 from gateway.common.netstat import established_by_remote
+from gateway.model.actions import ORGANISER_ACTION_NAMES
 from gateway.model.signups import claims
 from gateway.model.state import StateStore
 from gateway.model.status import DesktopSlot, Phase
@@ -38,7 +39,6 @@ from gateway.web.context import client_address_of, render_page
 from gateway.web.thumbnails import ThumbnailService
 
 __all__ = [
-    "ACTIONS",
     "COCKPIT",
     "Cockpit",
     "GatewayMetrics",
@@ -53,9 +53,6 @@ __all__ = [
 _routes = web.RouteTableDef()
 
 log = logging.getLogger("gateway.cockpit")
-
-#: What an organiser can do to a desktop.
-ACTIONS = ("restart", "stop", "start", "disconnect")
 
 ActFunction = Callable[[str, str], Awaitable[str]]
 #: Gateway.extend: (seconds, accounts or None for all, who asked) -> one line per thing done or refused.
@@ -267,7 +264,7 @@ async def admin_action(request: web.Request) -> web.Response:
         raise web.HTTPUnsupportedMediaType(text="send application/json")
     cockpit = request.app[COCKPIT]
     account, action = request.match_info["account"], request.match_info["action"]
-    if account not in cockpit.slots or action not in ACTIONS:
+    if account not in cockpit.slots or action not in ORGANISER_ACTION_NAMES:
         raise web.HTTPNotFound(text="no such account or action")
     result = await cockpit.act(account, action)
     cockpit.record(f"{user}@{client_address_of(request)}", action, account, result)
@@ -334,7 +331,7 @@ def make_control_app(cockpit: Cockpit) -> web.Application:
 
     async def action(request: web.Request) -> web.Response:
         account, name = request.match_info["account"], request.match_info["action"]
-        if account not in cockpit.slots or name not in ACTIONS:
+        if account not in cockpit.slots or name not in ORGANISER_ACTION_NAMES:
             raise web.HTTPNotFound(text="no such account or action")
         result = await cockpit.act(account, name)
         cockpit.record("control-socket", name, account, result)

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from gateway.model.actions import Action
 from gateway.model.state import StateStore
 from gateway.model.status import DesktopSlot
 from gateway.model.viewonly import rotate_view_only_password, view_only_made_at, view_only_password
@@ -39,10 +40,8 @@ from gateway.web.admin_access import check_admin
 from gateway.web.context import client_address_of, render_page
 
 __all__ = ["WatchLinks", "WatchLink", "Watching", "WATCHING", "add_watch_routes", "DEFAULT_LINK_MINUTES", "MAX_LINK_MINUTES",
-           "retire_view_only_password", "REFRESH_PASSWORDS"]
+           "retire_view_only_password"]
 
-#: The watcher command that rewrites a running desktop's password file (see AccountWatcher).
-REFRESH_PASSWORDS = "refresh-passwords"
 ActFunction = Callable[[str, str], Awaitable[str]]
 
 log = logging.getLogger("gateway.watch")
@@ -111,7 +110,7 @@ async def retire_view_only_password(state_dir: Path, account: str, act: ActFunct
     """Replace the account's view-only password and have its running desktop use the new one."""
     rotate_view_only_password(state_dir, account)
     try:
-        await act(account, REFRESH_PASSWORDS)
+        await act(account, Action.REFRESH_PASSWORDS.value)
     except LookupError:  # no desktop of that account runs; its next start uses the new password
         pass
     store.record_event("view-only:rotated", account, why)
