@@ -8,8 +8,11 @@ configuration and reloads it gracefully. The machine's own Apache (/etc/apache2)
 
 from __future__ import annotations
 
+import base64
 import os
+import re
 import signal
+import stat
 import subprocess
 import time
 from collections.abc import Iterator
@@ -155,6 +158,30 @@ async def get(url: str) -> tuple[int, str]:
             return response.status, await response.text()
 
 
+def basic_admin(password: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(f"admin:{password}".encode()).decode()}
+
+
+async def x_forwarded_for_is_believed_only_from_the_sites_apache(site: SiteApache, run: GatewayRun) -> None:
+    """A desktop's process can reach the gateway's own port on loopback; a made-up X-Forwarded-For there
+    must not make it a fresh client of the admin page's failure limit (nor of any per-address limit)."""
+    web_port = re.search(r"ProxyPass / http://127\.0\.0\.1:(\d+)/", site.include.read_text())
+    assert web_port, site.include.read_text()
+    direct = f"http://127.0.0.1:{web_port[1]}/admin/"
+    async with aiohttp.ClientSession() as http:
+        statuses = []
+        for i in range(11):  # through the site's Apache, which appends the address it saw (127.0.0.1)
+            async with http.get(site.url + "admin/", headers={**basic_admin("nope"),
+                                                               "X-Forwarded-For": f"198.51.100.{i}"}) as r:
+                statuses.append(r.status)
+        assert statuses == [401] * 10 + [429], statuses
+        async with http.get(direct, headers={**basic_admin("nope"), "X-Forwarded-For": "198.51.100.77"}) as r:
+            assert r.status == 429  # straight to the gateway: the forged address is not believed
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))) as other:
+        async with other.get(site.url + "admin/", headers=basic_admin("nope")) as r:
+            assert r.status == 401  # another client, through the site's Apache, is counted as itself
+
+
 async def test_system_mode_serves_participants_through_the_sites_apache(site: SiteApache, runs, tmp_path: Path) -> None:
     status, page = await get(site.url)
     assert status in (403, 404) and "data-account" not in page  # the site before the gateway: nothing of it
@@ -168,6 +195,9 @@ async def test_system_mode_serves_participants_through_the_sites_apache(site: Si
     assert site.include.is_file() and "ProxyPass /desktop/ws01 ws://127.0.0.1:" in site.include.read_text()
     assert site.pid() == master
     assert not (run.state_dir / "apache").exists()  # no private Apache in system mode
+    # The rules hold the secret that makes the gateway believe this Apache's X-Forwarded-For: root only.
+    assert stat.S_IMODE(site.include.stat().st_mode) == 0o600
+    await x_forwarded_for_is_believed_only_from_the_sites_apache(site, run)
 
     # A participant's whole path goes through the site's Apache: pages, static files, desktops.
     status, page = await get(site.url)

@@ -24,6 +24,7 @@ from tests.gateway_run import (
     processes_mentioning,
 )
 from tests.os_check import start_time, the_xvnc_on_port
+from tests.system import free_port
 from tests.secrets_check import passwords_in_command_lines
 
 pytestmark = pytest.mark.system
@@ -193,6 +194,26 @@ def test_malformed_token_file_exits_2_and_starts_nothing(tmp_path: Path) -> None
     assert "Traceback" not in result.stderr
     assert not state.exists()
     assert processes_mentioning(str(state)) == []
+
+
+@pytest.mark.system
+def test_a_token_file_that_participants_could_read_is_refused(tmp_path: Path) -> None:
+    """Desktops run as the participants' own users: a token file they may read would give each of them
+    every account's password. `up` refuses it, says how to fix it, and starts nothing."""
+    if os.geteuid() != 0:
+        pytest.skip("desktops run as users of their own only when the gateway runs as root")
+    account = f"t{os.getpid() % 100000}"
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text(f"{account} localhost /desktop/{account} {free_port()} {free_port()} abcdefgh\n")
+    tokens.chmod(0o644)
+    state = tmp_path / "state"
+    result = subprocess.run([sys.executable, "-m", "gateway", "up", str(tokens), "--state-dir", str(state),
+                             "--listen", f"127.0.0.1:{free_port()}"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert (f"gateway: error: {tokens}: holds every account's password and other users may read it (mode 0644), "
+            f"the participants' desktops among them; run: chmod 600 {tokens}") in result.stderr.splitlines()
+    assert not state.exists() and processes_mentioning(str(state)) == []
+    assert subprocess.run(["getent", "passwd", f"wg-{account}"], capture_output=True).returncode == 2
 
 
 def test_port_in_use_is_refused_before_anything_starts(tmp_path: Path, gateway_factory) -> None:

@@ -12,7 +12,8 @@ from gateway.model.errors import InputError, UserError
 from gateway.model.tokens import TokenFile
 from gateway.cli.shared import program_exists
 
-__all__ = ["check_listen", "check_signup", "is_disk_full", "after_event_preflight", "preflight", "check_users"]
+__all__ = ["check_listen", "check_signup", "is_disk_full", "after_event_preflight", "preflight", "check_users",
+           "check_secret_files"]
 
 
 def check_listen(listen: str, config: Config) -> None:
@@ -100,6 +101,36 @@ def check_users(tokens: TokenFile, config: Config, state_dir: Path, listen: str)
                                    listen_host=parse_listen(listen)[0])
     if problems:
         raise InputError(problems)
+
+
+def check_secret_files(tokens: TokenFile, config: Config) -> None:
+    """Files holding passwords or keys are private when the desktops run as other users.
+
+    Those users are the participants: a token file that others may read hands every desktop's
+    password to every desktop. (Desktops running as the gateway's own user read anything it can
+    anyway; the token file then only gets a warning.)
+    """
+    from gateway.backends import backend_name_for
+    from gateway.backends.desktop_users import users_mode
+
+    if users_mode(config) == "gateway":
+        return
+    secrets = [(tokens.path, "holds every account's password")]
+    if config.tls.key:
+        secrets.append((config.tls.key, "is the TLS private key"))
+    if any(backend_name_for(a, config) == "ssh" for a in tokens.accounts):
+        secrets.append((os.path.expanduser(config.ssh.private_key), "is the SSH key that logs in to the hosts"))
+    problems = []
+    for path, what in secrets:
+        try:
+            mode = os.stat(path).st_mode & 0o777
+        except OSError:
+            continue  # a missing key is reported by what needs it
+        if mode & 0o077:
+            problems.append(f"{path}: {what} and other users may read it (mode {mode:04o}), the participants' "
+                            f"desktops among them; run: chmod 600 {path}")
+    if problems:
+        raise UserError("\n".join(problems))
 
 
 def _qos_problem(config: Config) -> list[str]:

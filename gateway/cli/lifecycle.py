@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Protocol
 
 from gateway.backends import Backend, BackendError, backends_with_leftovers, make_backend
-from gateway.cli.checks import after_event_preflight, check_listen, check_signup, check_users, is_disk_full, preflight
+from gateway.cli.checks import (after_event_preflight, check_listen, check_secret_files, check_signup, check_users,
+                                is_disk_full, preflight)
 from gateway.cli.shared import (add_log_file, hold_lock, load_inputs, lock_is_held, read_pid, resolve_state_dir,
                                 setup_logging, run_watching_children)
 from gateway.common.files import ensure_private_dir
@@ -47,6 +48,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     else:
         preflight(config, tokens)
         check_users(tokens, config, state_dir, listen)
+        check_secret_files(tokens, config)
     for warning in tokens.warnings:
         log.warning("%s", warning)
     ensure_private_dir(state_dir)

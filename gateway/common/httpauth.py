@@ -54,6 +54,6 @@ def client_address(request: web.Request, *, behind_apache: bool) -> str:
 
 def _from_our_apache(request: web.Request) -> bool:
     expected = request.app.get(FRONT_TOKEN_KEY)
-    if expected is None:  # apache.mode system: the site's Apache, on loopback
-        return True
+    if expected is None:  # no Apache in front (apache.mode none): nobody's X-Forwarded-For is believed
+        return False
     return hmac.compare_digest(request.headers.get(FRONT_HEADER, "").encode(), expected.encode())

@@ -145,6 +145,8 @@ def render_apache_config(
         "novnc_dir": f"{novnc_dir(config)}/",
         "private": layout is not None,
         "viewer_limit": config.proxy.max_viewers_per_account if needs_qos(config) else None,
+        "front_header": FRONT_HEADER,
+        "front_token": FRONT_TOKEN,
     }
     if layout is not None:
         host, port = parse_listen(listen)
@@ -162,8 +164,6 @@ def render_apache_config(
             modules=(modules := _modules(config)),
             load_files=_load_files(modules),
             reqtimeout=ReadTimeouts(),
-            front_header=FRONT_HEADER,
-            front_token=FRONT_TOKEN,
             mime_types=config.apache.mime_types,
             mpm=MpmSizing.for_accounts(len(routes), config.proxy.max_viewers_per_account),
             tls=config.tls if config.tls.enabled else None,
@@ -220,13 +220,13 @@ async def install_system_rules(config: Config, text: str) -> None:
     """
     include = Path(config.apache.system_include)
     previous = include.read_bytes() if include.exists() else None
-    atomic_write(include, text, mode=0o644)
+    atomic_write(include, text, mode=0o600)  # it holds the front door's secret; Apache reads it as root
     result = await run(config.apache.configtest_command, timeout_s=30)
     if not result.ok:
         if previous is None:
             include.unlink()
         else:
-            atomic_write(include, previous, mode=0o644)
+            atomic_write(include, previous, mode=0o600)
         detail = (result.stderr or result.stdout).decode(errors="replace").strip().splitlines()
         raise UserError(f"{include}: the site's Apache rejected the gateway rules: "
                         f"{detail[0] if detail else result.returncode}")

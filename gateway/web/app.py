@@ -72,7 +72,7 @@ def make_app(config: Config, slots: Mapping[str, DesktopSlot], *, novnc: Path,
         log.warning("%s", warning)
     app[SLOTS] = slots
     app[CONFIG] = config
-    if config.apache.mode == "private":  # only that Apache's X-Forwarded-For is believed
+    if config.apache.mode != "none":  # only the X-Forwarded-For of the gateway's Apache is believed
         app[FRONT_TOKEN_KEY] = FRONT_TOKEN
     app[TEMPLATES] = make_templates()
     if set_keyboard_layout is not None:
