@@ -277,3 +277,25 @@ async def test_private_apache_is_restarted(gateway_factory) -> None:
     assert after["apache"].pid != services["apache"].pid
     assert "apache exited" in run.text()
     assert run.terminate() == 0
+
+
+def test_an_admin_password_short_enough_to_guess_is_refused(tmp_path: Path) -> None:
+    """The admin page never refuses the right password (the organiser shares the venue's address with the
+    participants), so a password the organiser chose must be too long to guess."""
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text("ws01 localhost /desktop/ws01 6001 5901 abcdefgh\n")
+    tokens.chmod(0o600)
+    password = tmp_path / "admin.password"
+    password.write_text("letmein\n")
+    password.chmod(0o600)
+    config = tmp_path / "config.yaml"
+    config.write_text(f"admin:\n  password_file: {password}\n")
+    state = tmp_path / "state"
+    result = subprocess.run([sys.executable, "-m", "gateway", "up", str(tokens), "--config", str(config),
+                             "--state-dir", str(state), "--listen", "127.0.0.1:1"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"gateway: error: {password}: the admin password has 7 characters; use at least 12 "
+        "(or delete the file: a random one is made at the next start)"], result.stderr
+    assert not state.exists()

@@ -1,18 +1,34 @@
 """Files in and out of a desktop from the viewer (gateway/web/transfer.py), in real Chromium against a real
 `gateway up`: a 20 MB upload lands byte-exact in ~/Uploads as the account's own user, a 20 MB file of
 ~/Downloads comes back byte-exact (and resumes with Range), and nothing outside those folders or of
-another account is ever reached, whatever links the participant plants."""
+another account is ever reached, whatever links the participant plants. With ``desktop.users: existing``
+(lab accounts this module creates) files are the lab user's too, and the upload quota counts what was
+uploaded during the event, however the files were moved since."""
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import contextlib
 import hashlib
+import http.cookiejar
+import json
 import os
+import pwd
+import secrets
+import subprocess
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from tests.gateway_run import GatewayRun, running_gateway
-from tests.system import chromium_browser
+from gateway.backends.desktop_users import kill_user_processes
+from gateway.model.tokens import Account
+from tests.gateway_run import GatewayRun, make_accounts, running_gateway
+from tests.system import chromium_browser, require_program
 from tests.test_participant_day import LAPTOP, shot, wait_connected
 
 pytestmark = pytest.mark.system
@@ -150,3 +166,138 @@ def test_links_and_other_accounts_never_reach_outside_the_folders(run: GatewayRu
     assert response.status == 206 and response.body() == payload[40000:]
     assert response.headers["content-range"] == f"bytes 40000-99999/{len(payload)}"
     context.close()
+
+
+# -- desktop.users: existing ------------------------------------------------------------------------------
+
+LAB_CONFIG = """\
+proxy:
+  mode: builtin
+desktop:
+  users: existing
+transfer:
+  max_file_mb: 0.1
+  quota_mb: 0.15
+"""
+
+
+@contextlib.contextmanager
+def lab_users(accounts: list[Account]) -> Iterator[None]:
+    """A Unix user named like each account (what a lab's accounts are), removed with its home and
+    processes afterwards, whatever happened."""
+    made = []
+    try:
+        for account in accounts:
+            subprocess.run(["useradd", "--create-home", "--user-group", "--shell", "/bin/bash", account.id],
+                           check=True, timeout=30)
+            made.append(pwd.getpwnam(account.id))
+        yield
+    finally:
+        for entry in made:
+            try:  # in a thread of its own: Playwright's event loop may be running in this one
+                with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                    pool.submit(asyncio.run, kill_user_processes(entry.pw_uid)).result()
+            finally:
+                subprocess.run(["userdel", "--remove", entry.pw_name], check=False, capture_output=True,
+                               timeout=30)
+
+
+@pytest.fixture(scope="module")
+def lab_run(tmp_path_factory) -> Iterator[GatewayRun]:
+    """`gateway up` with ``desktop.users: existing`` for two lab users (ids unique to this run)."""
+    for program in ("Xvnc", "vncpasswd", "apache2", "openbox", "xterm", "useradd", "setpriv"):
+        require_program(program)
+    accounts = make_accounts(2, prefix=f"tx{secrets.token_hex(3)}")
+    with lab_users(accounts):
+        gateway = GatewayRun(tmp_path_factory.mktemp("lab-files"), accounts, LAB_CONFIG)
+        try:
+            gateway.up()
+            yield gateway
+            assert gateway.terminate() == 0
+        finally:
+            gateway.kill_everything()
+
+
+class Viewer:
+    """HTTP as the viewer page speaks it: signed in with ``POST /api/session``, then the file routes."""
+
+    def __init__(self, run: GatewayRun, account: Account) -> None:
+        self.base = run.url + f"files/{account.id}/"
+        self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+        body = json.dumps({"account": account.id, "password": account.password}).encode()
+        status, _ = self.request("POST", run.url + "api/session", body, {"Content-Type": "application/json"})
+        assert status == 200
+
+    def request(self, method: str, url: str, data: bytes | None = None,
+                headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+        request = urllib.request.Request(url, data=data, headers=headers or {}, method=method)
+        try:
+            with self.opener.open(request, timeout=60) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read()
+
+    def upload(self, name: str, payload: bytes) -> tuple[int, dict]:
+        status, body = self.request("PUT", self.base + "uploads/" + urllib.parse.quote(name), payload,
+                                    {"Content-Type": "application/octet-stream"})
+        return status, json.loads(body)
+
+    def listing(self) -> dict:
+        status, body = self.request("GET", self.base)
+        assert status == 200, body
+        return json.loads(body)
+
+
+def test_with_existing_lab_users_files_are_the_lab_users_own(lab_run: GatewayRun) -> None:
+    account = lab_run.accounts[0]
+    user = pwd.getpwnam(account.id)
+    home = Path(user.pw_dir)
+    viewer = Viewer(lab_run, account)
+    payload = os.urandom(90_000)
+    status, body = viewer.upload("field notes.txt", payload)
+    assert (status, body["name"]) == (201, "field notes.txt"), body
+    landed = home / "Uploads" / "field notes.txt"
+    assert landed.read_bytes() == payload
+    assert (landed.stat().st_uid, landed.stat().st_gid) == (user.pw_uid, user.pw_gid)  # never root's
+    assert (home / "Uploads").stat().st_uid == user.pw_uid                           # made for the user
+
+    # ~/Downloads: the user's own file is listed and comes back byte-exact; root's is not offered.
+    downloads = home / "Downloads"
+    downloads.mkdir()
+    os.chown(downloads, user.pw_uid, user.pw_gid)
+    report = os.urandom(2_000_000)
+    (downloads / "report.pdf").write_bytes(report)
+    os.chown(downloads / "report.pdf", user.pw_uid, user.pw_gid)
+    (downloads / "root-owned.txt").write_bytes(b"not the participant's")
+    assert [f["name"] for f in viewer.listing()["files"]] == ["report.pdf"]
+    assert viewer.request("GET", viewer.base + "downloads/report.pdf") == (200, report)
+    status, part = viewer.request("GET", viewer.base + "downloads/report.pdf", headers={"Range": "bytes=1500000-"})
+    assert (status, part) == (206, report[1_500_000:])
+    assert viewer.request("GET", viewer.base + "downloads/root-owned.txt")[0] == 403
+
+
+def test_the_upload_quota_counts_files_moved_out_of_uploads(lab_run: GatewayRun) -> None:
+    """0.15 MB for the event: moving an upload out of ~/Uploads does not make room for another."""
+    account = lab_run.accounts[1]
+    user = pwd.getpwnam(account.id)
+    uploads = Path(user.pw_dir) / "Uploads"
+    viewer = Viewer(lab_run, account)
+    assert viewer.upload("first.bin", os.urandom(100_000))[0] == 201
+    # The participant moves it away, as its desktop would (as the user, not root).
+    moved = subprocess.run(["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--init-groups",
+                            "mv", str(uploads / "first.bin"), user.pw_dir], check=False, capture_output=True,
+                           timeout=30)
+    assert moved.returncode == 0, moved.stderr
+    assert list(uploads.iterdir()) == []
+    assert viewer.listing()["used"] == 100_000
+
+    status, body = viewer.upload("second.bin", os.urandom(60_000))
+    assert status == 413
+    assert body["error"] == ("This file (60 KB) is larger than what is left of your upload quota for the event: "
+                             "50 KB of 150 KB."), body
+    assert list(uploads.iterdir()) == []                                       # nothing written
+    assert viewer.upload("second.bin", os.urandom(50_000))[0] == 201           # what is left still fits
+    status, body = viewer.upload("third.bin", b"x")
+    assert status == 413 and "quota for the event (150 KB) is used up" in body["error"], body
+    assert sorted(p.name for p in uploads.iterdir()) == ["second.bin"]
+    assert viewer.listing()["used"] == 150_000

@@ -13,7 +13,7 @@ from gateway.model.tokens import TokenFile
 from gateway.cli.shared import program_exists
 
 __all__ = ["check_listen", "check_signup", "is_disk_full", "after_event_preflight", "preflight", "check_users",
-           "check_secret_files"]
+           "check_secret_files", "check_admin_password"]
 
 
 def check_listen(listen: str, config: Config) -> None:
@@ -131,6 +131,28 @@ def check_secret_files(tokens: TokenFile, config: Config) -> None:
                             f"desktops among them; run: chmod 600 {path}")
     if problems:
         raise UserError("\n".join(problems))
+
+
+def check_admin_password(config: Config, state_dir: Path) -> None:
+    """An admin password the organiser chose is long enough not to be guessed from the event's Wi-Fi.
+
+    The admin page never refuses the right password, even while one address is over its limit of
+    failures (the organiser shares the venue's address with every participant), so length is what
+    stops guessing. The password made by the gateway is random and long enough.
+    """
+    from gateway.web.admin_access import MIN_PASSWORD_LENGTH
+    from gateway.web.cockpit import admin_password_path
+
+    path = admin_password_path(config, state_dir)
+    try:
+        length = len(path.read_text().strip())
+    except FileNotFoundError:
+        return  # made at the first start, random
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read the admin password: {getattr(exc, 'strerror', None) or exc}") from None
+    if length < MIN_PASSWORD_LENGTH:
+        raise UserError(f"{path}: the admin password has {length} characters; use at least {MIN_PASSWORD_LENGTH} "
+                        "(or delete the file: a random one is made at the next start)")
 
 
 def _qos_problem(config: Config) -> list[str]:

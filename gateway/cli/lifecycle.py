@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Protocol
 
 from gateway.backends import Backend, BackendError, backends_with_leftovers, make_backend
-from gateway.cli.checks import (after_event_preflight, check_listen, check_secret_files, check_signup, check_users,
-                                is_disk_full, preflight)
+from gateway.cli.checks import (after_event_preflight, check_admin_password, check_listen, check_secret_files,
+                                check_signup, check_users, is_disk_full, preflight)
 from gateway.cli.shared import (add_log_file, hold_lock, load_inputs, lock_is_held, read_pid, resolve_state_dir,
                                 setup_logging, run_watching_children)
 from gateway.common.files import ensure_private_dir
@@ -43,6 +43,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     check_listen(listen, config)
     check_signup(listen, config)
     state_dir = resolve_state_dir(args.state_dir, config)
+    check_admin_password(config, state_dir)
     if args.after_event:
         after_event_preflight(config)
     else:

@@ -196,7 +196,7 @@ def _participant_checks(config: Config, check: Check) -> None:
     r = config.registration
     check(r.event_code is None or 1 <= len(r.event_code) <= 200, "registration.event_code",
           "must be 1 to 200 characters")
-    for key in ("signup_attempts", "signup_global_attempts", "signin_failures"):
+    for key in ("signup_attempts", "signup_global_attempts", "signin_failures", "signin_failures_per_address"):
         check(getattr(r, key) >= 1, f"registration.{key}", "must be at least 1")
     for key in ("signup_window_s", "signup_global_window_s", "signin_window_s", "session_lifetime_s"):
         check(getattr(r, key) > 0, f"registration.{key}", "must be positive")

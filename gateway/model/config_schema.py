@@ -325,14 +325,19 @@ class RegistrationConfig:
     #: once, in the answer to the sign-up that claimed it (organisers look accounts up with
     #: `gateway accounts list`). "show" was removed: anyone who knew an e-mail could read its password.
     repeat: Literal["hide"] = "hide"
-    #: Sign-up requests accepted from one client address within signup_window_s.
+    #: Failed sign-up submissions (a wrong event code, a field refused) accepted from one client
+    #: address within signup_window_s. Only failures count: a whole room behind one NAT signs up
+    #: from one address, and the global rate below bounds the sign-ups themselves.
     signup_attempts: int = 30
     signup_window_s: float = 600.0
     #: Sign-up requests accepted from all addresses together within signup_global_window_s.
     signup_global_attempts: int = 120
     signup_global_window_s: float = 60.0
-    #: Failed sign-ins accepted from one client address within signin_window_s.
+    #: Failed sign-ins accepted for one account from one client address within signin_window_s
+    #: (per account: one participant's typos must not lock out a room that shares one address).
     signin_failures: int = 10
+    #: Failed sign-ins accepted from one client address for all accounts together (guessing across accounts).
+    signin_failures_per_address: int = 100
     signin_window_s: float = 300.0
     #: How long a sign-in lasts.
     session_lifetime_s: float = 12 * 3600.0

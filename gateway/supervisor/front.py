@@ -28,8 +28,8 @@ from gateway.model.state import StateStore
 from gateway.model.status import DesktopSlot
 from gateway.proxies.apache import ApacheLayout, PrivateApache, install_system_rules, render_apache_config
 from gateway.proxies.base import Route
-from gateway.web.cockpit import (ActFunction, Cockpit, ExtendFunction, GatewayMetrics, load_or_create_admin_password,
-                                 make_control_app)
+from gateway.web.cockpit import (ActFunction, Cockpit, ExtendFunction, GatewayMetrics, admin_password_path,
+                                 load_or_create_admin_password, make_control_app)
 from gateway.web.thumbnails import ThumbnailService
 
 __all__ = ["WebFront", "CONTROL_SOCKET", "port_is_free", "gateway_url"]
@@ -76,8 +76,7 @@ class WebFront:
 
     def make_cockpit(self, slots: Mapping[str, DesktopSlot], *, act: ActFunction, metrics: GatewayMetrics,
                      thumbnails: ThumbnailService | None, extend: ExtendFunction) -> Cockpit:
-        configured = self.config.admin.password_file
-        password_file = Path(configured) if configured else self.state_dir / "secrets" / "admin.password"
+        password_file = admin_password_path(self.config, self.state_dir)
         return Cockpit(slots=slots, store=self.store, act=act, metrics=metrics,
                        admin_user=self.config.admin.user,
                        admin_password=load_or_create_admin_password(password_file),

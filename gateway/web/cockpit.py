@@ -31,6 +31,7 @@ from prometheus_client.registry import Collector
 from gateway.common.files import read_or_create_secret
 from gateway.common.netstat import established_by_remote
 from gateway.model.actions import ORGANISER_ACTION_NAMES
+from gateway.model.config import Config
 from gateway.model.signups import claims
 from gateway.model.state import StateStore
 from gateway.model.status import DesktopSlot, Phase
@@ -46,6 +47,7 @@ __all__ = [
     "add_admin_routes",
     "make_control_app",
     "load_or_create_admin_password",
+    "admin_password_path",
     "fetch_status",
 ]
 
@@ -181,6 +183,12 @@ class Cockpit:
 COCKPIT = web.AppKey("cockpit", Cockpit)
 
 # -- admin credential --------------------------------------------------------------------------------
+
+
+def admin_password_path(config: Config, state_dir: Path) -> Path:
+    """Where the admin password is: ``admin.password_file``, else made in the state dir's secrets."""
+    configured = config.admin.password_file
+    return Path(configured) if configured else state_dir / "secrets" / "admin.password"
 
 
 def load_or_create_admin_password(path: Path) -> str:

@@ -72,12 +72,12 @@ async def signin_form(request: web.Request) -> web.Response:
 
 @_routes.post("/login")
 async def signin(request: web.Request) -> web.StreamResponse:
-    signin_allowed(request)
     form = await read_form(request)
     unsafe = fields_with_control_characters(form)
     if unsafe:
         return _signin_page(request, status=400, errors={"form": control_message(unsafe)})
     account = form.get("account", "").strip()[:64]
+    signin_allowed(request, account)
     slot = verified_slot(request, account, form.get("password", ""))
     if slot is None:
         known = find_slot(request.app[SLOTS], account)
@@ -97,12 +97,12 @@ async def session_from_viewer(request: web.Request) -> web.Response:
     JSON only: a cross-site form cannot send it without a CORS preflight, so it is the CSRF guard."""
     if request.content_type != "application/json":
         raise web.HTTPUnsupportedMediaType(text="send application/json")
-    signin_allowed(request)
     try:
         body = await request.json()
         account, password = str(body["account"]), str(body["password"])
     except (ValueError, KeyError, TypeError):
         return web.json_response({"error": "send account and password"}, status=400)
+    signin_allowed(request, account)
     slot = verified_slot(request, account[:64], password)
     if slot is None:
         return web.json_response({"error": "wrong account or password"}, status=401)

@@ -71,7 +71,10 @@ class Participants:
     signups: RateLimit
     #: Sign-up requests from all addresses together (many addresses must not exhaust the accounts).
     all_signups: RateLimit
+    #: Failed sign-ins per (client address, account): a room behind one NAT is one address.
     signin_failures: RateLimit
+    #: Failed sign-ins per client address, all accounts together (guessing across accounts).
+    signin_address_failures: RateLimit
 
     @property
     def secure(self) -> bool:
@@ -93,6 +96,7 @@ def make_participants(config: Config, store: StateStore, state_dir: Path,
         signups=RateLimit(r.signup_attempts, r.signup_window_s),
         all_signups=RateLimit(r.signup_global_attempts, r.signup_global_window_s),
         signin_failures=RateLimit(r.signin_failures, r.signin_window_s),
+        signin_address_failures=RateLimit(r.signin_failures_per_address, r.signin_window_s),
     )
 
 
@@ -184,9 +188,19 @@ def too_many(seconds: float, what: str) -> web.HTTPTooManyRequests:
                                    headers={"Retry-After": str(wait)})
 
 
-def signin_allowed(request: web.Request) -> None:
-    """Raises 429 while the client's address has too many failed sign-ins."""
-    wait = request.app[PARTICIPANTS].signin_failures.blocked(client_address_of(request))
+def _signin_keys(request: web.Request, account: str) -> tuple[str, str]:
+    """The client's address, and the address with the account it tries (case and spaces ignored)."""
+    address = client_address_of(request)
+    return address, f"{address} {account.strip().lower()[:64]}"
+
+
+def signin_allowed(request: web.Request, account: str) -> None:
+    """Raises 429 while the client's address has too many failed sign-ins for ``account``, or for all
+    accounts together. Per account first: a venue's Wi-Fi is one address behind NAT, and one
+    participant's typos (or one guesser) must not lock the others out of their own accounts."""
+    p = request.app[PARTICIPANTS]
+    address, key = _signin_keys(request, account)
+    wait = max(p.signin_failures.blocked(key), p.signin_address_failures.blocked(address))
     if wait:
         raise too_many(wait, "failed sign-ins")
 
@@ -198,7 +212,10 @@ def verified_slot(request: web.Request, account: str, password: str) -> DesktopS
     ok = hmac.compare_digest(password[:MAX_PASSWORD].encode(), expected.encode())
     if ok and slot is not None:
         return slot
-    request.app[PARTICIPANTS].signin_failures.add(client_address_of(request))
+    p = request.app[PARTICIPANTS]
+    address, key = _signin_keys(request, account)
+    p.signin_failures.add(key)
+    p.signin_address_failures.add(address)
     return None
 
 
@@ -236,8 +253,8 @@ def authenticated_slot(request: web.Request, *, realm: str) -> DesktopSlot:
     challenge = {"WWW-Authenticate": f'Basic realm="{realm}", charset="UTF-8"'}
     if credentials is None:
         raise web.HTTPUnauthorized(text="Sign in with your account id and password.", headers=challenge)
-    signin_allowed(request)
     account, password = credentials
+    signin_allowed(request, account)
     slot = verified_slot(request, account, password)
     if slot is None:
         known = find_slot(request.app[SLOTS], account) is not None

@@ -88,16 +88,23 @@ def _busy(seconds: float) -> web.HTTPTooManyRequests:
 
 
 def _count_signup_request(request: web.Request, p: Participants) -> None:
-    """Raises 429 when this address, or all addresses together, asked too often; else counts the request."""
-    address = client_address_of(request)
-    wait = p.signups.blocked(address)
+    """Raises 429 when this address failed too often, or all addresses together asked too often; else
+    counts the request among all of them. This address's own count grows only with its failures
+    (:func:`_refused`): a room behind one NAT signs up from one address, and must not be refused for it."""
+    wait = p.signups.blocked(client_address_of(request))
     if wait:
-        raise too_many(wait, "sign-up requests")
+        raise too_many(wait, "failed sign-ups")
     wait = p.all_signups.blocked("*")
     if wait:
         raise _busy(wait)
-    p.signups.add(address)
     p.all_signups.add("*")
+
+
+def _refused(request: web.Request, p: Participants, errors: Mapping[str, str],
+             values: Mapping[str, object] | None = None) -> web.Response:
+    """The form again, with what was wrong; counted against the client's address."""
+    p.signups.add(client_address_of(request))
+    return _signup_page(request, status=400, errors=errors, values=values)
 
 
 async def signup(request: web.Request) -> web.Response:
@@ -109,7 +116,7 @@ async def signup(request: web.Request) -> web.Response:
     form = await read_form(request)
     unsafe = fields_with_control_characters(form)
     if unsafe:
-        return _signup_page(request, status=400, errors={"form": control_message(unsafe)})
+        return _refused(request, p, {"form": control_message(unsafe)})
     name = form.get("name", "").strip()
     email = form.get("email", "").strip()
     # What was typed comes back with the errors: nobody should type it twice.
@@ -117,7 +124,7 @@ async def signup(request: web.Request) -> web.Response:
               "accepted": {i for i in range(len(p.documents)) if form.get(f"accept-{i}") == "yes"}}
     errors = _signup_errors(p, form, name, email)
     if errors:
-        return _signup_page(request, status=400, errors=errors, values=values)
+        return _refused(request, p, errors, values)
 
     accounts = list(request.app[SLOTS])
     outcome = claim_account(p.store, accounts, email=email, name=name, address=client_address_of(request),

@@ -14,6 +14,14 @@ from the home with ``O_NOFOLLOW`` relative to the parent's descriptor (a link an
 new files are created with ``O_CREAT | O_EXCL | O_NOFOLLOW`` and handed to the account's user with
 ``fchown`` before they get their name, and a file is served only from the descriptor that was
 checked: a regular file owned by the account's user (a hard link to a root file is not).
+
+The account's user is found the way the local backend finds it (``desktop.users``: ``create``,
+``existing`` or ``gateway``), never root: when it can't be found the request is refused, since
+writing as root would leave the participant files it can't touch and list none of its own.
+
+The quota counts every byte an account has uploaded during the event, in a counter file per account
+(``STATE_DIR/uploads/ACCOUNT.bytes``), not the files in ``~/Uploads``: moving them out of the folder
+must not make room for more, or one participant could fill the disk.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import asyncio
 import errno
 import logging
 import os
+import pwd
 import re
 import secrets
 import stat
@@ -33,13 +42,14 @@ from pathlib import Path
 
 from aiohttp import web
 
+from gateway.backends.desktop_users import account_workspace, uid_min, user_name_for
+from gateway.common.files import atomic_write, ensure_private_dir
 from gateway.model.config import Config
-from gateway.backends.desktop_users import account_workspace, recorded_users
 from gateway.model.status import DesktopSlot
 from gateway.web.context import SLOTS
 from gateway.web.sessions import session_account
 
-__all__ = ["TRANSFER", "Transfers", "add_transfer_routes", "TransferRefused", "safe_name"]
+__all__ = ["TRANSFER", "TransferRefused", "Transfers", "add_transfer_routes", "safe_name"]
 
 log = logging.getLogger("gateway.transfer")
 
@@ -60,6 +70,8 @@ class TransferRefused(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Owner:
+    """The Unix user (and group) a desktop's files belong to."""
+
     uid: int
     gid: int
 
@@ -72,8 +84,15 @@ class Transfers:
     in_flight: dict[str, int] = field(default_factory=dict)
 
     def owner(self, account: str) -> Owner:
-        user = recorded_users(self.state_dir).get(account)
-        return Owner(user.uid, user.gid) if user else Owner(os.geteuid(), os.getegid())
+        """The user ``account``'s desktop runs as, found as the local backend finds it (``desktop.users``),
+        or TransferRefused (503): never root, whose files the participant could not touch."""
+        name = user_name_for(account, self.config)
+        # desktop.users: gateway runs desktops as the gateway's user (refused at start when that is root).
+        owner = Owner(os.geteuid(), os.getegid()) if name is None else _named_user(account, name)
+        if owner.uid == 0:
+            log.error("file transfer refused: account=%s would write and list files as root", account)
+            raise TransferRefused(503, _NO_USER_OF_ITS_OWN)
+        return owner
 
     def home(self, account: str) -> Path:
         return account_workspace(account, self.config, self.state_dir)
@@ -88,6 +107,45 @@ class Transfers:
 
 
 TRANSFER = web.AppKey("transfer", Transfers)
+_NO_USER_OF_ITS_OWN = "Files can't be moved for this desktop: it has no user of its own. Tell the organisers."
+
+
+def _named_user(account: str, name: str) -> Owner:
+    """The user ``name`` (made for the event, or the lab's), or TransferRefused (503): it is gone, or is
+    a system account, which the start-up check refuses too."""
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        log.error("file transfer refused: account=%s has no user %r", account, name)
+        raise TransferRefused(503, "Your desktop's user does not exist on this machine, so files can't be "
+                                   "moved. Tell the organisers.") from None
+    if entry.pw_uid < uid_min():  # root included
+        log.error("file transfer refused: account=%s: user %r is a system account", account, name)
+        raise TransferRefused(503, _NO_USER_OF_ITS_OWN)
+    return Owner(entry.pw_uid, entry.pw_gid)
+
+
+# -- the quota: bytes uploaded per account during the event ----------------------------------------------
+
+
+def _counter_path(t: Transfers, account: str) -> Path:
+    # Account ids are checked when the tokens are read ([A-Za-z0-9_-][A-Za-z0-9._-]*): a plain name.
+    return t.state_dir / "uploads" / f"{account}.bytes"
+
+
+def _uploaded(t: Transfers, account: str) -> int:
+    """Bytes ``account`` has uploaded so far in the event (0 before its first upload)."""
+    try:
+        return int(_counter_path(t, account).read_text())
+    except FileNotFoundError:
+        return 0
+
+
+def _count_upload(t: Transfers, account: str, size: int) -> None:
+    """Add ``size`` to the account's counter. Handlers run on one event loop and nothing awaits
+    between this read and write, so two uploads of one account can't lose each other's bytes."""
+    ensure_private_dir(_counter_path(t, account).parent)
+    atomic_write(_counter_path(t, account), f"{_uploaded(t, account) + size}\n", mode=0o600)
 
 
 # -- names and folders ---------------------------------------------------------------------------------
@@ -168,19 +226,11 @@ def _refusal(exc: TransferRefused) -> web.Response:
 # -- listing ---------------------------------------------------------------------------------------------
 
 
-def _used(t: Transfers, account: str, owner: Owner) -> int:
-    try:
-        with open_folder(t.home(account), t.config.transfer.upload_dir) as folder:
-            return sum(info.st_size for _, info in _regular_files(folder, owner))
-    except TransferRefused:
-        return 0
-
-
 async def list_files(request: web.Request) -> web.Response:
     t, slot = _participant(request)
-    owner = t.owner(slot.account.id)
     files: list[dict[str, object]] = []
     try:
+        owner = t.owner(slot.account.id)
         with open_folder(t.home(slot.account.id), t.config.transfer.download_dir) as folder:
             files = [{"name": name, "size": info.st_size, "modified": int(info.st_mtime)}
                      for name, info in sorted(_regular_files(folder, owner), key=lambda f: -f[1].st_mtime)]
@@ -189,7 +239,7 @@ async def list_files(request: web.Request) -> web.Response:
             return _refusal(exc)
     return web.json_response({
         "files": files, "upload_dir": t.config.transfer.upload_dir, "download_dir": t.config.transfer.download_dir,
-        "used": _used(t, slot.account.id, owner), "quota": t.quota, "max_file": t.max_file,
+        "used": _uploaded(t, slot.account.id), "quota": t.quota, "max_file": t.max_file,
     }, headers={"Cache-Control": "no-store"})
 
 
@@ -230,9 +280,7 @@ async def upload(request: web.Request) -> web.Response:
         if size > t.max_file:
             raise TransferRefused(413, f"The file is larger than {_mb(t.max_file)}, the largest the event allows.")
         owner = t.owner(account)
-        if _used(t, account, owner) + t.in_flight.get(account, 0) + size > t.quota:
-            raise TransferRefused(413, f"Your uploads would pass {_mb(t.quota)}, your quota; "
-                                       f"delete files from ~/{t.config.transfer.upload_dir} first.")
+        _check_quota(t, account, size)
     except TransferRefused as exc:
         return _refusal(exc)
     t.in_flight[account] = t.in_flight.get(account, 0) + size
@@ -245,6 +293,18 @@ async def upload(request: web.Request) -> web.Response:
     log.info("upload account=%s bytes=%d", account, size)
     return web.json_response({"name": final, "size": size, "folder": t.config.transfer.upload_dir},
                              status=201, headers={"Cache-Control": "no-store"})
+
+
+def _check_quota(t: Transfers, account: str, size: int) -> None:
+    """TransferRefused (413) when ``size`` more bytes would pass the account's quota for the event."""
+    left = max(0, t.quota - _uploaded(t, account) - t.in_flight.get(account, 0))
+    if size <= left:
+        return
+    if left == 0:
+        raise TransferRefused(413, f"Your upload quota for the event ({_mb(t.quota)}) is used up; "
+                                   "files moved or deleted since do not count back.")
+    raise TransferRefused(413, f"This file ({_mb(size, floor=False)}) is larger than what is left of your "
+                               f"upload quota for the event: {_mb(left)} of {_mb(t.quota)}.")
 
 
 async def _receive(request: web.Request, t: Transfers, account: str, owner: Owner, name: str, size: int) -> str:
@@ -260,14 +320,20 @@ async def _receive(request: web.Request, t: Transfers, account: str, owner: Owne
             if received != size:
                 raise TransferRefused(400, "The upload was cut off; try again.")
             os.fsync(fd)
+            # Counted before it gets its name: a failure after this over-counts, never lets bytes in free.
+            _count_upload(t, account, size)
             return _give_name(folder, temporary, name)
         finally:
             os.close(fd)
             os.unlink(temporary, dir_fd=folder)
 
 
-def _mb(size: int) -> str:
-    return f"{size / 1_000_000:g} MB"
+def _mb(size: int, *, floor: bool = True) -> str:
+    """``size`` in MB (KB below 1 MB) to one decimal, like the page shows sizes; rounded down unless
+    ``floor`` is False, so that what is left is never overstated and a file never looks smaller."""
+    unit, scale = ("MB", 1_000_000) if size >= 1_000_000 else ("KB", 1_000)
+    tenths = size * 10 // scale if floor else -(-size * 10 // scale)
+    return f"{tenths / 10:g} {unit}"
 
 
 # -- download ----------------------------------------------------------------------------------------------
