@@ -149,7 +149,11 @@ def test_system_mode_rules_cap_tunnels_where_the_site_loads_mod_qos() -> None:
     text = rendered("per-account", None)
     block = text[text.index("<IfModule qos_module>"):text.index("</IfModule>", text.index("<IfModule qos_module>"))]
     assert block.count("QS_LocRequestLimit ") == 3 and f"{MAX_VIEWERS}\n" in block
-    assert "RequestReadTimeout" not in text and "X-Gateway-Front" not in text  # the site's server settings
+    assert "RequestReadTimeout" not in text  # the site's server settings stay the site's
+    # The front door's secret is set only for the gateway's own path, not for the site's other servers.
+    assert re.search(r'^<Location "/">\n    RequestHeader set X-Gateway-Front "[A-Za-z0-9_-]{40,}"\n</Location>$',
+                     text, re.M), text
+    assert text.count("X-Gateway-Front") == 1
 
 
 def test_failure_tables_are_bounded_and_backoff_is_capped() -> None:
