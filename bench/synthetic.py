@@ -74,7 +74,7 @@ def _quiet(task: asyncio.Task) -> None:  # type: ignore[type-arg]
     task.cancelled() or task.exception()  # a closed peer is normal
 
 
-async def _backend_session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, rate: int) -> None:
+async def backend_session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, rate: int) -> None:
     async def send(data: bytes) -> None:
         if writer.is_closing():
             raise ConnectionResetError
@@ -95,7 +95,7 @@ async def _backend_session(reader: asyncio.StreamReader, writer: asyncio.StreamW
         writer.close()
 
 
-async def _backend_ws_session(request: web.Request, rate: int) -> web.WebSocketResponse:
+async def backend_ws_session(request: web.Request, rate: int) -> web.WebSocketResponse:
     """The same backend over websocket: the direct baseline (no deflate: an ideal, free proxy)."""
     ws = web.WebSocketResponse(protocols=("binary",), compress=False, max_msg_size=0)
     await ws.prepare(request)
@@ -114,10 +114,10 @@ async def _backend_ws_session(request: web.Request, rate: int) -> web.WebSocketR
 
 
 async def serve(ports: list[int], rate: int, ws_port: int) -> None:
-    servers = [await asyncio.start_server(lambda r, w: _backend_session(r, w, rate), "127.0.0.1", port, backlog=1024)
+    servers = [await asyncio.start_server(lambda r, w: backend_session(r, w, rate), "127.0.0.1", port, backlog=1024)
                for port in ports]
     async def ws_backend(request: web.Request) -> web.WebSocketResponse:
-        return await _backend_ws_session(request, rate)
+        return await backend_ws_session(request, rate)
 
     app = web.Application()
     app.router.add_get("/{port}", ws_backend)

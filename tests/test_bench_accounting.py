@@ -14,8 +14,8 @@ from bench.common import spread
 from bench.load import summarize
 from bench.synthetic import (
     EVENT_LEN,
-    _backend_session,
-    _backend_ws_session,
+    backend_session,
+    backend_ws_session,
     run_sessions,
 )
 from tests.system import free_port
@@ -37,10 +37,10 @@ async def drop_odd_events(reader: asyncio.StreamReader, writer: asyncio.StreamWr
 
 
 async def test_lost_events_are_counted_and_weigh_as_the_runs_length() -> None:
-    good = await asyncio.start_server(lambda r, w: _backend_session(r, w, 100_000), "127.0.0.1", 0)
+    good = await asyncio.start_server(lambda r, w: backend_session(r, w, 100_000), "127.0.0.1", 0)
     lossy = await asyncio.start_server(drop_odd_events, "127.0.0.1", 0)
     async def ws_backend(request: web.Request) -> web.WebSocketResponse:
-        return await _backend_ws_session(request, 100_000)
+        return await backend_ws_session(request, 100_000)
 
     app = web.Application()
     app.router.add_get("/ws", ws_backend)

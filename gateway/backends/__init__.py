@@ -6,8 +6,10 @@ Which backend serves an account: its token line's ``backend=`` field if given, e
 config's ``dcv.default_protocol`` when the line has no ``protocol=``) use ``dcv``, which runs Slurm
 jobs and falls back to a VNC desktop.
 
-May import: :mod:`gateway.model`, :mod:`gateway.common`. The web layer uses only this package's
-public interface (this module and :mod:`gateway.backends.base`), never a backend's own module.
+May import: :mod:`gateway.model`, :mod:`gateway.common`. The web and proxy layers use only this
+package's public interface: this module, :mod:`~gateway.backends.base`, :mod:`~gateway.backends.dcv_access`
+(what the DCV proxy needs to reach a session) and :mod:`~gateway.backends.desktop_users` (whose files
+a desktop's are); never a backend's own module (import-linter contract in pyproject.toml).
 """
 
 from __future__ import annotations
