@@ -311,7 +311,8 @@ async def _read_display(read_fd: int, proc: asyncio.subprocess.Process) -> int:
         transport.close()
     text = line.decode(errors="replace").strip()
     if not text.isdigit():
-        await asyncio.sleep(0.1)  # let the exit status arrive, it says more than an empty pipe
+        with contextlib.suppress(TimeoutError):  # let the exit status arrive, it says more than an empty pipe
+            await asyncio.wait_for(proc.wait(), 0.5)
         status = proc.returncode
         raise BackendError("it exited" + (f" with status {status}" if status is not None else ""))
     return int(text)

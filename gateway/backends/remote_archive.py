@@ -22,7 +22,8 @@ from typing import Any, TypeVar
 
 import asyncssh
 
-from gateway.model.archive import FORMATS, ArchiveEntry, PackResult, archives_dir, pack_entries, record_archive
+from gateway.model.archive import (CHUNK_BYTES, FORMATS, ArchiveEntry, PackResult, archives_dir, pack_entries,
+                                   record_archive, special_kind)
 from gateway.backends.base import BackendError
 from gateway.model.config import Config
 from gateway.common.files import ensure_private_dir
@@ -33,9 +34,6 @@ __all__ = ["pack_remote_accounts"]
 
 log = logging.getLogger("gateway.archive")
 
-_CHUNK = 1 << 20
-_SPECIAL_KINDS = ((stat.S_ISFIFO, "named pipe"), (stat.S_ISSOCK, "socket"),
-                  (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"))
 T = TypeVar("T")
 
 
@@ -82,7 +80,7 @@ class _RemoteTree:
                 elif stat.S_ISREG(mode):
                     yield from self._file(remote, inside, attrs)
                 else:
-                    kind = next((word for test, word in _SPECIAL_KINDS if test(mode)), "special file")
+                    kind = special_kind(mode)
                     skipped.append(f"{inside}: {kind}")
             except asyncssh.SFTPNoSuchFile:
                 skipped.append(f"{inside}: removed while packing")
@@ -90,7 +88,7 @@ class _RemoteTree:
                 skipped.append(f"{inside}: {getattr(exc, 'reason', None) or exc}")
 
     def _file(self, remote: str, inside: str, attrs: asyncssh.SFTPAttrs) -> Iterator[ArchiveEntry]:
-        handle = self.call(self.sftp.open(remote, "rb", block_size=_CHUNK))
+        handle = self.call(self.sftp.open(remote, "rb", block_size=CHUNK_BYTES))
         try:
             st = _stat(self.call(handle.stat()))
             if not stat.S_ISREG(st.st_mode):  # swapped for something else since it was listed

@@ -9,7 +9,7 @@ import re
 import sys
 from pathlib import Path
 
-from gateway.cli.shared import lock_is_held, resolve_state_dir
+from gateway.cli.shared import PID_FILE, lock_is_held, resolve_state_dir
 from gateway.model.config import load_config
 from gateway.model.errors import UserError
 from gateway.supervisor.front import CONTROL_SOCKET
@@ -21,7 +21,7 @@ __all__ = ["cmd_status", "cmd_desktop", "cmd_extend", "format_status_table", "pa
 def _control_socket(args: argparse.Namespace) -> Path:
     state_dir = resolve_state_dir(args.state_dir, load_config(args.config))
     socket_path = state_dir / CONTROL_SOCKET
-    if not lock_is_held(state_dir / "gateway.pid") or not socket_path.exists():
+    if not lock_is_held(state_dir / PID_FILE) or not socket_path.exists():
         raise UserError(f"no gateway is running with state dir {state_dir}")
     return socket_path
 

@@ -16,7 +16,7 @@ from typing import Protocol
 from gateway.backends import Backend, BackendError, backends_with_leftovers, make_backend
 from gateway.cli.checks import (after_event_preflight, check_admin_password, check_listen, check_secret_files,
                                 check_signup, check_users, is_disk_full, preflight)
-from gateway.cli.shared import (add_log_file, hold_lock, load_inputs, lock_is_held, read_pid, resolve_state_dir,
+from gateway.cli.shared import (PID_FILE, add_log_file, hold_lock, load_inputs, lock_is_held, read_pid, resolve_state_dir,
                                 setup_logging, run_watching_children)
 from gateway.common.files import ensure_private_dir
 from gateway.common.polling import Backoff, PollTimeout, poll_until
@@ -97,7 +97,7 @@ def cmd_down(args: argparse.Namespace) -> int:
     setup_logging(False)
     config = load_config(args.config)
     state_dir = resolve_state_dir(args.state_dir, config)
-    lock = state_dir / "gateway.pid"
+    lock = state_dir / PID_FILE
     if not state_dir.exists():
         raise UserError(f"no gateway state in {state_dir}")
     if lock_is_held(lock):
@@ -134,7 +134,7 @@ def cmd_users_list(args: argparse.Namespace) -> int:
 
 def cmd_users_remove(args: argparse.Namespace) -> int:
     state_dir = resolve_state_dir(args.state_dir, load_config(None))
-    if lock_is_held(state_dir / "gateway.pid"):
+    if lock_is_held(state_dir / PID_FILE):
         raise UserError(f"a gateway runs with {state_dir}; stop it first (gateway down --remove-users)")
     _remove_users(state_dir, args.delete_homes)
     return 0

@@ -20,9 +20,12 @@ from gateway.model.tokens import TokenFile, load_tokens
 from gateway.web.app import reserved_segments
 
 __all__ = ["run_watching_children", "load_inputs", "resolve_state_dir", "program_exists", "hold_lock", "read_pid",
-           "lock_is_held", "setup_logging", "add_log_file"]
+           "lock_is_held", "setup_logging", "add_log_file", "PID_FILE"]
 
 T = TypeVar("T")
+
+#: In the state dir: the running gateway's pid, locked for its whole run (one gateway per state dir).
+PID_FILE = "gateway.pid"
 
 
 def run_watching_children(main: Coroutine[Any, Any, T]) -> T:
@@ -94,7 +97,7 @@ class hold_lock:
     """One gateway per state dir: an exclusive lock on ``gateway.pid`` for the whole run."""
 
     def __init__(self, state_dir: Path) -> None:
-        self.path = state_dir / "gateway.pid"
+        self.path = state_dir / PID_FILE
         self.fd = -1
 
     def __enter__(self) -> "hold_lock":

@@ -49,11 +49,13 @@ def ensure_private_dir(path: Path) -> Path:
 def read_or_create_secret(path: Path, make: Callable[[], str], *, owner: tuple[int, int] | None = None) -> str:
     """The secret kept in ``path``; made by ``make()`` and written 0600 (atomically) the first time.
 
-    An empty or unreadable-as-text file counts as missing. ``owner`` hands a new file to a user.
+    A missing, empty or not-UTF-8 file counts as missing (other errors, such as no permission, are
+    raised: replacing a secret that exists would lock out whoever holds it). ``owner`` hands a new file
+    to a user.
     """
     try:
         existing = path.read_text().strip()
-    except FileNotFoundError:
+    except (FileNotFoundError, UnicodeDecodeError):
         existing = ""
     if existing:
         return existing

@@ -24,9 +24,12 @@ from dataclasses import dataclass
 from gateway.common.ratelimit import BoundedTable
 
 __all__ = ["FRONT_HEADER", "FRONT_TOKEN", "ReadTimeouts", "GuessBackoff", "ServerHandshake",
-           "take_bytes"]
+           "take_bytes", "FOLLOWED_BANNERS"]
 
 FRONT_HEADER = "X-Gateway-Front"
+#: RFB server banners whose handshake the gateway follows (TigerVNC's 3.8; 3.7 has the same steps
+#: up to the SecurityResult). Any other: the relay stops reading the handshake and just forwards.
+FOLLOWED_BANNERS = (b"RFB 003.008\n", b"RFB 003.007\n")
 #: Made fresh by each gateway process; written only into the private Apache's config (state dir, 0700).
 FRONT_TOKEN = secrets.token_urlsafe(32)
 
@@ -144,7 +147,7 @@ class ServerHandshake:
             banner = self._take(12)
             if banner is None:
                 return False
-            if banner not in (b"RFB 003.008\n", b"RFB 003.007\n"):
+            if banner not in FOLLOWED_BANNERS:
                 self.lost = True
                 return False
             self._stage = "types"

@@ -36,6 +36,8 @@ from gateway.model.state import StateStore
 
 __all__ = [
     "FORMATS",
+    "CHUNK_BYTES",
+    "special_kind",
     "PackResult",
     "ArchiveRecord",
     "ArchiveEntry",
@@ -51,13 +53,19 @@ __all__ = [
 #: Archive formats and their file name suffixes.
 FORMATS: dict[str, str] = {"tar.gz": ".tar.gz", "zip": ".zip"}
 
-_CHUNK = 1 << 20
+#: Bytes read and written at a time, here and when packing over SFTP.
+CHUNK_BYTES = 1 << 20
 _ZIP_EPOCH = time.mktime((1980, 1, 2, 0, 0, 0, 0, 0, -1))  # zip can't store earlier times
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: a FIFO swapped in between lstat and open must not hang the packer.
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _SPECIAL_KINDS = ((stat.S_ISFIFO, "named pipe"), (stat.S_ISSOCK, "socket"),
                   (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"))
+
+
+def special_kind(mode: int) -> str:
+    """What a file that is neither regular, directory nor link is, in words (it is skipped and listed)."""
+    return next((word for test, word in _SPECIAL_KINDS if test(mode)), "special file")
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,7 +140,7 @@ def _walk(dir_fd: int, prefix: str, skipped: list[str]) -> Iterator[ArchiveEntry
                 finally:
                     os.close(fd)
             else:
-                kind = next((word for test, word in _SPECIAL_KINDS if test(st.st_mode)), "special file")
+                kind = special_kind(st.st_mode)
                 skipped.append(f"{path}: {kind}")
         except FileNotFoundError:
             skipped.append(f"{path}: removed while packing")
@@ -148,7 +156,7 @@ class _FixedSizeReader:
         self.left = size
         self.changed = False
 
-    def read(self, n: int = _CHUNK) -> bytes:
+    def read(self, n: int = CHUNK_BYTES) -> bytes:
         n = min(n if n >= 0 else self.left, self.left)
         if n <= 0:
             return b""
@@ -169,7 +177,7 @@ class _HashingWriter:
     """A write-only file that hashes what passes through and counts its position (for zipfile)."""
 
     def __init__(self, fd: int) -> None:
-        self._file = os.fdopen(fd, "wb", buffering=_CHUNK)
+        self._file = os.fdopen(fd, "wb", buffering=CHUNK_BYTES)
         self.hash = hashlib.sha256()
         self.position = 0
 
@@ -202,8 +210,8 @@ def _pack_tar(entries: Iterator[ArchiveEntry], out: _HashingWriter, level: int, 
     count = 0
     with gzip.GzipFile(filename="", fileobj=out, mode="wb", compresslevel=level, mtime=0) as gz:  # type: ignore[arg-type]
         # Large blocks: zlib and the hash cost per call, and tarfile's defaults are 10-16 KiB.
-        with tarfile.open(fileobj=gz, mode="w|", format=tarfile.PAX_FORMAT, bufsize=_CHUNK) as tar:  # type: ignore[call-overload]
-            tar.copybufsize = _CHUNK
+        with tarfile.open(fileobj=gz, mode="w|", format=tarfile.PAX_FORMAT, bufsize=CHUNK_BYTES) as tar:  # type: ignore[call-overload]
+            tar.copybufsize = CHUNK_BYTES
             for entry in entries:
                 info = tarfile.TarInfo(entry.name)
                 info.mtime = int(entry.st.st_mtime)
@@ -251,7 +259,7 @@ def _pack_zip(entries: Iterator[ArchiveEntry], out: _HashingWriter, level: int, 
                 info.file_size = entry.st.st_size
                 reader = entry.reader(entry.st.st_size)
                 with archive.open(info, "w", force_zip64=entry.st.st_size >= 1 << 31) as member:
-                    while chunk := reader.read(_CHUNK):
+                    while chunk := reader.read(CHUNK_BYTES):
                         member.write(chunk)
                 if reader.changed:
                     changed.append(f"{entry.name}: shrank while packing (padded)")

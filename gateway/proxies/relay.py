@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from gateway.common.frontdoor import GuessBackoff, ServerHandshake, take_bytes
+from gateway.common.frontdoor import FOLLOWED_BANNERS, GuessBackoff, ServerHandshake, take_bytes
 from gateway.common.httpauth import client_address
 from gateway.model.config import Config
 from gateway.model.status import DesktopSlot, Endpoint
@@ -283,7 +283,7 @@ class InputScanner:
             version = self._take(12)
             if version is None:
                 return None
-            if version not in (b"RFB 003.008\n", b"RFB 003.007\n"):
+            if version not in FOLLOWED_BANNERS:
                 self._give_up()
                 return None
             self._stage = "security"
