@@ -26,6 +26,7 @@ __all__ = [
     "public_signup_problem",
     "parse_listen",
     "parse_notify_url",
+    "KEYBOARD_LAYOUT_RE",
 ]
 
 #: Reports a problem with ``key`` unless ``ok``.
@@ -35,7 +36,11 @@ _UNIX_NAME_RE = re.compile(r"[a-z_][a-z0-9_.-]{0,31}")
 _USER_PREFIX_RE = re.compile(r"[a-z][a-z0-9_.-]{0,15}")
 _GEOMETRY_RE = re.compile(r"([1-9][0-9]{2,4})x([1-9][0-9]{2,4})")
 _COLOR_RE = re.compile(r"#[0-9A-Fa-f]{3}(?:[0-9A-Fa-f]{3})?|[a-z]{3,20}")
-_LAYOUT_RE = re.compile(r"[a-z]{2,8}(?:\([A-Za-z0-9_-]+\))?(?:,[a-z]{2,8}(?:\([A-Za-z0-9_-]+\))?)*")
+_LAYOUT = r"[a-z]{2,8}(?:\([A-Za-z0-9_-]+\))?"
+#: One XKB layout, optionally with its variant: "us", "de(nodeadkeys)" (a participant's choice).
+KEYBOARD_LAYOUT_RE = re.compile(_LAYOUT)
+#: The config's default may list several, as setxkbmap takes them: "us,de".
+_LAYOUT_LIST_RE = re.compile(rf"{_LAYOUT}(?:,{_LAYOUT})*")
 
 
 def semantic_problems(config: Config, path: str, lines: Mapping[str, int]) -> list[Problem]:
@@ -66,7 +71,7 @@ def semantic_problems(config: Config, path: str, lines: Mapping[str, int]) -> li
     check(d.limits.memory_per_process is None or bool(_SLURM_MEM_RE.fullmatch(d.limits.memory_per_process)),
           "desktop.limits.memory_per_process", "use a size such as 4G or 512M")
     check(0 <= d.limits.nice <= 19, "desktop.limits.nice", "must be 0 to 19")
-    check(not d.keyboard_layout or bool(_LAYOUT_RE.fullmatch(d.keyboard_layout)),
+    check(not d.keyboard_layout or bool(_LAYOUT_LIST_RE.fullmatch(d.keyboard_layout)),
           "desktop.keyboard_layout", "use an XKB layout name such as us, de or fr(azerty)")
     check(1 <= config.proxy.heartbeat_s <= 3600, "proxy.heartbeat_s", "must be 1 to 3600")
     check(config.proxy.shared_port == 0 or 1024 <= config.proxy.shared_port <= 65535, "proxy.shared_port",
@@ -210,8 +215,9 @@ def _participant_checks(config: Config, check: Check) -> None:
             parse_notify_url(a.notify)
         except ValueError as exc:
             check(False, "archive.notify", str(exc))
-    check(a.notify_credentials is None or a.notify_credentials.startswith("/"), "archive.notify_credentials",
-          "must be an absolute path")
+    for key in ("notify_credentials", "notify_ca_file"):
+        value = getattr(a, key)
+        check(value is None or value.startswith("/"), f"archive.{key}", "must be an absolute path")
     check(a.notify_from is None or bool(re.fullmatch(r"[^@\s<>]+@[^@\s<>]+", a.notify_from)), "archive.notify_from",
           "must be an e-mail address such as desktops@example.org")
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hmac
 import html
-import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -17,6 +16,7 @@ from aiohttp import web
 
 from gateway.backends.base import BackendError
 from gateway.common.ratelimit import RateLimit
+from gateway.model.config_checks import KEYBOARD_LAYOUT_RE
 from gateway.model.status import DesktopSlot
 from gateway.web.context import CONFIG, SLOTS, desktop_links, find_slot, render_page
 from gateway.web.sessions import PARTICIPANTS, free_accounts, session_account
@@ -33,7 +33,6 @@ KEYBOARD_LAYOUTS = (
     ("fi", "Finnish"), ("pl", "Polish"), ("cz", "Czech"), ("hu", "Hungarian"), ("tr", "Turkish"),
     ("gr", "Greek"), ("ru", "Russian"), ("ua", "Ukrainian"), ("jp", "Japanese"), ("kr", "Korean"),
 )
-_LAYOUT_RE = re.compile(r"[a-z]{2,8}(?:\([A-Za-z0-9_-]+\))?")
 KEYBOARD_MAX_FAILURES = 5  # wrong passwords per account and minute
 
 
@@ -137,7 +136,7 @@ async def api_keyboard_layout(request: web.Request) -> web.Response:
     if not hmac.compare_digest(password.encode(), slot.account.password.encode()):
         switch.failures.add(slot.account.id)
         return web.json_response({"error": "wrong password"}, status=403)
-    if not _LAYOUT_RE.fullmatch(layout):
+    if not KEYBOARD_LAYOUT_RE.fullmatch(layout):
         return web.json_response({"error": "not a keyboard layout name"}, status=400)
     try:
         await switch.set_layout(slot.account.id, layout)
