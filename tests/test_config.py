@@ -57,3 +57,13 @@ def test_invalid_yaml_reports_its_line() -> None:
 def test_top_level_must_be_a_mapping() -> None:
     (found,) = errors("- a\n- b\n")
     assert found == "g.yaml:1: config must be a mapping of keys to values"
+
+
+@pytest.mark.parametrize("host, loopback", [("127.0.0.1", True), ("127.0.1.1", True), ("::1", True), ("[::1]", True),
+                                            ("localhost", True), ("0.0.0.0", False), ("10.0.0.1", False),
+                                            ("gateway.example.org", False), ("", False)])
+def test_only_loopback_addresses_and_localhost_count_as_private(host: str, loopback: bool) -> None:
+    """A name is never looked up: it counts as reachable from other machines, so it needs TLS."""
+    from gateway.model.config_checks import is_loopback_host
+
+    assert is_loopback_host(host) is loopback

@@ -181,9 +181,11 @@ def test_a_backend_whose_open_fails_is_one_line_and_status_2(
         for handler in set(logging.getLogger().handlers) - set(handlers):
             logging.getLogger().removeHandler(handler)
             handler.close()
-    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("gateway: error:")]
+    output = capsys.readouterr().err
+    err = [line for line in output.splitlines() if line.startswith("gateway: error:")]
     assert status == 2
     assert err == ["gateway: error: backend local: the scheduler does not answer"]
+    assert "Traceback" not in output
 
 
 def test_down_that_cannot_stop_a_leftover_desktop_keeps_it_and_says_so(

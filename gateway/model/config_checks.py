@@ -10,16 +10,17 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import re
-import socket
 import urllib.parse
 from collections.abc import Callable, Mapping
 
 from gateway.model.config_schema import Config, DcvConfig, SshConfig
 from gateway.model.container import validate_bind
 from gateway.model.errors import Problem
+from gateway.model.theme import contrast_warnings, rgb
 
 __all__ = [
     "semantic_problems",
+    "config_warnings",
     "parse_moment",
     "is_loopback_host",
     "public_listen_problem",
@@ -35,7 +36,6 @@ Check = Callable[[bool, str, str], None]
 _UNIX_NAME_RE = re.compile(r"[a-z_][a-z0-9_.-]{0,31}")
 _USER_PREFIX_RE = re.compile(r"[a-z][a-z0-9_.-]{0,15}")
 _GEOMETRY_RE = re.compile(r"([1-9][0-9]{2,4})x([1-9][0-9]{2,4})")
-_COLOR_RE = re.compile(r"#[0-9A-Fa-f]{3}(?:[0-9A-Fa-f]{3})?|[a-z]{3,20}")
 _LAYOUT = r"[a-z]{2,8}(?:\([A-Za-z0-9_-]+\))?"
 #: One XKB layout, optionally with its variant: "us", "de(nodeadkeys)" (a participant's choice).
 KEYBOARD_LAYOUT_RE = re.compile(_LAYOUT)
@@ -99,8 +99,8 @@ def semantic_problems(config: Config, path: str, lines: Mapping[str, int]) -> li
     check((config.tls.cert is None) == (config.tls.key is None), "tls", "give both tls.cert and tls.key")
     for key in ("primary_color", "accent_color"):
         value = getattr(config.event, key)
-        check(value is None or bool(_COLOR_RE.fullmatch(value)), f"event.{key}",
-              "use a CSS colour like #005a9c or a colour name")
+        check(value is None or rgb(value) is not None, f"event.{key}",
+              "use a colour such as #005a9c, #fc0 or a CSS colour name such as navy")
     try:
         parse_listen(config.listen)
     except ValueError as exc:
@@ -111,6 +111,14 @@ def semantic_problems(config: Config, path: str, lines: Mapping[str, int]) -> li
     _participant_checks(config, check)
     _cockpit_checks(config, check)
     return problems
+
+
+def config_warnings(config: Config, path: str, lines: Mapping[str, int]) -> list[Problem]:
+    """What the organiser should know but that does not stop the gateway: theme colours below WCAG AA
+    contrast, with the ratio and what the pages do instead (``gateway up`` logs them)."""
+    event = config.event
+    return [Problem(path, lines.get(key, 0), f"{key}: {message}")
+            for key, message in contrast_warnings(event.primary_color, event.accent_color)]
 
 
 _SLURM_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -280,18 +288,15 @@ def parse_moment(value: str) -> datetime.datetime:
 
 
 def is_loopback_host(host: str) -> bool:
-    """True when ``host`` (an address or a name) reaches this machine only."""
+    """True when ``host`` (a loopback address, or ``localhost``) reaches this machine only.
+
+    Other names are not looked up (the model does no network I/O) and count as reachable from other
+    machines: the safe side, since a public address then needs TLS.
+    """
     try:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
-        pass
-    if host == "localhost":
-        return True
-    try:
-        found = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
-    except (OSError, UnicodeError):
-        return False  # unknown: assume other machines can reach it
-    return bool(found) and all(ipaddress.ip_address(f[4][0]).is_loopback for f in found)
+        return host == "localhost"
 
 
 def public_listen_problem(config: Config, listen: str) -> str | None:
