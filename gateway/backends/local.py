@@ -17,6 +17,7 @@ import logging
 import os
 import pwd
 import shutil
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,6 +92,32 @@ class LocalDesktop:
         return LocalDesktop(self.xvnc, self.display, self.password_file, session, self.user, self.xauthority)
 
 
+#: Where X servers put their Unix sockets (shared by every desktop of the machine).
+X11_SOCKET_DIR = Path("/tmp/.X11-unix")
+
+
+def ensure_x11_socket_dir(path: Path = X11_SOCKET_DIR) -> None:
+    """The X servers' socket directory, root's and sticky, before the first desktop starts.
+
+    Otherwise the first Xvnc makes it, owned by that participant, who could then delete the other
+    desktops' sockets (the owner of a sticky directory may remove any entry in it).
+    """
+    try:
+        os.mkdir(path, 0o1777)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise BackendError(f"cannot create {path}: {exc.strerror}") from None
+    info = os.lstat(path)
+    if not stat.S_ISDIR(info.st_mode):
+        raise BackendError(f"{path} is not a directory; remove it (X servers put their sockets there)")
+    if info.st_uid != 0 or stat.S_IMODE(info.st_mode) != 0o1777:
+        log.warning("%s belonged to uid %d (mode %04o): handing it to root, mode 1777", path, info.st_uid,
+                    stat.S_IMODE(info.st_mode))
+        os.chown(path, 0, 0, follow_symlinks=False)
+    os.chmod(path, 0o1777)  # mkdir's mode is cut by the umask
+
+
 class LocalBackend(Backend):
     name = "local"
 
@@ -110,6 +137,9 @@ class LocalBackend(Backend):
 
     async def open(self, accounts: Sequence[Account]) -> None:
         self.users = await ensure_users(accounts, self.config, self.state_dir)
+        if self.users:
+            ensure_x11_socket_dir()
+
 
     def workspace(self, account: Account) -> Path:
         user = self.users.get(account.id)

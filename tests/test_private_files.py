@@ -1,4 +1,5 @@
-"""The one helper every secret file goes through (admin password, view-only passwords, the session key)."""
+"""Files and directories that must stay private or root's: the one helper every secret file goes through (admin
+password, view-only passwords, the session key), and the X servers' socket directory."""
 
 from __future__ import annotations
 
@@ -42,3 +43,21 @@ def test_a_secret_that_cannot_be_read_is_not_replaced(tmp_path: Path) -> None:
     path.mkdir()  # reading it fails with IsADirectoryError: that is not "missing"
     with pytest.raises(IsADirectoryError):
         read_or_create_secret(path, lambda: "would-overwrite")
+
+
+def test_the_x_socket_directory_is_roots_and_sticky(tmp_path: Path) -> None:
+    """Made by the first participant's Xvnc, it would be theirs: they could delete the others' sockets."""
+    if os.geteuid() != 0:
+        pytest.skip("handing the directory to root needs root")
+    from gateway.backends.local import ensure_x11_socket_dir
+
+    made = tmp_path / "made" / ".X11-unix"
+    made.parent.mkdir()
+    ensure_x11_socket_dir(made)
+    taken = tmp_path / ".X11-unix"
+    taken.mkdir(mode=0o755)
+    os.chown(taken, 65534, 65534)  # a participant got there first
+    ensure_x11_socket_dir(taken)
+    for path in (made, taken):
+        info = path.stat()
+        assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (0, 0o1777), path
