@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from gateway.cli.shared import load_inputs, resolve_state_dir, setup_logging
-from gateway.common.files import atomic_write, ensure_private_dir
+from gateway.common.files import atomic_write
 from gateway.model.config import Config, load_config
 from gateway.model.errors import UserError
 from gateway.model.state import StateStore
@@ -75,9 +75,8 @@ def cmd_accounts_export(args: argparse.Namespace) -> int:
 
 
 def cmd_archive(args: argparse.Namespace) -> int:
-    from gateway.model.archive import PackResult, pack_accounts
-    from gateway.backends import backend_name_for
-    from gateway.backends.desktop_users import account_workspace
+    from gateway.model.archive import PackResult
+    from gateway.supervisor.archive_event import archive_accounts
 
     setup_logging(args.verbose)
     tokens, config = load_inputs(args.tokens, args.config)
@@ -87,47 +86,9 @@ def cmd_archive(args: argparse.Namespace) -> int:
     unknown = [a for a in wanted if a not in by_id]
     if unknown:
         raise UserError(f"not in {args.tokens}: {', '.join(unknown)}")
-    fmt = args.format or config.archive.format
-    if config.archive.notify:  # a bad credentials file stops here, before anything is packed
-        from gateway.supervisor.archive_mail import smtp_target
-
-        smtp_target(config)
-    jobs, remote, results = [], [], {}
-    for name in wanted:
-        backend = backend_name_for(by_id[name], config)
-        if backend == "ssh":
-            remote.append(by_id[name])
-        elif backend in ("slurm", "dcv"):  # where the jobs wrote it: the shared dir or the user's home
-            from gateway.backends.slurm import job_home
-
-            try:
-                jobs.append((name, job_home(config, state_dir, name)))
-            except KeyError:
-                results[name] = f"no user {name} on this host (slurm.run_as: account)"
-        else:
-            jobs.append((name, account_workspace(name, config, state_dir)))
-    ensure_private_dir(state_dir)
-    store = open_state_store(state_dir)
-    try:
-        started = time.monotonic()
-        results.update(asyncio.run(pack_accounts(store, jobs, state_dir=state_dir, fmt=fmt,
-                                                 level=config.archive.compress_level,
-                                                 concurrency=config.archive.concurrency)))
-        if remote:  # workspaces on SSH hosts, read over SFTP while packing
-            from gateway.backends.remote_archive import pack_remote_accounts
-
-            results.update(asyncio.run(pack_remote_accounts(store, remote, config=config, state_dir=state_dir,
-                                                            fmt=fmt, level=config.archive.compress_level,
-                                                            concurrency=config.archive.concurrency)))
-        elapsed = time.monotonic() - started
-        notices = {}
-        if config.archive.notify:  # tell the participants who signed up
-            from gateway.supervisor.archive_mail import notify_archives_ready
-
-            notices = asyncio.run(notify_archives_ready(
-                config, store, [name for name in wanted if isinstance(results.get(name), PackResult)]))
-    finally:
-        store.close()
+    run = asyncio.run(archive_accounts([by_id[name] for name in wanted], config, state_dir,
+                                       args.format or config.archive.format))
+    results, notices, elapsed = run.results, run.notices, run.elapsed_s
     packed = 0
     for name in wanted:
         result = results[name]
