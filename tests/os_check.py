@@ -10,7 +10,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["proc_files", "start_time", "xvnc_on_port", "the_xvnc_on_port"]
+from gateway.common.netstat import parse_proc_net_tcp
+
+__all__ = ["proc_files", "start_time", "xvnc_on_port", "the_xvnc_on_port", "listening_ports", "listening_addresses"]
+
+_LISTEN = "0A"  # the TCP state of a listening socket in /proc/net/tcp
 
 
 def proc_files(name: str) -> Iterator[tuple[int, bytes]]:
@@ -61,3 +65,27 @@ def the_xvnc_on_port(port: int) -> tuple[int, int]:
     found = xvnc_on_port(port)
     assert len(found) == 1, f"Xvnc processes with -rfbport {port}: {found}"
     return found[0]
+
+
+def _listening() -> set[tuple[str, int]]:
+    """(address, port) of every listening TCP socket in this network namespace."""
+    found = set()
+    for name in ("tcp", "tcp6"):
+        try:
+            text = Path(f"/proc/net/{name}").read_text()
+        except OSError:
+            continue
+        found |= {local for local, _, state in parse_proc_net_tcp(text) if state == _LISTEN}
+    return found
+
+
+def listening_ports() -> set[int]:
+    """The TCP ports a socket listens on, on any address, in this network namespace (whichever process
+    holds it: a child of a fork server names nothing of the gateway that started it)."""
+    return {port for _, port in _listening()}
+
+
+def listening_addresses(port: int) -> set[str]:
+    """The addresses a socket listens on TCP ``port`` at, as the kernel reports them (0.0.0.0 and :: are
+    every address of the machine)."""
+    return {address for address, bound in _listening() if bound == port}

@@ -30,7 +30,7 @@ __all__ = ["HOST", "SshHost", "ssh_host", "ssh_accounts", "free_port_on", "child
 HOST = "127.0.0.2"
 
 
-def _require_sshd() -> str:
+def require_sshd() -> str:
     path = shutil.which("sshd") or ("/usr/sbin/sshd" if os.access("/usr/sbin/sshd", os.X_OK) else None)
     if path is None:
         skip_or_fail("sshd is not installed (openssh-server)")
@@ -135,8 +135,9 @@ class SshHost:
         return self.log.read_text(errors="replace").count("Accepted publickey")
 
     def config_text(self, **overrides: object) -> str:
+        # ssh.interface is left to its default, auto: Xvnc listens on HOST, where sshd took the connection.
         values = {"user": getpass.getuser(), "private_key": self.user_key, "known_hosts": self.known_hosts,
-                  "port": self.port, "interface": HOST, "state_dir": self.remote_dir, "connect_timeout_s": 5,
+                  "port": self.port, "state_dir": self.remote_dir, "connect_timeout_s": 5,
                   "connect_attempts": 2, "command_timeout_s": 20, **overrides}
         return "ssh:\n" + "".join(f"  {k}: {v}\n" for k, v in values.items())
 
@@ -147,7 +148,7 @@ class SshHost:
 
 @pytest.fixture
 def ssh_host(tmp_path: Path) -> Iterator[SshHost]:
-    host = SshHost(tmp_path / "sshhost", _require_sshd())
+    host = SshHost(tmp_path / "sshhost", require_sshd())
     host.start()
     try:
         yield host

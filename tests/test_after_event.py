@@ -2,7 +2,8 @@
 
 Real `gateway archive`, a real private Apache in front, real HTTP requests as a participant makes them
 (sign-in form, /me, a download resumed with Range); no Xvnc, websockify or Slurm job of the event may
-exist meanwhile, and `gateway down` says last what stays offered.
+exist meanwhile, and `gateway down` says last what stays offered. What exists is asked of the OS (listening
+ports, Xvnc command lines) and of the Slurm test cluster, which must answer.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import pytest
 
 from gateway.model.tokens import Account, format_tokens, generate_password
 from tests.gateway_run import processes_mentioning
-from tests.system import free_port, free_ports, require_program
+from tests.os_check import listening_ports, xvnc_on_port
+from tests.system import free_port, free_ports, require_slurm_cluster
 
 pytestmark = pytest.mark.system
 
@@ -48,15 +50,30 @@ def command_lines() -> list[str]:
     return lines
 
 
-def slurm_jobs_named(prefix: str) -> list[str]:
-    if subprocess.run(["which", "squeue"], capture_output=True).returncode != 0:
-        return []
-    out = subprocess.run(["squeue", "--noheader", "--format=%j"], capture_output=True, text=True, timeout=30).stdout
-    return [name for name in out.split() if name.startswith(prefix)]
+def slurm_of(prefix: str) -> list[str]:
+    """The jobs (also those that ended less than MinJobAge ago) and reservations named ``prefix``...;
+    fails when Slurm does not answer."""
+    jobs = subprocess.run(["squeue", "--noheader", "--states=all", "--format=%j"], capture_output=True, text=True,
+                          timeout=30)
+    assert jobs.returncode == 0, jobs.stderr
+    reservations = subprocess.run(["scontrol", "show", "reservation", "-o"], capture_output=True, text=True,
+                                  timeout=30)
+    assert reservations.returncode == 0, reservations.stderr
+    names = jobs.stdout.split() + re.findall(r"^ReservationName=(\S+)", reservations.stdout, re.MULTILINE)
+    return [name for name in names if name.startswith(prefix)]
+
+
+def desktops_of(accounts: list[Account]) -> list[str]:
+    """What serves an account's desktop on this machine: a listener on its websocket or VNC port (the
+    websockify fork server's children name no state dir), or an Xvnc on its VNC port."""
+    listening = listening_ports()
+    return ([f"{a.id}: websocket port {a.websocket_port} listens" for a in accounts if a.websocket_port in listening]
+            + [f"{a.id}: VNC port {a.vnc_port} listens" for a in accounts if a.vnc_port in listening]
+            + [f"{a.id}: Xvnc {pid}" for a in accounts for pid, _ in xvnc_on_port(a.vnc_port)])
 
 
 async def test_after_event_serves_byte_exact_archives_with_range_and_no_desktops(tmp_path: Path) -> None:
-    require_program("apache2")
+    require_slurm_cluster("apache2")
     ports = iter(free_ports(6))
     accounts = [Account(f"ae{i:02d}", "localhost", f"/desktop/ae{i:02d}", next(ports), next(ports),
                         generate_password(), i) for i in (1, 2)]
@@ -107,13 +124,11 @@ async def test_after_event_serves_byte_exact_archives_with_range_and_no_desktops
             time.sleep(0.1)
         assert "3 of 3 archives offered" in out.read_text()
 
-        # No desktop, proxy or job of the event exists.
+        # No desktop, proxy, job or reservation of the event exists.
         everything = "\n".join(command_lines())
         assert not any(a.password in everything for a in accounts)
-        mine = [Path(f"/proc/{pid}/cmdline").read_bytes() for pid in processes_mentioning(str(state))
-                if Path(f"/proc/{pid}").exists()]
-        assert not [c for c in mine if b"Xvnc" in c or b"websockify" in c]
-        assert slurm_jobs_named(prefix) == []
+        assert desktops_of(accounts) == []
+        assert slurm_of(prefix) == []
         assert not (state / "slurm-reservation.json").exists()
 
         account = accounts[0]
@@ -161,9 +176,9 @@ async def test_after_event_serves_byte_exact_archives_with_range_and_no_desktops
                 assert "the event is over" in (await response.json())["result"]
             async with session.get(f"{base}metrics", headers=admin) as response:
                 assert response.status == 200 and 'gateway_desktops{state="stopped"} 3.0' in await response.text()
-        assert slurm_jobs_named(prefix) == []
-        # Nothing started since (other tests on this machine may run desktops of their own).
-        assert not [line for line in command_lines() if "Xvnc" in line and any(a.id in line for a in accounts)]
+        # Nothing started since (not even by the start request above).
+        assert slurm_of(prefix) == []
+        assert desktops_of(accounts) == []
 
         down = gateway("down", "--state-dir", str(state))
         assert down.returncode == 0, down.stderr

@@ -103,6 +103,23 @@ def test_job_script_creates_waits_reports_and_closes_the_session() -> None:
     assert not any(a.startswith(("--reservation", "--gres")) for a in argv)
 
 
+async def test_a_vnc_fallback_gets_the_new_view_only_password_a_dcv_session_has_none(tmp_path: Path) -> None:
+    """A fallback runs the Slurm desktop job, which makes its password file again from a rewritten secret; a DCV
+    session's job reads no secret, so none is written for it."""
+    from gateway.backends.dcv import DcvBackend
+
+    backend = DcvBackend(parse_config("slurm:\n  run_as: gateway\n"), tmp_path)
+    owner = account("ws01")
+    for protocol, written in (("dcv", False), ("vnc", True)):
+        workdir = tmp_path / protocol
+        workdir.mkdir()
+        state = {"job_id": 7, "user": None, "workdir": str(workdir), "protocol": protocol}
+        await backend.refresh_passwords(owner, state)
+        secret = workdir / ".vnc-secret"
+        assert secret.exists() is written, protocol
+        assert not written or owner.password in secret.read_text()
+
+
 def test_connection_file_has_no_password_and_refuses_injection() -> None:
     text = connection_file(host="gpu01", port=8443, session_id="ev-ws01-42", user="ws01")
     assert text == "[version]\nformat=1.0\n\n[connect]\nhost=gpu01\nport=8443\nsessionid=ev-ws01-42\nuser=ws01\n"

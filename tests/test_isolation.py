@@ -293,9 +293,10 @@ def view_only_password_on_page(url: str) -> str:
     return str(json.loads(match.group(1))["password"])
 
 
-async def authenticates(account_port: int, password: str) -> bool:
+async def authenticates(account_port: int, password: str, host: str = "127.0.0.1") -> bool:
+    """Whether the desktop's VNC server at ``host``:``account_port`` accepts ``password``."""
     try:
-        async with rfb.open_tcp("127.0.0.1", account_port, password, timeout_s=10):
+        async with rfb.open_tcp(host, account_port, password, timeout_s=10):
             return True
     except rfb.RfbAuthFailed:
         return False
@@ -306,6 +307,14 @@ def share(run: GatewayRun, account_id: str, admin: str, minutes: float) -> str:
                      body=json.dumps({"minutes": minutes}).encode(), content_type="application/json")
     assert code == 200, body
     return run.url + json.loads(body)["path"]
+
+
+def revoke(run: GatewayRun, account_id: str, admin: str) -> int:
+    """End every share link of the account (the admin page's button); how many there were."""
+    code, body = get(run.url + f"admin/api/desktops/{account_id}/share/revoke", "admin", admin, method="POST",
+                     body=b"{}", content_type="application/json")
+    assert code == 200, body
+    return int(json.loads(body)["revoked"])
 
 
 async def test_a_share_link_that_expired_or_was_revoked_no_longer_opens_the_desktop(gateway_factory) -> None:
@@ -331,9 +340,7 @@ async def test_a_share_link_that_expired_or_was_revoked_no_longer_opens_the_desk
     revoked = share(run, account.id, admin, minutes=60)
     second = view_only_password_on_page(revoked)
     assert second != handed_out and await authenticates(account.vnc_port, second)
-    code, body = get(run.url + f"admin/api/desktops/{account.id}/share/revoke", "admin", admin, method="POST",
-                     body=b"{}", content_type="application/json")
-    assert code == 200 and json.loads(body)["revoked"] == 1, body
+    assert revoke(run, account.id, admin) == 1
     assert not await authenticates(account.vnc_port, second)
     fresh = view_only_password_on_page(share(run, account.id, admin, minutes=60))
     assert await authenticates(account.vnc_port, fresh)

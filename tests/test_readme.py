@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from gateway.model.config import Config, parse_config
+from gateway.model.config import NOT_FROM_YAML, Config, parse_config
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -35,7 +35,7 @@ def config_keys(cls: type = Config, prefix: str = "") -> set[str]:
     hints = typing.get_type_hints(cls)
     keys = set()
     for field in dataclasses.fields(cls):
-        if field.name == "source":
+        if field.name in NOT_FROM_YAML:
             continue
         if dataclasses.is_dataclass(hints[field.name]):
             keys |= config_keys(hints[field.name], f"{prefix}{field.name}.")

@@ -19,7 +19,7 @@ from gateway.backends.slurm_job import parse_report, render_job_script, sbatch_a
 from gateway.backends.desktop import session_environment
 from gateway.backends.xauth import xauthority_bytes, xauthority_shell
 from gateway.model.config import parse_config
-from gateway.common.render import UnsafeValue
+from gateway.common.render import UnsafeValue, render
 from gateway.model.tokens import Account
 
 PASSWORD = "s3cretPw"
@@ -53,11 +53,13 @@ def test_job_script_runtime_none() -> None:
     assert 'export XDG_RUNTIME_DIR="${TMPDIR:-/tmp}/workshop-desktop-$(id -u)-$job"' in text
     assert "umask 077\n" in text
     # The password reaches vncpasswd on stdin from the secret file.
-    assert 'vncpasswd -f <"$secret" >"$passwd_file"' in text
+    assert 'vncpasswd -f <"$secret" >"$passwd_file.tmp"' in text
     assert "secret=/shared/ws01/.vnc-secret\n" in text
     xvnc = line_with(text, "-rfbport")
     assert xvnc.startswith("Xvnc -auth \"$XAUTHORITY\" -displayfd 3 -rfbport 5901 -rfbauth \"$passwd_file\" "
-                           "-SecurityTypes VncAuth -UseBlacklist=0 -interface 0.0.0.0 ")
+                           "-SecurityTypes VncAuth -UseBlacklist=0 -interface \"$listen_address\" ")
+    # slurm.interface: auto, the default: the node's own address in Slurm, worked out on the node.
+    assert "listen_address=$(node_address) || exit 1\n" in text and "node_address() {" in text
     # The X cookie comes from builtins and head, never a command line, and is the job's user's alone.
     assert 'export XAUTHORITY="$XDG_RUNTIME_DIR/Xauthority"' in text and "head -c 16 /dev/urandom" in text
     assert xvnc.endswith(' 3>"$display_file" &')
@@ -72,7 +74,8 @@ def test_job_script_options_reach_xvnc() -> None:
     text = script(config("slurm:\n  interface: 127.0.0.1\ndesktop:\n  geometry: 1600x900\n  keyboard_layout: de\n"),
                   account(port=5999))
     xvnc = line_with(text, "-rfbport")
-    assert "-rfbport 5999" in xvnc and "-interface 127.0.0.1" in xvnc and "-geometry 1600x900" in xvnc
+    assert "-rfbport 5999" in xvnc and '-interface "$listen_address"' in xvnc and "-geometry 1600x900" in xvnc
+    assert "\nlisten_address=127.0.0.1\n" in text and "node_address" not in text  # as given, nothing looked up
     assert "export GATEWAY_KEYBOARD_LAYOUT=de\n" in text
 
 
@@ -142,6 +145,24 @@ def test_the_shell_writes_the_same_xauthority_as_python(tmp_path: Path) -> None:
     assert xauthority_shell('"$XAUTHORITY"') in script()  # the job script writes it so too
 
 
+async def test_a_refresh_rewrites_the_secret_the_running_job_reads(tmp_path: Path) -> None:
+    """The job makes its password file again from the secret (desktop-job.sh.j2): the refresh writes the
+    secret the job was given, 0600, with the account's current view-only password."""
+    from gateway.model.viewonly import rotate_view_only_password, view_only_password, vncpasswd_input
+
+    backend = SlurmBackend(config("slurm:\n  run_as: gateway\n"), tmp_path)
+    workdir = tmp_path / "elsewhere" / "ws01"  # the job's own record, not where the config now points
+    workdir.mkdir(parents=True, mode=0o700)
+    state = {"job_id": 7, "user": None, "workdir": str(workdir)}
+    before = view_only_password(tmp_path, "ws01")
+    rotate_view_only_password(tmp_path, "ws01")
+    await backend.refresh_passwords(account(), state)
+    secret = workdir / ".vnc-secret"
+    assert secret.read_bytes() == vncpasswd_input(PASSWORD, view_only_password(tmp_path, "ws01"))
+    assert before not in secret.read_text() and stat.S_IMODE(secret.stat().st_mode) == 0o600
+    assert 'secret_digest' in script() and 'watch_secret "$seen" &' in script()
+
+
 def test_sbatch_argv() -> None:
     cfg = config("slurm:\n  partition: desktop\n  account: course1\n  qos: short\n  time_limit_s: 5400\n"
                  "  cpus_per_desktop: 2\n  mem_per_desktop: 3G\n  job_name_prefix: ws24\n"
@@ -187,6 +208,56 @@ def test_config_blocks_are_validated() -> None:
     assert "<config>:7: container.binds" in text
     cfg = parse_config("backend: slurm\nslurm:\n  reservation: ws24\n  run_as: account\n  shared_dir: /shared/gw\n")
     assert cfg.slurm.reservation == "ws24" and cfg.slurm.run_as == "account"
+
+
+def test_an_interface_is_auto_or_one_address_and_every_address_draws_a_warning() -> None:
+    from gateway.model.errors import InputError
+
+    cfg = config()
+    assert (cfg.slurm.interface, cfg.ssh.interface, cfg.warnings) == ("auto", "auto", ())
+    for value in ("0.0.0.0", "::"):
+        cfg = parse_config(f"backend: slurm\nslurm:\n  interface: '{value}'\nssh:\n  interface: 10.0.0.5\n")
+        (warning,) = cfg.warnings
+        assert warning.startswith("<config>:3: slurm.interface: ") and "every address of the node" in warning
+        assert "firewall" in warning and "Security model" in warning
+    with pytest.raises(InputError) as info:
+        parse_config("slurm:\n  interface: '-inetd'\nssh:\n  interface: 'a b'\n")
+    text = "\n".join(str(p) for p in info.value.problems)
+    assert "<config>:2: slurm.interface: use auto" in text and "<config>:4: ssh.interface: use auto" in text
+
+
+def run_node_address(node: str | None) -> subprocess.CompletedProcess[str]:
+    """The job script's node_address function, run by bash as the job runs it (its log() the job's)."""
+    env = {"PATH": os.environ["PATH"], **({"SLURMD_NODENAME": node} if node else {})}
+    text = "log() { printf 'desktop-job: %s\\n' \"$*\" >&2; }\n" + render("node-address.sh.j2") + "node_address\n"
+    return subprocess.run(["bash", "-c", text], env=env, capture_output=True, text=True, timeout=30)
+
+
+@pytest.mark.parametrize(("node_addr", "expected"), [("10.1.2.3", "10.1.2.3"), ("127.0.0.1", "127.0.0.1"),
+                                                     ("fd00::17", "fd00::17"), ("localhost", "127.0.0.1")])
+def test_auto_listens_on_the_nodes_slurm_address(fake_slurm, node_addr: str, expected: str) -> None:
+    """The address Slurm gives for the job's node (NodeAddr, which the gateway connects to), as an IP address."""
+    fake_slurm("sinfo", f"{node_addr}\n")
+    result = run_node_address("node07")
+    assert result.returncode == 0 and result.stdout == f"{expected}\n", result.stderr
+    (call,) = fake_slurm.calls("sinfo")
+    assert call == "sinfo --noheader --Node --nodes=node07 --format=%o"
+    # A name that resolves to a loopback address here reaches nothing from elsewhere: said in the job's output.
+    assert ("loopback" in result.stderr) == (node_addr == "localhost")
+
+
+def test_auto_fails_the_job_saying_why_rather_than_listen_everywhere(fake_slurm) -> None:
+    fake_slurm("sinfo", "no-such-node.invalid\n")
+    result = run_node_address("node07")
+    assert result.returncode == 1 and result.stdout == ""
+    assert "desktop-job: node node07's address no-such-node.invalid (NodeAddr) does not resolve" in result.stderr
+    fake_slurm("sinfo", "", "slurm_load_node error: Unable to contact slurm controller", status=1)
+    result = run_node_address("node07")
+    assert result.returncode == 1 and result.stdout == ""
+    assert "sinfo did not tell node node07's address (NodeAddr): set slurm.interface" in result.stderr
+    assert len(fake_slurm.calls("sinfo")) == 1 + 3  # asked again before giving up
+    result = run_node_address(None)
+    assert result.returncode == 1 and "SLURMD_NODENAME is not set" in result.stderr
 
 
 # -- poll() against fake Slurm commands -------------------------------------------------------------

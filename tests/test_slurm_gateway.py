@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pwd
 import random
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -28,7 +30,10 @@ from gateway.model.state import StateStore
 from gateway.model.tokens import Account, generate_password
 from tests.gateway_run import GatewayRun, processes_mentioning
 from tests.gateway_run import handshake_until_ok as shared_handshake_until_ok
+from tests.os_check import listening_addresses
 from tests.system import free_port, require_program, require_slurm_cluster
+from tests.test_cockpit import admin_password
+from tests.test_isolation import authenticates, revoke, share, view_only_password_on_page
 
 pytestmark = pytest.mark.system
 
@@ -108,8 +113,9 @@ def slurm_event(tmp_path: Path) -> Iterator:
 
     def make(accounts: list[Account], extra: str = "") -> GatewayRun:
         # Accounts like sl01 are no OS users: unless the test says otherwise, jobs run as the gateway's user.
+        # slurm.interface is the default, auto: each job's Xvnc listens on its node's NodeAddr.
         run_as = "" if "run_as:" in extra else "  run_as: gateway\n"
-        config = (f"backend: slurm\nslurm:\n  job_name_prefix: {prefix}\n  interface: 127.0.0.1\n"
+        config = (f"backend: slurm\nslurm:\n  job_name_prefix: {prefix}\n"
                   f"  time_limit_s: 1800\n  event_duration_s: 3600\n{run_as}{extra}")
         directory = tmp_path / f"gw{len(runs)}"
         directory.mkdir()
@@ -246,6 +252,28 @@ async def test_a_named_reservation_is_used_and_left_alone(slurm_event) -> None:
         assert f"ReservationName={name} " in shown.stdout  # not ours: still there
     finally:
         subprocess.run(["scontrol", "delete", "reservation", name], capture_output=True, timeout=30)
+
+
+async def test_by_default_a_jobs_xvnc_listens_only_on_its_nodes_slurm_address(slurm_event) -> None:
+    """slurm.interface: auto. The gateway connects to the job's node at its NodeAddr; the job's Xvnc listens on
+    that address as the node resolves it, and on no other (on the test cluster 127.0.0.1, so 127.0.0.2 of the
+    same machine is refused)."""
+    accounts = auto_accounts(["la01"])
+    run: GatewayRun = slurm_event(accounts)
+    run.up(timeout_s=READY_WITHIN_S)
+    (info,) = our_jobs(run.prefix)["la01"]  # type: ignore[attr-defined]
+    shown = subprocess.run(["scontrol", "show", "node", "-o", info.nodes], capture_output=True, text=True,
+                           check=True, timeout=30).stdout
+    node_addr = re.search(r"\bNodeAddr=(\S+)", shown).group(1)
+    address = socket.getaddrinfo(node_addr, None, socket.AF_INET, socket.SOCK_STREAM)[0][4][0]
+    port = accounts[0].vnc_port
+    assert listening_addresses(port) == {address}  # not 0.0.0.0, nor ::
+    other = "127.0.0.2" if address != "127.0.0.2" else "127.0.0.3"
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection((other, port), timeout=5).close()
+    await rfb.connect_websocket(run.ws_url(accounts[0]), accounts[0].password, timeout_s=10)
+    output = (run.state_dir / "slurm" / "la01" / f"job-{info.job_id}.out").read_text()
+    assert f"address {address} port {port}" in output
 
 
 @pytest.fixture
@@ -439,6 +467,44 @@ async def test_a_participant_submits_a_job_from_inside_the_desktop_as_their_own_
                 assert attempt.returncode != 0 and "Permission denied" in attempt.stderr, (other.id, path)
                 assert account.password not in attempt.stdout
             assert _as_user(account.id, "cat", str(files[1])).returncode == 0  # its own: yes
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+async def test_a_revoked_share_link_no_longer_opens_the_running_job_desktop(slurm_event, os_users) -> None:
+    """Revoking a share link rewrites the job's secret in the shared dir; the running job notices within seconds
+    and makes its password file again, which Xvnc reads at every authentication. The job is not restarted."""
+    shared = Path(tempfile.mkdtemp(prefix="gw-shared-", dir="/tmp"))
+    try:
+        shared.chmod(0o711)
+        (account,) = auto_accounts(os_users[:1])
+        run: GatewayRun = slurm_event([account], f"  run_as: account\n  shared_dir: {shared}\n")
+        run.up(timeout_s=READY_WITHIN_S)
+        (job_id,) = recorded_jobs(run).values()
+        admin = admin_password(run)
+
+        handed_out = view_only_password_on_page(share(run, account.id, admin, minutes=60))
+        assert await authenticates(account.vnc_port, handed_out)
+        assert revoke(run, account.id, admin) == 1
+        revoked_at = time.monotonic()
+        deadline = revoked_at + 20  # the job looks at its secret every 2 s; the machine may be busy
+        while await authenticates(account.vnc_port, handed_out):
+            assert time.monotonic() < deadline, "the revoked link's view-only password still opens the desktop"
+            await asyncio.sleep(0.5)
+        print(f"\nthe revoked link's view-only password refused after {time.monotonic() - revoked_at:.1f} s")
+        assert await authenticates(account.vnc_port, account.password)  # the participant is never affected
+        fresh = view_only_password_on_page(share(run, account.id, admin, minutes=60))
+        assert fresh != handed_out and await authenticates(account.vnc_port, fresh)
+
+        # The same job all along; the secret is still the job's user's alone, and no password reached its output.
+        assert recorded_jobs(run) == {account.id: job_id}
+        secret = shared / account.id / ".vnc-secret"
+        assert secret.stat().st_uid == pwd.getpwnam(account.id).pw_uid and (secret.stat().st_mode & 0o777) == 0o600
+        output = (shared / account.id / f"job-{job_id}.out").read_text()
+        assert "password file rewritten" in output
+        assert not any(p in output for p in (handed_out, fresh, account.password))
+        assert run.terminate(timeout_s=60) == 0
+        assert wait_no_jobs(run.prefix, timeout_s=5) == {}  # type: ignore[attr-defined]
     finally:
         shutil.rmtree(shared, ignore_errors=True)
 

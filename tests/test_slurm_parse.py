@@ -22,11 +22,12 @@ from gateway.backends.slurm_parse import (
     parse_job_id,
     parse_scontrol_job,
     parse_scontrol_jobs,
+    parse_scontrol_partitions,
     parse_sinfo_partitions,
+    parse_slurm_duration,
     parse_squeue,
 )
-
-from tests.system import require_program, system_required
+from tests.system import require_slurm_cluster
 
 # squeue --noheader --format=%i|%T|%N|%r|%j|%u  (a running job, a running gpu job whose name has a space,
 # one waiting for --begin, one held, one waiting for the only GPU)
@@ -201,6 +202,48 @@ def test_parse_sinfo_recorded() -> None:
         parse_sinfo_partitions("desktop*|up|1\n")
 
 
+# scontrol show partition -o  (the default partition, and one made with `scontrol create PartitionName=gwexp
+# Nodes=vm MaxTime=00:40:00 State=UP`)
+SCONTROL_PARTITIONS = (
+    "PartitionName=desktop AllowGroups=ALL AllowAccounts=ALL AllowQos=ALL AllocNodes=ALL Default=YES QoS=N/A "
+    "DefaultTime=NONE DisableRootJobs=NO ExclusiveUser=NO GraceTime=0 Hidden=NO MaxNodes=UNLIMITED "
+    "MaxTime=7-00:00:00 MinNodes=0 LLN=NO MaxCPUsPerNode=UNLIMITED Nodes=vm PriorityJobFactor=1 PriorityTier=1 "
+    "RootOnly=NO ReqResv=NO OverSubscribe=NO OverTimeLimit=NONE PreemptMode=OFF State=UP TotalCPUs=8 TotalNodes=1 "
+    "SelectTypeParameters=NONE JobDefaults=(null) DefMemPerNode=UNLIMITED MaxMemPerNode=UNLIMITED "
+    "TRES=cpu=8,mem=1M,node=1,billing=8\n"
+    "PartitionName=gwexp AllowGroups=ALL AllowAccounts=ALL AllowQos=ALL AllocNodes=ALL Default=NO QoS=N/A "
+    "DefaultTime=NONE DisableRootJobs=NO ExclusiveUser=NO GraceTime=0 Hidden=NO MaxNodes=UNLIMITED "
+    "MaxTime=00:40:00 MinNodes=1 LLN=NO MaxCPUsPerNode=UNLIMITED Nodes=vm PriorityJobFactor=1 PriorityTier=1 "
+    "RootOnly=NO ReqResv=NO OverSubscribe=NO OverTimeLimit=NONE PreemptMode=OFF State=UP TotalCPUs=8 TotalNodes=1 "
+    "SelectTypeParameters=NONE JobDefaults=(null) DefMemPerNode=UNLIMITED MaxMemPerNode=UNLIMITED "
+    "TRES=cpu=8,mem=1M,node=1,billing=8\n"
+)
+
+
+def test_parse_scontrol_partitions_recorded() -> None:
+    desktop, short = parse_scontrol_partitions(SCONTROL_PARTITIONS)
+    assert (desktop["PartitionName"], desktop["Default"], desktop["MaxTime"]) == ("desktop", "YES", "7-00:00:00")
+    assert (short["PartitionName"], short["Default"], short["MaxTime"]) == ("gwexp", "NO", "00:40:00")
+    assert short["TRES"] == "cpu=8,mem=1M,node=1,billing=8"
+    for bad in ("Partition gwexp not found", "MaxTime=1:00:00 State=UP"):
+        with pytest.raises(ValueError):
+            parse_scontrol_partitions(bad)
+
+
+def test_slurm_durations_as_scontrol_prints_them() -> None:
+    assert parse_slurm_duration("00:40:00") == 2400
+    assert parse_slurm_duration("7-00:00:00") == 7 * 86400
+    assert parse_slurm_duration("1-02:03:04") == 86400 + 2 * 3600 + 3 * 60 + 4
+    assert parse_slurm_duration("1-12") == 36 * 3600
+    assert parse_slurm_duration("45") == 45 * 60
+    assert parse_slurm_duration("05:30") == 330
+    for unlimited in ("UNLIMITED", "INFINITE", "NONE", "Partition_Limit"):
+        assert parse_slurm_duration(unlimited) is None
+    for bad in ("", "soon", "1:2:3:4", "-5"):
+        with pytest.raises(ValueError):
+            parse_slurm_duration(bad)
+
+
 def test_job_states() -> None:
     assert job_state("PENDING") is JobState.PENDING
     assert job_state("PD") is JobState.PENDING
@@ -230,23 +273,9 @@ def _run(*argv: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(list(argv), capture_output=True, text=True, timeout=20)
 
 
-@pytest.fixture(scope="module")
-def live_cluster() -> None:
-    for program in ("sinfo", "sbatch", "squeue", "scancel", "scontrol"):
-        require_program(program)
-    try:
-        answered = _run("sinfo", "--noheader").returncode == 0
-    except subprocess.TimeoutExpired:
-        answered = False
-    if not answered:
-        message = "the Slurm test cluster does not answer (run scripts/test-slurm-cluster up)"
-        if system_required():
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
-
-
 @pytest.mark.system
-def test_live_commands(live_cluster) -> None:
+def test_live_commands() -> None:
+    require_slurm_cluster()
     rows = parse_sinfo_partitions(_run("sinfo", "--noheader", f"--format={SINFO_PARTITION_FORMAT}").stdout)
     assert {"desktop", "gpu"} <= {row.name for row in rows}
 

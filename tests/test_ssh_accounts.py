@@ -26,8 +26,10 @@ from gateway.backends.desktop_users import kill_user_processes
 from gateway.model.errors import InputError
 from gateway.model.tokens import Account, generate_password
 from tests.gateway_run import GatewayRun, recorded_desktops
-from tests.ssh_host import HOST, SshHost, _require_sshd, free_port_on
+from tests.ssh_host import HOST, SshHost, require_sshd, free_port_on
 from tests.system import free_port, require_program
+from tests.test_cockpit import admin_password
+from tests.test_isolation import authenticates, revoke, share, view_only_password_on_page
 
 pytestmark = pytest.mark.system
 
@@ -35,7 +37,7 @@ pytestmark = pytest.mark.system
 @pytest.fixture
 def per_user_ssh_host(tmp_path: Path) -> Iterator[SshHost]:
     """The test sshd, but reading each user's own ~/.ssh/authorized_keys (as a real host does)."""
-    host = SshHost(tmp_path / "sshhost", _require_sshd())
+    host = SshHost(tmp_path / "sshhost", require_sshd())
     shared_keys = f"AuthorizedKeysFile {host.directory / 'authorized_keys'}\n"
     text = host.config.read_text()
     assert shared_keys in text
@@ -171,3 +173,40 @@ def _live_processes_of(uid: int) -> list[str]:
         except OSError:
             continue
     return found
+
+
+async def test_a_revoked_share_link_no_longer_opens_the_running_desktop_on_its_host(
+        per_user_ssh_host: SshHost, account_users: list[str], runs: list[GatewayRun], tmp_path: Path) -> None:
+    """Revoking a share link rewrites the password file of the running Xvnc on the host, over the account's own
+    login: the link's view-only password is refused at once; the X cookie, and with it the session, stay."""
+    host = per_user_ssh_host
+    name = account_users[0]
+    account = Account(name, HOST, f"/desktop/{name}", free_port(), free_port_on(HOST), generate_password(), 1,
+                      (("backend", "ssh"),))
+    (tmp_path / "gw").mkdir()
+    run = GatewayRun(tmp_path / "gw", [account], host.config_text(user='"{account}"', state_dir="workshop-gateway"))
+    runs.append(run)
+    run.up(timeout_s=60)
+    state = recorded_desktops(run.state_dir)[name].state
+    password_file = Path(state["password_file"])
+    cookie = password_file.with_name(f"{name}.Xauthority")
+    cookie_bytes = cookie.read_bytes()
+    admin = admin_password(run)
+
+    handed_out = view_only_password_on_page(share(run, name, admin, minutes=60))
+    assert await authenticates(account.vnc_port, handed_out, HOST)
+    assert revoke(run, name, admin) == 1
+    # The revoke answers once the file is rewritten, and Xvnc reads it at every authentication.
+    assert not await authenticates(account.vnc_port, handed_out, HOST)
+    assert await authenticates(account.vnc_port, account.password, HOST)  # the participant is never affected
+    fresh = view_only_password_on_page(share(run, name, admin, minutes=60))
+    assert fresh != handed_out and await authenticates(account.vnc_port, fresh, HOST)
+
+    # Written by the account's own login (its user's 0600 file); the cookie is the one the session has.
+    info = password_file.stat()
+    assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (pwd.getpwnam(name).pw_uid, 0o600)
+    assert cookie.read_bytes() == cookie_bytes
+    assert _ssh_as(host, name, "env", f"DISPLAY=:{state['display']}", f"XAUTHORITY={cookie}",
+                   "xdpyinfo").returncode == 0
+    assert recorded_desktops(run.state_dir)[name].state["xvnc"] == state["xvnc"]  # the same Xvnc, never restarted
+    assert run.terminate(timeout_s=60) == 0

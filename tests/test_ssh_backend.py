@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -24,7 +25,15 @@ import pytest
 from gateway.common import rfb
 from gateway.backends.base import BackendError, Status
 from gateway.backends.ssh import SshBackend
-from gateway.backends.ssh_scripts import WRITE_PASSWORD, parse_launch, parse_probe, remote_command
+from gateway.backends.ssh_host import HostInfo
+from gateway.backends.ssh_scripts import (
+    WRITE_PASSWORD,
+    parse_arrival,
+    parse_launch,
+    parse_probe,
+    remote_command,
+    script,
+)
 from gateway.backends.xauth import xauthority_shell
 from gateway.model.config import parse_config
 from tests.gateway_run import (
@@ -33,7 +42,7 @@ from tests.gateway_run import (
     make_accounts,
     recorded_desktops,
 )
-from tests.os_check import the_xvnc_on_port
+from tests.os_check import listening_addresses, the_xvnc_on_port
 from tests.secrets_check import passwords_in_command_lines
 from tests.ssh_host import HOST, SshHost, ssh_accounts, ssh_host  # noqa: F401 - ssh_host is a fixture
 from tests.system import require_program
@@ -68,6 +77,55 @@ def test_launch_report_is_parsed() -> None:
 
 def test_the_host_writes_the_x_cookie_as_every_backend_does() -> None:
     assert xauthority_shell('"$xauthority.tmp"') in WRITE_PASSWORD  # one format: gateway/backends/xauth.py
+
+
+def test_a_refresh_rewrites_the_password_file_and_leaves_the_x_cookie(tmp_path: Path) -> None:
+    """The two password scripts, run here as a host runs them: the refresh replaces the password file (0600)
+    and nothing else; a new cookie would lock the running session out of its display."""
+    vncpasswd = require_program("vncpasswd")
+    password_file, cookie = tmp_path / "secrets" / "ws01.vncpasswd", tmp_path / "secrets" / "ws01.Xauthority"
+    subprocess.run(script("write-password", vncpasswd, password_file, cookie, tmp_path / "secrets"),
+                   input="fullpass\nview1pw\n", text=True, check=True)
+    first, cookie_bytes = password_file.read_bytes(), cookie.read_bytes()
+    subprocess.run(script("refresh-password", vncpasswd, password_file), input="fullpass\nview2pw\n", text=True,
+                   check=True)
+    assert password_file.read_bytes() != first and len(password_file.read_bytes()) == len(first)
+    assert stat.S_IMODE(password_file.stat().st_mode) == 0o600
+    assert cookie.read_bytes() == cookie_bytes
+    assert sorted(p.name for p in password_file.parent.iterdir()) == ["ws01.Xauthority", "ws01.vncpasswd"]
+    failed = subprocess.run(script("refresh-password", "true", password_file), input="", text=True,
+                            capture_output=True)
+    assert failed.returncode != 0 and "wrote no password" in failed.stderr
+    assert len(password_file.read_bytes()) == len(first)  # a failed refresh leaves the file Xvnc reads
+
+
+def test_the_host_names_the_address_the_ssh_connection_arrived_at(tmp_path: Path) -> None:
+    """PREPARE_HOST, run here as sshd runs it: the server address of SSH_CONNECTION ("client_ip client_port
+    server_ip server_port") is where Xvnc listens with ssh.interface: auto."""
+    def arrived(**env: str) -> str:
+        result = subprocess.run(script("prepare-host", tmp_path / "state"), env={"PATH": os.environ["PATH"], **env},
+                                capture_output=True, text=True, check=True)
+        (line,) = [line for line in result.stdout.splitlines() if line.startswith("arrived")]
+        return line.partition(" ")[2]
+
+    assert parse_arrival(arrived(SSH_CONNECTION="192.0.2.7 50022 10.0.0.5 22")) == "10.0.0.5"
+    assert parse_arrival(arrived(SSH_CONNECTION="2001:db8::7 50022 2001:db8::5 22")) == "2001:db8::5"
+    assert arrived(SSH_CONNECTION="* * * *") == "*"  # words, never expanded as file names
+    assert arrived() == ""  # not run by sshd
+    for nothing in ("", "*", "vnc1.example.org", "10.0.0.5 22", "fe80::5%a b"):
+        assert parse_arrival(nothing) is None
+    assert parse_arrival("fe80::5%eth0") == "fe80::5%eth0"
+
+
+def test_auto_listens_where_the_login_arrived_and_an_address_as_given(tmp_path: Path) -> None:
+    account = ssh_accounts(1)[0]
+    info = HostInfo("/remote/state", "boot1", "10.0.0.5")
+    auto = SshBackend(parse_config("backend: ssh\n"), tmp_path)
+    assert auto.listen_address(account, info) == "10.0.0.5"
+    with pytest.raises(BackendError, match="set ssh.interface"):
+        auto.listen_address(account, HostInfo("/remote/state", "boot1", None))  # never every address instead
+    given = SshBackend(parse_config("backend: ssh\nssh:\n  interface: 192.0.2.1\n"), tmp_path)
+    assert given.listen_address(account, info) == "192.0.2.1"
 
 
 def test_remote_commands_are_quoted_argv() -> None:
@@ -230,6 +288,29 @@ async def test_remote_arguments_arrive_exactly(ssh_host: SshHost, tmp_path: Path
     finally:
         await backend.close(final=True)
     assert result.ok and result.stdout.splitlines() == hostile
+
+
+@pytest.mark.system
+async def test_by_default_xvnc_listens_only_on_the_address_the_gateway_reaches(ssh_host: SshHost, tmp_path: Path) -> None:
+    """ssh.interface: auto. The test's sshd listens on 127.0.0.2 and the account's vnchost is 127.0.0.2: Xvnc
+    listens there and nowhere else, so another address of the same machine (127.0.0.1) is refused."""
+    for program in ("Xvnc", "vncpasswd", "openbox"):
+        require_program(program)
+    account = ssh_accounts(1)[0]
+    backend = _backend(ssh_host, tmp_path)
+    assert backend.settings.interface == "auto"
+    await backend.open([account])
+    state = None
+    try:
+        state = await backend.start(account)
+        assert listening_addresses(account.vnc_port) == {HOST}  # not 0.0.0.0, nor ::
+        await rfb.probe(HOST, account.vnc_port, timeout_s=5)
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", account.vnc_port), timeout=5).close()
+    finally:
+        if state is not None:
+            await backend.stop(account, state)
+        await backend.close(final=True)
 
 
 @pytest.mark.system

@@ -28,6 +28,29 @@ def test_version_one_database_is_migrated_not_discarded(tmp_path: Path) -> None:
     assert oct(path.stat().st_mode & 0o777) == "0o600"
 
 
+def test_a_database_of_the_last_version_gets_the_event_state_and_keeps_the_rest(tmp_path: Path) -> None:
+    """A state dir from before `gateway extend` was kept (schema 3) starts with no extension to take back."""
+    path = tmp_path / "gateway.db"
+    old = sqlite3.connect(path)
+    for script in MIGRATIONS[:3]:
+        old.executescript(script)
+    old.execute("INSERT INTO desktops(account, backend, state, updated_at) VALUES ('ws01', 'local', '{}', 0)")
+    old.execute("INSERT INTO events(at, account, kind, detail) VALUES (0, NULL, 'extend', 'by admin: +30 min')")
+    old.execute("PRAGMA user_version = 3")
+    old.commit()
+    old.close()
+    store = StateStore(path)
+    try:
+        assert store.schema_version == len(MIGRATIONS) >= 4
+        assert list(store.desktops()) == ["ws01"] and [e[2] for e in store.events()] == ["extend"]
+        assert store.event_state() == {}
+        store.save_event_state({"idle": {"extended_s": 600.0}, "backend:slurm": {}})
+        store.save_event_state({"idle": {"extended_s": 900.0}})
+        assert store.event_state() == {"idle": {"extended_s": 900.0}, "backend:slurm": {}}
+    finally:
+        store.close()
+
+
 def test_database_from_a_newer_gateway_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "gateway.db"
     db = sqlite3.connect(path)

@@ -1,5 +1,5 @@
 """The web app's composition, without a running gateway: its routes, the routes token paths may not take,
-one account-id pattern, the session key across an upgrade, and the shared rate limit."""
+one account-id pattern, the session key across an upgrade, the shared rate limit, and counts with their nouns."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from gateway.model.status import DesktopSlot
 from gateway.model.tokens import parse_tokens
 from gateway.web.app import make_app, reserved_segments
 from gateway.web.cockpit import Cockpit, GatewayMetrics
+from gateway.web.context import counted, make_templates, noun
 from gateway.web.sessions import load_session_key
 from gateway.web.thumbnails import ThumbnailService
 
@@ -113,3 +114,23 @@ def test_rate_limit_counts_a_sliding_window_per_key_and_stays_bounded() -> None:
     for key in "bcdefg":
         limit.add(key)
     assert len(limit) <= 3
+
+
+async def test_counts_agree_with_their_nouns(tmp_path: Path) -> None:
+    """"1 of 1 desktop ready", "1 item was left out": one filter for every template (the scripts use
+    web/static/plural.js, which says it the same way)."""
+    async with TestClient(TestServer(full_app(tmp_path))) as client:
+        landing = await (await client.get("/")).text()
+    summary = re.search(r'<p class="summary" id="summary"[^>]*>(.*?)</p>', landing, re.S)[1]  # type: ignore[index]
+    assert " ".join(re.sub(r"<[^>]+>", " ", summary).split()) == "0 of 1 desktop ready"
+
+    def personal_page(skipped: list[str]) -> str:
+        archive = {"ready": True, "open": True, "message": "", "url": "archive/ws01", "filename": "ws01.tar.gz",
+                   "sha256": "0" * 64, "size": "1 byte", "created": "2026-11-27 18:00", "skipped": skipped}
+        return make_templates().get_template("me.html.j2").render(
+            title="T", root="./", theme={}, csrf="c", account="ws01", state="queued", reason="", view_url="view/ws01",
+            protocol="vnc", dcv_url=None, dcv_file_url=None, note=None, archive=archive)
+
+    assert "1 item was left out" in personal_page(["a"])
+    assert "2 items were left out" in personal_page(["a", "b"])
+    assert (counted(1, "byte"), counted(0, "byte"), noun(2, "child", "children")) == ("1 byte", "0 bytes", "children")

@@ -127,6 +127,21 @@ class Backend(abc.ABC):
         """
         return []
 
+    def event_state(self) -> dict[str, Any]:
+        """What the whole event holds here that a restarted gateway must know again (e.g. the time
+        :meth:`extend_event` added for jobs submitted since), JSON-able; {} for nothing (the default).
+
+        Saved in the state database after each `gateway extend`, and given to :meth:`load_event_state`
+        by the next `gateway up`.
+        """
+        return {}
+
+    def load_event_state(self, state: Mapping[str, Any]) -> str | None:
+        """Take back what :meth:`event_state` returned before a restart; called after :meth:`open`,
+        before any start. Returns a line saying what was taken back or why not (for the log); the
+        default takes nothing back and returns None."""
+        return None
+
     async def refresh_passwords(self, account: Account, state: DesktopState) -> None:
         """Rewrite the running desktop's password file with the account's current view-only password.
 

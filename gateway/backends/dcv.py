@@ -32,6 +32,7 @@ import pwd
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -279,12 +280,27 @@ class DcvBackend(Backend):
         return await self.slurm.extend(account, state, seconds)
 
     async def extend_event(self, seconds: float, done: set[str]) -> list[str]:
-        self.gpu_vnc.extra_time_s += seconds
-        return await self.slurm.extend_event(seconds, done)
+        lines = await self.slurm.extend_event(seconds, done)
+        self.gpu_vnc.extra_time_s = self.slurm.extra_time_s  # VNC fallbacks get what the other jobs got
+        return lines
+
+    def event_state(self) -> dict[str, Any]:
+        return self.slurm.event_state()  # gpu_vnc's jobs were given the same time
+
+    def load_event_state(self, state: Mapping[str, Any]) -> str | None:
+        line = self.slurm.load_event_state(state)
+        self.gpu_vnc.extra_time_s = self.slurm.extra_time_s
+        return line
 
     async def notify(self, account: Account, state: DesktopState, text: str) -> None:
         if self.protocol(state) == "vnc":  # a DCV session has no X display of the gateway's making
             await self.slurm.notify(account, state, text)
+
+    async def refresh_passwords(self, account: Account, state: DesktopState) -> None:
+        # A VNC fallback is the Slurm desktop job, which picks up a rewritten secret (either Slurm backend
+        # writes the same file: they share the shared dir). A DCV session has no VNC password to replace.
+        if self.protocol(state) == "vnc":
+            await self.slurm.refresh_passwords(account, state)
 
     # -- stop --------------------------------------------------------------------------------------
 

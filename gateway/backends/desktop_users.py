@@ -15,6 +15,12 @@ a desktop. ``desktop.users`` chooses where the users come from:
 The per-desktop files the user's processes must read (the VNC password file, the Xauthority
 cookie) live in ``/run/workshop-gateway/USER``: a directory owned by root (0711) so the user can
 reach its own files (0600, owned by the user) but can neither list the directory nor replace them.
+
+Limits (``desktop.limits``): every process of a desktop with a user of its own starts under per-user
+rlimits (``prlimit``: RLIMIT_NPROC counts per user, so it caps a fork bomb) and ``nice``. Where systemd
+runs the machine, the X server and the session each start in a transient cgroup scope of their own as
+well (``systemd-run --scope``: TasksMax, MemoryMax, CPUWeight), the rlimits staying a second line of
+defence; :func:`limits_in_force` says which applies.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from gateway.backends import desktop_limits
 from gateway.model.config import Config, DesktopLimits
 from gateway.model.errors import Problem, UserError
 from gateway.common.files import atomic_write
@@ -141,12 +148,20 @@ def check_desktop_users(accounts: Sequence[Account], config: Config, state_dir: 
                         "single-user trial on 127.0.0.1")
     problems: list[Problem] = []
     first_uid, marker = uid_min(), event_marker(state_dir)
+    taken: dict[int, str] = {}  # uid -> the account whose desktop runs as it
     for account in accounts:
         name = user_name_for(account.id, config)
         assert name is not None
         where = (tokens_path, account.line)
-        problems += [Problem(*where, m) for m in _account_user_problems(account.id, name, mode, config,
-                                                                         first_uid, marker, state_dir)]
+        found = [Problem(*where, m) for m in _account_user_problems(account.id, name, mode, config,
+                                                                    first_uid, marker, state_dir)]
+        entry = _lookup(name)
+        if not found and entry is not None:
+            other = taken.setdefault(entry.pw_uid, account.id)
+            if other != account.id:  # two names, one uid: one participant could read the other's files
+                found.append(Problem(*where, f"account {account.id}: the user {name!r} has uid {entry.pw_uid}, "
+                                             f"like account {other}'s user; each account needs a user of its own"))
+        problems += found
     return problems
 
 
@@ -322,7 +337,8 @@ def ensure_runtime_dir(user: DesktopUser) -> Path:
 
 
 def launch_argv(argv: Sequence[str], user: DesktopUser | None, limits: DesktopLimits) -> list[str]:
-    """``argv`` run as ``user`` under the desktop limits (``prlimit``, ``nice`` and ``setpriv``).
+    """``argv`` run as ``user`` under the desktop limits: in a cgroup scope of its own where systemd runs
+    the machine, then through ``prlimit``, ``nice`` and ``setpriv`` (:mod:`~gateway.backends.desktop_limits`).
 
     The limits are set while still root, then ``setpriv`` switches to the user for good (no new
     privileges: setuid programs can't raise them again). Without a user of its own, a desktop runs as
@@ -330,29 +346,16 @@ def launch_argv(argv: Sequence[str], user: DesktopUser | None, limits: DesktopLi
     """
     if user is None:
         return ["nice", "-n", str(limits.nice), *argv]
-    rlimits = [f"--nproc={limits.processes}:{limits.processes}"]
-    if limits.memory_per_process:
-        size = _bytes(limits.memory_per_process)
-        rlimits.append(f"--as={size}:{size}")
-    return ["prlimit", *rlimits, "--", "nice", "-n", str(limits.nice),
-            "setpriv", f"--reuid={user.uid}", f"--regid={user.gid}", "--init-groups", "--no-new-privs",
-            "--", *argv]
-
-
-def _bytes(size: str) -> int:
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    return int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size) * (1 << 20)
+    chain = [*desktop_limits.rlimit_argv(user.uid, user.gid, limits), *argv]
+    scopes = desktop_limits.cgroup_scopes()
+    return chain if scopes is None else [*desktop_limits.scope_argv(user.name, argv[0], limits, scopes), *chain]
 
 
 def limits_in_force(config: Config) -> str:
-    """What confines each local desktop, in words for `gateway status` and the logs."""
+    """What confines each local desktop, in words for `gateway status` and the start-up log."""
     mode = users_mode(config)
-    limits = config.desktop.limits
-    if mode == "gateway":
-        return f"desktops run as the gateway's user; nice {limits.nice}; no per-desktop process limit"
-    memory = f", {limits.memory_per_process} address space per process" if limits.memory_per_process else ""
-    return (f"one user per desktop ({mode}); per-user rlimits: {limits.processes} processes{memory}; "
-            f"nice {limits.nice} (cgroups: not used)")
+    scopes = desktop_limits.cgroup_scopes() if mode != "gateway" else None
+    return desktop_limits.describe_limits(mode, config.desktop.limits, scopes)
 
 
 async def kill_user_processes(uid: int, *, timeout_s: float = 5.0) -> int:

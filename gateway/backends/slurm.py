@@ -14,7 +14,9 @@ file, owned by the job's user, in the account's directory of the shared dir, and
 that file to ``vncpasswd -f`` on stdin. Not stdin of sbatch: sbatch's stdin is the job script
 itself, and the job starts later, on another machine, with no pipe back to the gateway; and a job
 that Slurm requeues runs the script again and needs the secret again. The shared dir is needed
-anyway for the report. ``stop`` deletes the secret.
+anyway for the report. ``stop`` deletes the secret. When the view-only password is replaced (a share
+link ended), ``refresh_passwords`` rewrites the secret and the running job, which compares the secret's
+contents every 2 s, makes its password file again; Xvnc reads that file at every authentication.
 
 State is ``{"job_id", "user", "workdir"}``. Status comes from one ``squeue`` snapshot per second
 shared by every account (:class:`~gateway.backends.slurm_client.JobQueue`); a job missing from it is
@@ -28,22 +30,22 @@ command goes through :mod:`gateway.backends.slurm_client`, which :mod:`gateway.b
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import math
 import os
 import pwd
-import re
 import secrets
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from gateway.backends.base import Backend, BackendError, DesktopState, Endpoint, PollResult, Status
 from gateway.backends.desktop_users import uid_min
 from gateway.backends.slurm_client import JobQueue, SlurmClient, SlurmUnavailable, as_user, step_argv, why_failed
+from gateway.backends.slurm_extend import extend_reservation, job_time_limit, partition_time_limit
 from gateway.backends.slurm_job import (
     container_spec,
     job_name,
@@ -56,7 +58,7 @@ from gateway.backends.slurm_job import (
     slurm_duration,
     write_secret,
 )
-from gateway.backends.slurm_parse import JobState, parse_slurm_time
+from gateway.backends.slurm_parse import JobState
 from gateway.common.files import atomic_write
 from gateway.model.config import Config
 from gateway.model.container import exec_argv
@@ -69,6 +71,8 @@ log = logging.getLogger("gateway.slurm")
 
 #: In the state dir: the reservation this gateway created (so only that one is ever deleted).
 RESERVATION_RECORD = "slurm-reservation.json"
+#: In an account's work directory: the password secret the job makes its VNC password file from.
+SECRET_NAME = ".vnc-secret"
 #: Run inside the job (srun step) as its user: $1 the display, $2 the text. The X cookie is where the job
 #: script put it (templates/desktop-job.sh.j2: XDG_RUNTIME_DIR under the job's TMPDIR, else /tmp).
 _NOTICE_SCRIPT = r"""export PATH=/usr/local/bin:/usr/bin:/bin
@@ -254,7 +258,7 @@ class SlurmBackend(Backend):
 
     def paths(self, account: Account) -> JobPaths:
         workdir = self.shared_dir / account.id
-        return JobPaths(workdir, workdir / ".vnc-secret", str(job_home(self.config, self.state_dir, account.id)))
+        return JobPaths(workdir, workdir / SECRET_NAME, str(job_home(self.config, self.state_dir, account.id)))
 
     def prepare(self, account: Account) -> JobPaths:
         """The account's paths, with its work directory made private to its job's user."""
@@ -275,14 +279,7 @@ class SlurmBackend(Backend):
 
     async def start(self, account: Account) -> DesktopState:
         paths = self.prepare(account)
-        user = self.job_user(account)
-        try:
-            # Two lines: the full password, then the view-only one for instructors.
-            write_secret(paths.secret_file,
-                         vncpasswd_input(account.password, view_only_password(self.state_dir, account.id)),
-                         pwd.getpwnam(user) if user else None)
-        except OSError as exc:
-            raise BackendError(f"cannot prepare {paths.workdir}: {exc.strerror or exc}") from None
+        self._write_password_secret(account, paths.secret_file, self.job_user(account))
         script = render_job_script(self.config, account, home=paths.home, workdir=str(paths.workdir),
                                    secret_file=str(paths.secret_file))
         sbatch = sbatch_argv(self.config, account, reservation=self.reservation, workdir=str(paths.workdir),
@@ -291,6 +288,27 @@ class SlurmBackend(Backend):
         log.info("desktop job submitted account=%s job=%d reservation=%s", account.id, desktop.job_id,
                  self.reservation)
         return desktop.to_state()
+
+    # -- passwords -----------------------------------------------------------------------------
+
+    def _write_password_secret(self, account: Account, secret_file: Path, user: str | None) -> None:
+        """The secret the job makes its VNC password file from, owned by the job's ``user``: two lines,
+        the full password, then the current view-only one for instructors."""
+        try:
+            write_secret(secret_file, vncpasswd_input(account.password, view_only_password(self.state_dir, account.id)),
+                         pwd.getpwnam(user) if user else None)
+        except OSError as exc:
+            raise BackendError(f"cannot write the password secret {secret_file}: {exc.strerror or exc}") from None
+
+    async def refresh_passwords(self, account: Account, state: DesktopState) -> None:
+        """Rewrite the running job's secret; the job notices within seconds and makes its password file again
+        (templates/desktop-job.sh.j2, watch_secret), which Xvnc reads at every authentication."""
+        desktop = SlurmDesktop.from_state(state)
+        if not desktop.workdir:
+            raise BackendError(f"job {desktop.job_id} has no recorded work directory")
+        # The file start() wrote for this job (stop() removes the same one), owned by the user the job runs as.
+        self._write_password_secret(account, Path(desktop.workdir) / SECRET_NAME, desktop.user)
+        log.info("password secret rewritten account=%s job=%d", account.id, desktop.job_id)
 
     # -- poll ----------------------------------------------------------------------------------
 
@@ -340,38 +358,30 @@ class SlurmBackend(Backend):
     # -- extend, notices -------------------------------------------------------------------------
 
     async def extend(self, account: Account, state: DesktopState, seconds: float) -> str:
-        """Raise the running job's time limit (scontrol update TimeLimit=+MINUTES; needs Slurm admin rights)."""
+        """Raise the running job's time limit (scontrol update TimeLimit=+MINUTES; needs Slurm admin rights),
+        never beyond its partition's MaxTime, which Slurm lets its admin pass (gateway/backends/slurm_extend.py)."""
         desktop = SlurmDesktop.from_state(state)
         minutes = max(1, math.ceil(seconds / 60))
+        limit = await job_time_limit(self.client, desktop.job_id)
+        refusal = limit.refusal(minutes * 60) if limit is not None else None
+        if refusal is not None:
+            raise BackendError(f"job {desktop.job_id}: {refusal}")
         try:
             result = await self.client.command("scontrol update", ["scontrol", "update", f"JobId={desktop.job_id}",
                                                                     f"TimeLimit=+{minutes}"])
         except SlurmUnavailable as exc:
             raise BackendError(f"job {desktop.job_id} not extended: {exc}") from None
         if not result.ok:
-            limit = await self._partition_max_time()
-            allowed = f" (partition {limit[0]} allows at most {limit[1]} per job)" if limit else ""
+            allowed = f" ({limit.allowed})" if limit is not None else ""
             raise BackendError(f"Slurm refused to extend job {desktop.job_id} by {minutes} min: "
                                f"{why_failed(result)}{allowed}")
         self.queue.invalidate()
         log.info("desktop job extended account=%s job=%d minutes=%d", account.id, desktop.job_id, minutes)
         return f"job {desktop.job_id}: time limit +{minutes} min"
 
-    async def _partition_max_time(self) -> tuple[str, str] | None:
-        partition = self.settings.partition
-        argv = ["scontrol", "show", "partition", "-o"] + ([partition] if partition else [])
-        with contextlib.suppress(SlurmUnavailable):
-            result = await self.client.command("scontrol show partition", argv, attempts=1)
-            for line in result.stdout.decode(errors="replace").splitlines():
-                name, limit = re.search(r"PartitionName=(\S+)", line), re.search(r"MaxTime=(\S+)", line)
-                if name and limit and (partition or "Default=YES" in line):
-                    return name.group(1), limit.group(1)
-        return None
-
     async def extend_event(self, seconds: float, done: set[str]) -> list[str]:
         """Jobs submitted from now on get ``seconds`` more, and the reservation the gateway made ends later."""
-        self.extra_time_s += seconds
-        lines = [f"new desktop jobs: time limit {slurm_duration(self.settings.time_limit_s + self.extra_time_s)}"]
+        lines = [await self._extend_new_jobs(seconds)]
         name = self._read_record()
         if f"reservation:{name or self.reservation}" in done:
             return lines
@@ -382,21 +392,34 @@ class SlurmBackend(Backend):
                              f"(scontrol update ReservationName={self.reservation} EndTime=...)")
             return lines
         try:
-            shown = await self.client.command("scontrol show reservation", ["scontrol", "show", "reservation", "-o", name])
-            found = re.search(r"EndTime=(\S+)", shown.stdout.decode(errors="replace"))
-            end = parse_slurm_time(found.group(1)) if found else None
-            if end is None:
-                raise BackendError(f"reservation {name} not extended: its end time is unknown ({why_failed(shown)})")
-            new_end = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(end + seconds))
-            result = await self.client.command("scontrol update reservation",
-                                                ["scontrol", "update", f"ReservationName={name}", f"EndTime={new_end}"])
-        except SlurmUnavailable as exc:
-            raise BackendError(f"reservation {name} not extended: {exc}") from None
-        if not result.ok:
-            raise BackendError(f"Slurm refused to extend reservation {name}: {why_failed(result)}")
-        log.info("event reservation extended name=%s end=%s", name, new_end)
-        lines.append(f"reservation {name}: now ends {new_end}")
+            lines.append(await extend_reservation(self.client, name, seconds))
+        except BackendError as exc:  # the line for new jobs still tells what was done
+            lines.append(str(exc))
         return lines
+
+    async def _extend_new_jobs(self, seconds: float) -> str:
+        """Not beyond the partition's MaxTime: a job submitted beyond it would wait for ever."""
+        limit = await partition_time_limit(self.client, self.settings.partition,
+                                           self.settings.time_limit_s + self.extra_time_s)
+        refusal = limit.refusal(seconds) if limit is not None else None
+        if refusal is not None:
+            return f"new desktop jobs: not extended: {refusal}"
+        self.extra_time_s += seconds
+        return f"new desktop jobs: time limit {slurm_duration(self.settings.time_limit_s + self.extra_time_s)}"
+
+    def event_state(self) -> dict[str, Any]:
+        return {"reservation": self.reservation, "extra_time_s": self.extra_time_s}
+
+    def load_event_state(self, state: Mapping[str, Any]) -> str | None:
+        """What `gateway extend` gave new jobs holds again while the reservation it was given in lasts (after
+        a crash, or with slurm.reservation); a reservation made anew is the config's length, and so are its jobs."""
+        extra = float(state.get("extra_time_s") or 0.0)
+        if extra <= 0:
+            return None
+        if state.get("reservation") != self.reservation:
+            return f"new desktop jobs: +{extra / 60:g} min was for reservation {state.get('reservation')}, not applied"
+        self.extra_time_s = extra
+        return f"new desktop jobs: time limit {slurm_duration(self.settings.time_limit_s + extra)}"
 
     async def notify(self, account: Account, state: DesktopState, text: str) -> None:
         """A message window in the job's desktop: xmessage run inside the job (srun --overlap), as its user."""
@@ -428,7 +451,7 @@ class SlurmBackend(Backend):
         finally:
             if desktop.workdir:
                 workdir = Path(desktop.workdir)
-                (workdir / ".vnc-secret").unlink(missing_ok=True)
+                (workdir / SECRET_NAME).unlink(missing_ok=True)
                 (workdir / f"report-{desktop.job_id}").unlink(missing_ok=True)
 
 

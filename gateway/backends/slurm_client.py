@@ -39,6 +39,7 @@ from gateway.backends.slurm_parse import (
     parse_job_id,
     parse_node_addresses,
     parse_scontrol_job,
+    parse_scontrol_partitions,
     parse_sinfo_partitions,
     parse_squeue,
     split_times,
@@ -57,6 +58,8 @@ log = logging.getLogger("gateway.slurm")
 QUEUE_TTL_S = 1.0
 #: How long cancel() waits for a cancelled job to leave the node.
 STOP_WAIT_S = 45.0
+#: How long one ``scontrol show partition`` serves (a partition's limits change rarely, and only by an admin).
+PARTITION_TTL_S = 10.0
 #: Attempts of a command whose failures are transient (slurmctld away), and their backoff.
 ATTEMPTS = 5
 _RETRY = dict(window_s=3600.0, backoff_initial_s=0.5, backoff_max_s=5.0)
@@ -172,6 +175,8 @@ class SlurmClient:
         self._node_addresses: dict[str, str] = {}
         self._node_addresses_at = 0.0
         self._node_lock = asyncio.Lock()
+        self._partitions: dict[str | None, tuple[float, dict[str, str]]] = {}
+        self._partition_lock = asyncio.Lock()
 
     async def command(self, what: str, argv: Sequence[str], *, input: bytes | None = None,
                       attempts: int = ATTEMPTS,
@@ -308,6 +313,37 @@ class SlurmClient:
                 if result is not None and result.ok:
                     self._node_addresses.update(parse_node_addresses(result.stdout.decode(errors="replace")))
         return self._node_addresses.get(node, node)
+
+    async def job_fields(self, job_id: int) -> dict[str, str]:
+        """``scontrol show job -o ID`` as its fields; SlurmUnavailable when Slurm can't say."""
+        result = await self.command("scontrol show job", ["scontrol", "show", "job", "-o", str(job_id)], attempts=2)
+        if not result.ok:
+            raise SlurmUnavailable("scontrol show job failed", why_failed(result))
+        try:
+            return parse_scontrol_job(result.stdout.decode(errors="replace"))
+        except ValueError as exc:
+            raise SlurmUnavailable("scontrol show job", str(exc)) from None
+
+    async def partition_fields(self, name: str | None) -> dict[str, str]:
+        """``scontrol show partition -o NAME`` as its fields (the default partition's for None), kept for
+        PARTITION_TTL_S: `gateway extend` asks for each desktop at once. SlurmUnavailable when Slurm can't say."""
+        async with self._partition_lock:
+            taken_at, fields = self._partitions.get(name, (0.0, {}))
+            if time.monotonic() - taken_at < PARTITION_TTL_S:
+                return fields
+            argv = ["scontrol", "show", "partition", "-o"] + ([name] if name else [])
+            result = await self.command("scontrol show partition", argv, attempts=2)
+            if not result.ok:
+                raise SlurmUnavailable("scontrol show partition failed", why_failed(result))
+            try:
+                shown = parse_scontrol_partitions(result.stdout.decode(errors="replace"))
+            except ValueError as exc:
+                raise SlurmUnavailable("scontrol show partition", str(exc)) from None
+            found = [f for f in shown if (f["PartitionName"] == name if name else f.get("Default") == "YES")]
+            if not found:
+                raise SlurmUnavailable("scontrol show partition", f"no partition {name or '(the default)'}")
+            self._partitions[name] = (time.monotonic(), found[0])
+            return found[0]
 
     async def partition(self, name: str) -> list[PartitionInfo]:
         """The rows ``sinfo`` shows for partition ``name`` (one per node state; [] if there is none).

@@ -23,6 +23,7 @@ from gateway.backends.xauth import xauthority_shell
 from gateway.common.files import atomic_write, ensure_private_dir
 from gateway.common.render import render, shell_quote
 from gateway.model.config import Config
+from gateway.model.config_checks import AUTO_INTERFACE
 from gateway.model.container import ContainerSpec, exec_argv
 from gateway.model.tokens import AUTO_HOST, Account
 
@@ -31,13 +32,16 @@ __all__ = ["render_job_script", "render_script", "sbatch_argv", "slurm_duration"
 
 _PASSWORD_MARK = "\0password-file\0"
 _XAUTHORITY_MARK = "\0xauthority\0"
-_SCRIPT_VARIABLES = {_PASSWORD_MARK: '"$passwd_file"', _XAUTHORITY_MARK: '"$XAUTHORITY"'}
+_INTERFACE_MARK = "\0interface\0"
+_SCRIPT_VARIABLES = {_PASSWORD_MARK: '"$passwd_file"', _XAUTHORITY_MARK: '"$XAUTHORITY"',
+                     _INTERFACE_MARK: '"$listen_address"'}
 #: Where the job keeps its runtime files, on the node: private to the job's user and this job.
 _RUNTIME_DIR = ShellValue('"${TMPDIR:-/tmp}/workshop-desktop-$(id -u)-$job"')
 
 
 def _shell_line(argv: Sequence[str]) -> str:
-    """``argv`` as one shell command line: each word quoted, the password and cookie files left to the script."""
+    """``argv`` as one shell command line: each word quoted, the password and cookie files and the listening
+    address left to the script."""
     return " ".join(_SCRIPT_VARIABLES.get(word) or shell_quote(word) for word in argv)
 
 
@@ -52,13 +56,17 @@ def render_script(template: str, account: Account, *, home: str, workdir: str, *
 
 
 def render_job_script(config: Config, account: Account, *, home: str, workdir: str, secret_file: str) -> str:
-    """The batch script of ``account``'s desktop job. Every value is quoted; the password is not in it."""
+    """The batch script of ``account``'s desktop job. Every value is quoted; the password is not in it.
+
+    Xvnc listens on slurm.interface, or with auto on the node's address in Slurm (NodeAddr), which is where
+    the gateway connects: the job works it out on the node (templates/node-address.sh.j2), or fails saying why.
+    """
     spec = container_spec(config)
     d = config.desktop
     xvnc = xvnc_argv(
         xvnc="Xvnc", displayfd=3, rfb_port=account.vnc_port, password_file=Path(_PASSWORD_MARK),
         geometry=d.geometry, depth=d.depth, desktop_name=account.id, max_cut_text=d.max_cut_text,
-        interface=config.slurm.interface, xauthority=Path(_XAUTHORITY_MARK),
+        interface=_INTERFACE_MARK, xauthority=Path(_XAUTHORITY_MARK),
     )
     # DISPLAY is exported by the script once Xvnc has said which display it took.
     environment = session_environment(home=home, runtime_dir=_RUNTIME_DIR,
@@ -68,6 +76,8 @@ def render_job_script(config: Config, account: Account, *, home: str, workdir: s
         "desktop-job.sh.j2", account, home=home, workdir=workdir,
         runtime=spec.runtime,
         secret_file=secret_file,
+        listen_auto=config.slurm.interface == AUTO_INTERFACE,
+        interface=config.slurm.interface,
         port=account.vnc_port,
         session_exports=shell_exports(environment),
         write_xauthority=xauthority_shell('"$XAUTHORITY"'),

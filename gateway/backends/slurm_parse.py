@@ -9,6 +9,7 @@ The formats parsed here are the ones the gateway asks for:
 * ``sbatch --parsable``                                        -> :func:`parse_job_id`
 * ``squeue --noheader --format=%i|%T|%N|%r|%j|%u``             -> :func:`parse_squeue`
 * ``scontrol show job -o ID``                                  -> :func:`parse_scontrol_job`
+* ``scontrol show partition -o [NAME]``                        -> :func:`parse_scontrol_partitions`
 * ``sinfo --noheader --format=%P|%a|%D|%t|%G``                 -> :func:`parse_sinfo_partitions`
 * ``sinfo --noheader --Node --format=%N|%o``                     -> :func:`parse_node_addresses`
 * ``squeue --format=%S|%e|`` + SQUEUE_FORMAT (times in front)    -> :func:`split_times`
@@ -34,6 +35,8 @@ __all__ = [
     "parse_squeue",
     "parse_scontrol_job",
     "parse_scontrol_jobs",
+    "parse_scontrol_partitions",
+    "parse_slurm_duration",
     "parse_sinfo_partitions",
     "parse_node_addresses",
     "is_invalid_job_id",
@@ -208,22 +211,64 @@ def parse_scontrol_jobs(stdout: str) -> list[dict[str, str]]:
     for number, line in enumerate(stdout.splitlines(), start=1):
         if not line.strip():
             continue
-        fields: dict[str, str] = {}
-        key: str | None = None
-        for word in line.strip().split(" "):
-            match = _KEY_RE.fullmatch(word)
-            if match and match.group(1) not in fields:
-                key = match.group(1)
-                fields[key] = match.group(2)
-            elif key is None:
-                raise ValueError(f"scontrol show job line {number}: does not start with Key=Value: {line!r}")
-            else:
-                fields[key] += " " + word
+        fields = _key_values(line, f"scontrol show job line {number}")
         if "JobId" not in fields:
             raise ValueError(f"scontrol show job line {number}: no JobId field: {line[:80]!r}")
         _job_id(fields["JobId"], f"scontrol show job line {number}")
         jobs.append(fields)
     return jobs
+
+
+def parse_scontrol_partitions(stdout: str) -> list[dict[str, str]]:
+    """Every partition in ``scontrol show partition -o`` output (one line each), as its fields."""
+    partitions = []
+    for number, line in enumerate(stdout.splitlines(), start=1):
+        if not line.strip():
+            continue
+        fields = _key_values(line, f"scontrol show partition line {number}")
+        if "PartitionName" not in fields:
+            raise ValueError(f"scontrol show partition line {number}: no PartitionName field: {line[:80]!r}")
+        partitions.append(fields)
+    return partitions
+
+
+def _key_values(line: str, where: str) -> dict[str, str]:
+    """The ``Key=Value`` words of one line of ``scontrol show ... -o`` (see _KEY_RE)."""
+    fields: dict[str, str] = {}
+    key: str | None = None
+    for word in line.strip().split(" "):
+        match = _KEY_RE.fullmatch(word)
+        if match and match.group(1) not in fields:
+            key = match.group(1)
+            fields[key] = match.group(2)
+        elif key is None:
+            raise ValueError(f"{where}: does not start with Key=Value: {line!r}")
+        else:
+            fields[key] += " " + word
+    return fields
+
+
+_DURATION_RE = re.compile(r"(?:([0-9]+)-)?([0-9]+)(?::([0-9]+))?(?::([0-9]+))?")
+
+
+def parse_slurm_duration(text: str) -> float | None:
+    """Seconds of a Slurm duration as ``scontrol`` prints a TimeLimit or MaxTime (``00:30:00``,
+    ``7-00:00:00``, ``1-12``, ``45``); None for no limit (``UNLIMITED``, ``INFINITE``, ``NONE``,
+    ``Partition_Limit``). ValueError for anything else."""
+    text = text.strip()
+    if text.upper() in ("UNLIMITED", "INFINITE", "NONE", "PARTITION_LIMIT"):
+        return None
+    match = _DURATION_RE.fullmatch(text)
+    if match is None:
+        raise ValueError(f"not a Slurm duration: {text!r}")
+    days, first, second, third = (int(g) if g else None for g in match.groups())
+    if days is not None:  # D-HH, D-HH:MM, D-HH:MM:SS
+        hours, minutes, seconds = first, second or 0, third or 0
+    elif third is not None:  # HH:MM:SS
+        hours, minutes, seconds = first, second, third
+    else:  # MM, MM:SS
+        hours, minutes, seconds = 0, first, second or 0
+    return float((((days or 0) * 24 + (hours or 0)) * 60 + (minutes or 0)) * 60 + seconds)
 
 
 def parse_sinfo_partitions(stdout: str) -> list[PartitionInfo]:

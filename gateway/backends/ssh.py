@@ -15,7 +15,8 @@ parameters. The VNC password goes to ``vncpasswd -f`` on standard input, never o
 
 On each host, under ``ssh.state_dir``::
 
-    secrets/ACCOUNT.vncpasswd            0600, made by vncpasswd -f from stdin
+    secrets/ACCOUNT.vncpasswd            0600, made by vncpasswd -f from stdin (again, in place, when the
+                                         view-only password is replaced: refresh_passwords)
     logs/ACCOUNT.xvnc.log, ACCOUNT.session.log
     run/ACCOUNT.xvnc.pid, ACCOUNT.session.pid, ACCOUNT.display, ACCOUNT/ (XDG_RUNTIME_DIR)
     workspaces/ACCOUNT                   (desktop.workspace, with {state_dir} meaning this directory)
@@ -24,6 +25,9 @@ Xvnc and the session each lead a session of their own (``setsid``), with their o
 file, so they outlive the SSH connection and the gateway. They are recognised later by the host's
 boot id, their pid and their start time, and Xvnc also by its command line (which names its
 password file), so a reused pid is never taken for, or signalled as, a desktop.
+
+Xvnc listens on one address of the host: with ``ssh.interface: auto`` the one the login's SSH connection
+arrived at (:meth:`SshBackend.listen_address`), which is where the gateway connects to vnchost:vncport.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from gateway.backends.desktop import DISPLAYFD_TIMEOUT_S, NOTICE_SECONDS, sessio
 from gateway.backends.ssh_host import HostInfo, HostUnreachable, SshHosts, login_key
 from gateway.backends.ssh_scripts import LaunchReport, RemoteProcess, parse_launch, script
 from gateway.model.config import Config
+from gateway.model.config_checks import AUTO_INTERFACE
 from gateway.model.container import ContainerSpec, exec_argv
 from gateway.model.tokens import Account
 from gateway.model.viewonly import view_only_password, vncpasswd_input
@@ -126,6 +131,10 @@ class SshBackend(Backend):
     def _where(self, account: Account) -> str:
         return login_key(account.vnc_host, self._user_of(account))
 
+    def _passwords(self, account: Account) -> str:
+        """What ``vncpasswd -f`` reads on the host's stdin: the full password, then the current view-only one."""
+        return vncpasswd_input(account.password, view_only_password(self.state_dir, account.id)).decode()
+
     # -- the Backend contract ------------------------------------------------------------------
 
     async def open(self, accounts: Sequence[Account]) -> None:
@@ -160,7 +169,7 @@ class SshBackend(Backend):
             host, script("write-password", self.settings.vncpasswd, paths["password"], paths["xauthority"],
                           paths["workspace"],
                           paths["runtime"]),
-            input=vncpasswd_input(account.password, view_only_password(self.state_dir, account.id)).decode(),
+            input=self._passwords(account),
         )
         if not result.ok:
             raise BackendError(f"writing the VNC password file on {host} failed: {result.last_error_line()}")
@@ -180,8 +189,8 @@ class SshBackend(Backend):
             self._user_of(account),
         )
         self._session_alive[account.id] = True
-        log.info("desktop started account=%s host=%s display=:%d vncport=%d pid=%d",
-                 account.id, host, xvnc.display, account.vnc_port, xvnc.pid)
+        log.info("desktop started account=%s host=%s display=:%d listen=%s vncport=%d pid=%d",
+                 account.id, host, xvnc.display, self.listen_address(account, info), account.vnc_port, xvnc.pid)
         return desktop.to_state()
 
     async def _launch(self, host: str, argv: Sequence[str], *, log_file: str, pid_file: str,
@@ -202,12 +211,24 @@ class SshBackend(Backend):
             raise BackendError(f"{Path(argv[0]).name} on {host} {what}{detail} (see {host}:{log_file})")
         return report
 
+    def listen_address(self, account: Account, info: HostInfo) -> str:
+        """Where the account's Xvnc listens: ssh.interface, or with auto the host's address that the login's
+        connection arrived at. The gateway connects to the desktop at the same vnchost it logged in to, so
+        that is the address it reaches; it is the host's own (after any NAT on the way), which Xvnc can
+        bind, unlike a name the host may resolve otherwise (Debian's 127.0.1.1 for its own name)."""
+        if self.settings.interface != AUTO_INTERFACE:
+            return self.settings.interface
+        if info.arrived_at is None:
+            raise BackendError(f"cannot tell which address of {account.vnc_host} the gateway reaches: its sshd "
+                               "named none (SSH_CONNECTION); set ssh.interface to that address")
+        return info.arrived_at
+
     async def _start_xvnc(self, account: Account, info: HostInfo, paths: Mapping[str, str]) -> LaunchReport:
         d = self.config.desktop
         argv = xvnc_argv(
             xvnc=self.settings.xvnc, displayfd=DISPLAY_FD, rfb_port=account.vnc_port,
             password_file=Path(paths["password"]), geometry=d.geometry, depth=d.depth,
-            desktop_name=account.id, max_cut_text=d.max_cut_text, interface=self.settings.interface,
+            desktop_name=account.id, max_cut_text=d.max_cut_text, interface=self.listen_address(account, info),
             xauthority=Path(paths["xauthority"]),
         )
         if self.container is not None:
@@ -297,6 +318,19 @@ class SshBackend(Backend):
             log.warning("notice not shown account=%s host=%s error=%s", account.id, desktop.host, exc)
             return
         log.info("notice shown account=%s host=%s display=:%d", account.id, desktop.host, desktop.display)
+
+    async def refresh_passwords(self, account: Account, state: DesktopState) -> None:
+        """Rewrite the password file the running Xvnc was started with (recorded in ``state``), over the login
+        that started it; Xvnc reads the file at every authentication. The X cookie stays as it is."""
+        desktop = SshDesktop.from_state(state)
+        # An unreachable host raises HostUnreachable (a BackendError): the watcher reports it, the desktop runs on.
+        result = await self.hosts.exec(
+            desktop.where, script("refresh-password", self.settings.vncpasswd, desktop.password_file),
+            input=self._passwords(account),
+        )
+        if not result.ok:
+            raise BackendError(f"rewriting the VNC password file on {desktop.host} failed: {result.last_error_line()}")
+        log.info("password file rewritten account=%s host=%s", account.id, desktop.host)
 
     async def stop(self, account: Account, state: DesktopState) -> None:
         """Stop exactly the processes start() launched (checked by identity first), remove the secret.

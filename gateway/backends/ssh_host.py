@@ -24,7 +24,15 @@ from typing import Any
 import asyncssh
 
 from gateway.backends.base import BackendError
-from gateway.backends.ssh_scripts import ProbeReport, RemoteProcess, parse_probe, remote_command, script, shown
+from gateway.backends.ssh_scripts import (
+    ProbeReport,
+    RemoteProcess,
+    parse_arrival,
+    parse_probe,
+    remote_command,
+    script,
+    shown,
+)
 from gateway.common.polling import Backoff, PollTimeout, poll_until
 from gateway.common.proc import last_line
 from gateway.model.config import RestartConfig, SshConfig
@@ -69,6 +77,8 @@ class HostUnreachable(BackendError):
 class HostInfo:
     state_dir: str  # absolute, on the host
     boot_id: str
+    #: The host's address this login's connection arrived at (sshd's SSH_CONNECTION); None: sshd named none.
+    arrived_at: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,7 +291,8 @@ class SshHosts:
         return RemoteResult(argv, status, stdout or "", stderr or "", duration)
 
     async def host_info(self, host: str) -> HostInfo:
-        """The host's absolute state dir (created) and boot id, once per connection."""
+        """The host's absolute state dir (created), boot id and the address the connection arrived at, once per
+        connection (a new connection may arrive at another address)."""
         link = self.link(host)
         async with link.info_lock:
             conn = await link.connection()
@@ -291,7 +302,7 @@ class SshHosts:
             values = dict(line.partition(" ")[::2] for line in result.stdout.splitlines())
             if not result.ok or not values.get("dir") or not values.get("boot"):
                 raise BackendError(f"cannot create {self.settings.state_dir} on {host}: {result.last_error_line()}")
-            link.info = HostInfo(values["dir"], values["boot"].strip())
+            link.info = HostInfo(values["dir"], values["boot"].strip(), parse_arrival(values.get("arrived", "")))
             link.info_conn = conn
             return link.info
 

@@ -9,6 +9,7 @@ password) reach a script on standard input, never on a command line.
 
 from __future__ import annotations
 
+import ipaddress
 import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -17,24 +18,39 @@ from typing import Any
 from gateway.backends.xauth import xauthority_shell
 
 __all__ = [
-    "WRITE_PASSWORD", "LAUNCH", "PROBE", "PREPARE_HOST", "READ_PIDFILES",
+    "WRITE_PASSWORD", "REFRESH_PASSWORD", "LAUNCH", "PROBE", "PREPARE_HOST", "READ_PIDFILES",
     "remote_command", "script", "shown",
     "ProcessInfo", "ProbeReport", "LaunchReport", "RemoteProcess", "parse_stat", "parse_probe", "parse_launch",
+    "parse_arrival",
 ]
 
-#: $1 vncpasswd, $2 password file, $3... directories to create. The password comes on stdin.
+#: Shell text shared by the scripts that write a VNC password file: ``vncpasswd -f`` turns the passwords
+#: on stdin into "$file", written beside it and renamed, because Xvnc reads that file at every
+#: authentication and must never see half of it.
+_PASSWORD_FILE = r"""umask 077
+"$vncpasswd" -f >"$file.tmp"
+if [ "$(wc -c <"$file.tmp")" -lt 8 ]; then echo "vncpasswd -f wrote no password" >&2; exit 3; fi
+mv -f -- "$file.tmp" "$file"
+"""
+
+#: $1 vncpasswd, $2 password file, $3 Xauthority file, $4... directories to create. The passwords come on
+#: stdin. Before a start: the password file and a new X cookie.
 WRITE_PASSWORD = r"""set -eu
 vncpasswd=$1 file=$2 xauthority=$3
 shift 3
 umask 077
 mkdir -p -- "$@"
-"$vncpasswd" -f >"$file.tmp"
-if [ "$(wc -c <"$file.tmp")" -lt 8 ]; then echo "vncpasswd -f wrote no password" >&2; exit 3; fi
-mv -f -- "$file.tmp" "$file"
-# The desktop's X cookie (Xvnc -auth): one MIT-MAGIC-COOKIE-1 for any display, in libXau's format.
+""" + _PASSWORD_FILE + r"""# The desktop's X cookie (Xvnc -auth): one MIT-MAGIC-COOKIE-1 for any display,
+# in libXau's format.
 """ + xauthority_shell('"$xauthority.tmp"') + r"""
 mv -f -- "$xauthority.tmp" "$xauthority"
 """
+
+#: $1 vncpasswd, $2 the password file the running Xvnc was started with. The passwords come on stdin.
+#: Only the password file: a new X cookie would lock the running session out of its own display.
+REFRESH_PASSWORD = r"""set -eu
+vncpasswd=$1 file=$2
+""" + _PASSWORD_FILE
 
 #: $1 log file, $2 pid file, $3 display file or "-", $4 seconds to wait for the display, then argv.
 #: Starts argv detached (own session, stdin from /dev/null, output to the log) and reports it.
@@ -81,13 +97,18 @@ done
 echo end
 """
 
-#: $1 state dir. Creates its layout and prints its absolute path and the host's boot id.
+#: $1 state dir. Creates its layout and prints its absolute path, the host's boot id, and the address of the
+#: host this SSH connection arrived at (the third word of sshd's SSH_CONNECTION, "client_ip client_port
+#: server_ip server_port"; empty without one).
 PREPARE_HOST = r"""set -eu
 umask 077
 mkdir -p -- "$1/secrets" "$1/logs" "$1/run" "$1/workspaces"
 cd -- "$1"
 echo "dir $(pwd -P)"
 echo "boot $(cat /proc/sys/kernel/random/boot_id)"
+set -f
+set -- ${SSH_CONNECTION:-}
+echo "arrived ${3:-}"
 """
 
 #: $1... pid files written by LAUNCH. Prints "PID START" of each that exists.
@@ -96,6 +117,7 @@ READ_PIDFILES = r"""for f do [ -r "$f" ] && head -n 1 -- "$f"; done; exit 0
 
 _SCRIPTS: dict[str, str] = {
     "write-password": WRITE_PASSWORD,
+    "refresh-password": REFRESH_PASSWORD,
     "launch": LAUNCH,
     "probe": PROBE,
     "prepare-host": PREPARE_HOST,
@@ -139,6 +161,17 @@ class ProbeReport:
     boot_id: str
     #: Each asked-for pid: its info, or None if no such process exists.
     processes: Mapping[int, ProcessInfo | None]
+
+
+def parse_arrival(value: str) -> str | None:
+    """The host address PREPARE_HOST's "arrived" line names, if it is one IP address (a link-local IPv6
+    address with its %zone); None for anything else (sshd set no SSH_CONNECTION there)."""
+    value = value.strip()
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return None
+    return value if value.isprintable() and " " not in value else None
 
 
 def parse_stat(line: str) -> tuple[str, int]:

@@ -39,6 +39,8 @@ class _Runnable(Protocol):
 def cmd_up(args: argparse.Namespace) -> int:
     setup_logging(args.verbose)
     tokens, config = load_inputs(args.tokens, args.config)
+    for warning in config.warnings:  # found when the config was read (theme colours below WCAG AA)
+        log.warning("%s", warning)
     listen = args.listen or config.listen
     check_listen(listen, config)
     check_signup(listen, config)

@@ -91,18 +91,17 @@ async def _run_attached(argv: list[str], *, cwd: Path) -> int:
 
 
 def cmd_systemd_install(args: argparse.Namespace) -> int:
-    from gateway.cli.systemd_unit import ServiceSpec, install_service
+    from gateway.cli.systemd_unit import install_service, service_spec
 
     tokens, config = load_inputs(args.tokens, args.config)  # refuse to install a service that can't start
     check_listen(args.listen, config)
     if args.after_event:
         after_event_preflight(config)
-    # The service runs as root: without desktop.users set, it creates the event's users.
-    creates_users = config.desktop.users in (None, "create")
-    del tokens
-    spec = ServiceSpec(tokens=args.tokens.resolve(), config=args.config.resolve() if args.config else None,
-                       listen=args.listen, creates_users=creates_users and not args.after_event,
-                       after_event=args.after_event)
+    # The unit depends on the config: what desktops write, which users the service makes (as root,
+    # without desktop.users set, it creates the event's users), what an after-event service reads.
+    spec = service_spec(tokens, config, tokens_path=args.tokens.resolve(),
+                        config_path=args.config.resolve() if args.config else None, listen=args.listen,
+                        after_event=args.after_event)
     unit = install_service(spec, args.unit_dir)
     print(f"Wrote {unit}. Start it with: systemctl daemon-reload && systemctl enable --now {unit.name}")
     print(f"State, logs and workspaces: {spec.state_dir}; stop with: systemctl stop {unit.name}")

@@ -23,12 +23,15 @@ import yaml
 
 from gateway.model import config_checks, config_schema
 from gateway.model.config_checks import *  # noqa: F403 - re-exported: the helpers that apply values
-from gateway.model.config_checks import semantic_problems
+from gateway.model.config_checks import config_warnings, semantic_problems
 from gateway.model.config_schema import *  # noqa: F403 - re-exported: the dataclass tree
 from gateway.model.config_schema import Config
 from gateway.model.errors import InputError, Problem
 
-__all__ = ["load_config", "parse_config", *config_schema.__all__, *config_checks.__all__]
+__all__ = ["load_config", "parse_config", "NOT_FROM_YAML", *config_schema.__all__, *config_checks.__all__]
+
+#: Fields of :class:`Config` the reader fills itself (where the file came from, its warnings): never YAML keys.
+NOT_FROM_YAML = frozenset({"source", "warnings"})
 
 
 def load_config(path: str | os.PathLike[str] | None) -> Config:
@@ -64,7 +67,8 @@ def parse_config(text: str, path: str = "<config>") -> Config:
     problems.extend(semantic_problems(config, path, reader.lines))
     if problems:
         raise InputError(problems)
-    return config
+    warnings = tuple(str(warning) for warning in config_warnings(config, path, reader.lines))
+    return dataclasses.replace(config, warnings=warnings) if warnings else config
 
 
 class _Reader:
@@ -86,7 +90,7 @@ class _Reader:
             self.bad(node, f"{prefix or 'config'} must be a mapping of keys to values")
             return {}
         hints = typing.get_type_hints(cls)
-        known = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+        known = {f.name: f for f in dataclasses.fields(cls) if f.name not in NOT_FROM_YAML}
         values: dict[str, Any] = {}
         for key_node, value_node in node.value:
             key = key_node.value

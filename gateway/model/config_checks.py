@@ -28,6 +28,9 @@ __all__ = [
     "parse_listen",
     "parse_notify_url",
     "KEYBOARD_LAYOUT_RE",
+    "AUTO_INTERFACE",
+    "is_interface",
+    "is_wildcard_address",
 ]
 
 #: Reports a problem with ``key`` unless ``ok``.
@@ -71,6 +74,10 @@ def semantic_problems(config: Config, path: str, lines: Mapping[str, int]) -> li
     check(d.limits.memory_per_process is None or bool(_SLURM_MEM_RE.fullmatch(d.limits.memory_per_process)),
           "desktop.limits.memory_per_process", "use a size such as 4G or 512M")
     check(0 <= d.limits.nice <= 19, "desktop.limits.nice", "must be 0 to 19")
+    check(d.limits.memory_per_desktop is None or bool(_SLURM_MEM_RE.fullmatch(d.limits.memory_per_desktop)
+                                                      or _PERCENT_RE.fullmatch(d.limits.memory_per_desktop)),
+          "desktop.limits.memory_per_desktop", "use a size such as 4G or 512M, or a share of the RAM such as 25%")
+    check(1 <= d.limits.cpu_weight <= 10000, "desktop.limits.cpu_weight", "must be 1 to 10000")
     check(not d.keyboard_layout or bool(_LAYOUT_LIST_RE.fullmatch(d.keyboard_layout)),
           "desktop.keyboard_layout", "use an XKB layout name such as us, de or fr(azerty)")
     check(1 <= config.proxy.heartbeat_s <= 3600, "proxy.heartbeat_s", "must be 1 to 3600")
@@ -115,16 +122,48 @@ def semantic_problems(config: Config, path: str, lines: Mapping[str, int]) -> li
 
 def config_warnings(config: Config, path: str, lines: Mapping[str, int]) -> list[Problem]:
     """What the organiser should know but that does not stop the gateway: theme colours below WCAG AA
-    contrast, with the ratio and what the pages do instead (``gateway up`` logs them)."""
+    contrast, with the ratio and what the pages do instead, and remote desktops told to listen on every
+    address (``gateway up`` logs them)."""
     event = config.event
-    return [Problem(path, lines.get(key, 0), f"{key}: {message}")
-            for key, message in contrast_warnings(event.primary_color, event.accent_color)]
+    warnings = [Problem(path, lines.get(key, 0), f"{key}: {message}")
+                for key, message in contrast_warnings(event.primary_color, event.accent_color)]
+    for key, value, where in (("slurm.interface", config.slurm.interface, "node"),
+                              ("ssh.interface", config.ssh.interface, "host")):
+        if is_wildcard_address(value):
+            warnings.append(Problem(path, lines.get(key, 0), (
+                f"{key}: {value} makes each {where}'s desktops listen on every address of the {where}, reachable "
+                f"from every network it is on with only the VNC password as a guard; use {AUTO_INTERFACE} "
+                f"(the address the gateway connects to), or firewall the VNC ports so that only the gateway "
+                f"host reaches them (README.md, Security model)")))
+    return warnings
+
+
+#: slurm.interface / ssh.interface: Xvnc listens only on the address the gateway connects to (worked out
+#: where the desktop runs: gateway/backends/slurm_job.py, gateway/backends/ssh.py).
+AUTO_INTERFACE = "auto"
+
+
+def is_wildcard_address(value: str) -> bool:
+    """Whether ``value`` is an IP address meaning "every address" (0.0.0.0, ::)."""
+    try:
+        return ipaddress.ip_address(value).is_unspecified
+    except ValueError:
+        return False
+
+
+def is_interface(value: str) -> bool:
+    """Whether ``value`` is a valid ``interface`` setting: auto, an IP address or a host name."""
+    return value == AUTO_INTERFACE or (bool(_ADDRESS_RE.fullmatch(value)) and not value.startswith(("-", ".")))
+
+
+_INTERFACE_HINT = f"use {AUTO_INTERFACE} (the address the gateway connects to), an IP address or a host name"
 
 
 _SLURM_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _SLURM_NODES_RE = re.compile(r"[A-Za-z0-9._\[\],-]{1,1024}")
 _SLURM_TIME_RE = re.compile(r"now(\+[0-9]+(minutes|hours|days)?)?|[0-9]{4}-[0-9]{2}-[0-9]{2}(T[0-9]{2}:[0-9]{2}(:[0-9]{2})?)?")
 _SLURM_MEM_RE = re.compile(r"[1-9][0-9]*[KMGT]?")
+_PERCENT_RE = re.compile(r"([1-9][0-9]?|100)%")
 _ADDRESS_RE = re.compile(r"[A-Za-z0-9.:-]{1,253}")
 
 
@@ -153,7 +192,7 @@ def _slurm_checks(config: Config, check: Check) -> list[Problem]:
     check(s.command_timeout_s > 0, "slurm.command_timeout_s", "must be positive")
     check(s.shared_dir is None or (s.shared_dir.startswith("/") and "\n" not in s.shared_dir),
           "slurm.shared_dir", "must be an absolute path")
-    check(bool(_ADDRESS_RE.fullmatch(s.interface)), "slurm.interface", "must be an IP address or host name")
+    check(is_interface(s.interface), "slurm.interface", _INTERFACE_HINT)
     c = config.container
     check(c.runtime == "none" or bool(c.image), "container.runtime",
           f"{c.runtime} needs container.image (the path of the .sif image)")
@@ -179,7 +218,7 @@ def _ssh_checks(s: SshConfig, check: Check) -> None:
     check(1 <= s.connect_attempts <= 20, "ssh.connect_attempts", "must be 1 to 20")
     check(s.command_timeout_s > 0, "ssh.command_timeout_s", "must be positive")
     check(1 <= s.max_sessions_per_host <= 64, "ssh.max_sessions_per_host", "must be 1 to 64")
-    check(bool(_ADDRESS_RE.fullmatch(s.interface)), "ssh.interface", "must be an IP address or host name")
+    check(is_interface(s.interface), "ssh.interface", _INTERFACE_HINT)
     check(bool(s.state_dir) and not any(c in s.state_dir for c in "\n\0"), "ssh.state_dir",
           "must be a path without newlines")
     for key in ("private_key", "known_hosts"):

@@ -56,15 +56,28 @@ class EventConfig:
     welcome: str = ""
     #: URL of a logo shown on every page.
     logo_url: str | None = None
-    #: CSS colours for the event's look, e.g. "#005a9c".
+    #: Colours of the event's look (#rgb, #rrggbb or a CSS colour name), checked for WCAG AA contrast.
     primary_color: str | None = None
     accent_color: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class DesktopLimits:
-    #: Processes and threads of one desktop's user (RLIMIT_NPROC counts per user: it caps a fork bomb).
+    """What one local desktop may use. Where systemd runs the machine, each desktop's X server and
+    session start in cgroup scopes of their own (``systemd-run --scope``) that enforce ``processes``,
+    ``memory_per_desktop`` and ``cpu_weight``; the per-user rlimits and ``nice`` apply everywhere."""
+
+    #: Processes and threads of one desktop's user (RLIMIT_NPROC counts per user: it caps a fork bomb);
+    #: with cgroup scopes also the TasksMax of each scope.
     processes: int = 512
+    #: Memory of each of a desktop's cgroup scopes (MemoryMax: its X server's, and its session's with
+    #: every program started in it), e.g. "4G", or a share of the machine's RAM such as "25%"; null: no
+    #: limit. Needs cgroup scopes (systemd); elsewhere only memory_per_process limits memory.
+    memory_per_desktop: str | None = "25%"
+    #: CPU weight of each desktop's cgroup scopes (CPUWeight, 1 to 10000) against systemd's default of
+    #: 100 for the gateway's service and other services: under full load, desktops share the CPU
+    #: evenly and the gateway and its proxies keep a share of their own. Needs cgroup scopes.
+    cpu_weight: int = 20
     #: Address space of each process of a desktop (RLIMIT_AS), e.g. "4G"; null: no limit. Browsers
     #: reserve far more address space than they use: set it only for desktops without one.
     memory_per_process: str | None = None
@@ -220,8 +233,10 @@ class SlurmConfig:
     #: terminal submits jobs as that user and reads only that account's secret. gateway: every job
     #: runs as the gateway's user, which can read every account's secret: never for strangers.
     run_as: Literal["gateway", "account"] = "account"
-    #: Address Xvnc listens on in the job; the gateway host must reach it (0.0.0.0: all).
-    interface: str = "0.0.0.0"
+    #: Address Xvnc listens on in the job. auto: the node's own address in Slurm (its NodeAddr, which
+    #: the gateway connects to), resolved on the node; a job that can't tell it fails and says why.
+    #: Or an address of the nodes; 0.0.0.0 (every address of the node) draws a warning at startup.
+    interface: str = "auto"
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,9 +277,10 @@ class SshConfig:
     #: Xvnc and vncpasswd on the hosts.
     xvnc: str = "Xvnc"
     vncpasswd: str = "vncpasswd"
-    #: Address each host's Xvnc listens on; the gateway connects to vnchost:vncport, so it must
-    #: be reachable from the gateway (0.0.0.0: every address of the host).
-    interface: str = "0.0.0.0"
+    #: Address each host's Xvnc listens on. auto: the host address the gateway's SSH connection
+    #: arrived at (from $SSH_CONNECTION), which is where it connects to vnchost:vncport too. Or an
+    #: address of the hosts; 0.0.0.0 (every address of the host) draws a warning at startup.
+    interface: str = "auto"
     #: Password files, logs, pid files and workspaces on each host (relative: in the user's home).
     #: desktop.workspace is applied with {state_dir} meaning this directory.
     state_dir: str = "workshop-gateway"
@@ -363,6 +379,9 @@ class ArchiveConfig:
     notify: str | None = None
     #: A 0600 file with the SMTP user name and password on two lines (sent only over TLS); null: none.
     notify_credentials: str | None = None
+    #: PEM file of the CA that signed the mail server's certificate (a private mail server); only that
+    #: CA is trusted then. null: the system's CAs.
+    notify_ca_file: str | None = None
     #: The sender address (null: workshop-gateway@ this host's name).
     notify_from: str | None = None
 
@@ -470,3 +489,5 @@ class Config:
     transfer: TransferConfig = field(default_factory=TransferConfig)
     #: Where the file came from, for messages.
     source: str = "<defaults>"
+    #: What is worth knowing but not wrong (theme colours below WCAG AA): ``PATH:LINE: key: message``.
+    warnings: tuple[str, ...] = ()

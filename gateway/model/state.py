@@ -85,6 +85,15 @@ MIGRATIONS: tuple[str, ...] = (
         expires_at   REAL NOT NULL
     );
     """,
+    # 4: what the whole event holds beyond its desktops, e.g. what `gateway extend` added to the event
+    # window and to the limit of new Slurm jobs (gateway/supervisor/extend.py), for a restarted gateway.
+    """
+    CREATE TABLE event_state (
+        name        TEXT PRIMARY KEY,       -- "idle" (the event window), "backend:slurm", ...
+        state       TEXT NOT NULL,          -- JSON
+        updated_at  REAL NOT NULL
+    );
+    """,
 )
 
 
@@ -179,6 +188,22 @@ class StateStore:
     def services(self) -> dict[str, ProcessIdentity]:
         rows = self._db.execute("SELECT name, pid, pgid, start_time FROM services").fetchall()
         return {name: ProcessIdentity(pid, pgid, st) for name, pid, pgid, st in rows}
+
+    # -- the event: what it holds beyond its desktops (an extension), restored by the next start ----
+
+    def save_event_state(self, states: Mapping[str, Mapping[str, Any]]) -> None:
+        """Replace the named states (one transaction: a restart never sees half of an extension)."""
+        with self._transaction() as db:
+            for name, state in states.items():
+                db.execute(
+                    "INSERT INTO event_state(name, state, updated_at) VALUES (?, ?, ?) "
+                    "ON CONFLICT(name) DO UPDATE SET state=excluded.state, updated_at=excluded.updated_at",
+                    (name, json.dumps(dict(state), sort_keys=True), time.time()),
+                )
+
+    def event_state(self) -> dict[str, dict[str, Any]]:
+        rows = self._db.execute("SELECT name, state FROM event_state").fetchall()
+        return {name: json.loads(state) for name, state in rows}
 
     # -- for feature modules with tables of their own (accounts, archives) -----------------------
 

@@ -6,7 +6,9 @@ gets one message (templates/archive-ready.txt.j2) with the link to their page (`
 password they were given. Sent with the standard library's smtplib: ``smtp://`` uses STARTTLS
 whenever the server offers it, and credentials (``archive.notify_credentials``: a 0600 file with the
 user name on the first line and the password on the second) are only ever sent over TLS
-(``smtps://`` or STARTTLS); a server that offers neither gets no credentials and no mail.
+(``smtps://`` or STARTTLS); a server that offers neither gets no credentials and no mail. The
+server's certificate is always verified, against the system's CAs or, for a private mail server,
+against ``archive.notify_ca_file`` alone.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import socket
 import ssl
 import stat
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email.message import EmailMessage
 from email.utils import formataddr, make_msgid
 from pathlib import Path
@@ -30,7 +32,7 @@ from gateway.model.errors import UserError
 from gateway.common.render import render
 from gateway.model.state import StateStore
 
-__all__ = ["SmtpTarget", "parse_notify_url", "load_credentials", "compose", "notify_archives_ready"]
+__all__ = ["SmtpTarget", "parse_notify_url", "load_credentials", "tls_context", "compose", "notify_archives_ready"]
 
 log = logging.getLogger("gateway.mail")
 
@@ -44,6 +46,8 @@ class SmtpTarget:
     implicit_tls: bool  # smtps://
     username: str | None = None
     password: str | None = None
+    #: Verifies the server's certificate and host name (smtps:// and STARTTLS alike).
+    context: ssl.SSLContext = field(default_factory=ssl.create_default_context, compare=False, repr=False)
 
 
 def load_credentials(path: str) -> tuple[str, str]:
@@ -62,6 +66,17 @@ def load_credentials(path: str) -> tuple[str, str]:
     return lines[0].strip(), lines[1]
 
 
+def tls_context(ca_file: str | None) -> ssl.SSLContext:
+    """Certificate and host name checks against the system's CAs, or only ``ca_file``'s (PEM)."""
+    if ca_file is None:
+        return ssl.create_default_context()
+    try:
+        return ssl.create_default_context(cafile=ca_file)
+    except OSError as exc:  # ssl.SSLError is one: the file holds no PEM certificate
+        why = "no PEM CA certificate in it" if isinstance(exc, ssl.SSLError) else exc.strerror
+        raise UserError(f"archive.notify_ca_file: cannot load {ca_file}: {why}") from None
+
+
 def smtp_target(config: Config) -> SmtpTarget:
     a = config.archive
     assert a.notify is not None
@@ -69,7 +84,7 @@ def smtp_target(config: Config) -> SmtpTarget:
     username = password = None
     if a.notify_credentials:
         username, password = load_credentials(a.notify_credentials)
-    return SmtpTarget(host, port, implicit, username, password)
+    return SmtpTarget(host, port, implicit, username, password, tls_context(a.notify_ca_file))
 
 
 def page_url(config: Config) -> str:
@@ -91,7 +106,7 @@ def compose(config: Config, *, account: str, email: str, name: str, sender: str)
 
 def _send(target: SmtpTarget, messages: Sequence[EmailMessage]) -> list[str]:
     """Send ``messages`` over one connection; a line per message that failed (empty when all went)."""
-    context = ssl.create_default_context()
+    context = target.context
     if target.implicit_tls:
         smtp: smtplib.SMTP = smtplib.SMTP_SSL(target.host, target.port, timeout=SMTP_TIMEOUT_S, context=context)
     else:

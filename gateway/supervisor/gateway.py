@@ -110,11 +110,13 @@ class Gateway:
             commands = DesktopCommands({w.account.id: w.commands for w in watchers}, self.slots)
             idle = IdleWatcher(self.config.idle, self.slots, store, act=commands.act, notify=commands.notify,
                                count_viewers=viewer_count, input_known=self.config.proxy.mode == "builtin")
+            extension = EventExtension(self.backends, self.slots, commands, idle, store)
+            extension.restore()  # before any desktop starts: a job submitted now gets the extended limit
             #: The admin wall's thumbnails, grabbed only while the wall is open (gateway/web/thumbnails.py).
             thumbnails = ThumbnailService(self.config.wall, self.slots, self.state_dir)
             front = WebFront(self.config, self.state_dir, self.options.listen, store)
             cockpit = front.make_cockpit(self.slots, act=commands.act, metrics=self.metrics, thumbnails=thumbnails,
-                                         extend=EventExtension(self.backends, self.slots, commands, idle, store))
+                                         extend=extension)
             app = make_app(self.config, self.slots, novnc=novnc_dir(self.config), store=store,
                            state_dir=self.state_dir, cockpit=cockpit,
                            set_keyboard_layout=commands.set_keyboard_layout)

@@ -13,7 +13,8 @@ is written to the audit log.
 The same task warns inside each ready desktop before its end (``end_warnings_minutes``, default 15
 and 5): the end of its Slurm job (its time limit, as the watcher's polls report it) or ``event_end``,
 whichever comes first. `gateway extend` moves both (:meth:`IdleWatcher.extend_window`), and the
-warnings then count down to the new end.
+warnings then count down to the new end. The window's extension is kept in the state database and
+taken back by a restarted gateway (gateway/supervisor/extend.py), as long as ``event_end`` is unchanged.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from gateway.model.config import IdleConfig, parse_moment
 from gateway.common.netstat import established_by_remote
@@ -144,6 +145,29 @@ class IdleWatcher:
                 p.extended_for[account] = p.extended_for.get(account, p.extended_s) + seconds
         end = p.window_end(accounts[0] if accounts else None)
         return time.strftime("%Y-%m-%d %H:%M", time.localtime(end)) if end is not None else "?"
+
+    def extension_state(self) -> dict[str, Any]:
+        """What `gateway extend` added to the window, for the state database, with the configured end it
+        was added to."""
+        p = self.policy
+        return {"event_end": p.config.event_end, "extended_s": p.extended_s, "extended_for": dict(p.extended_for)}
+
+    def restore_extension(self, state: Mapping[str, Any]) -> str | None:
+        """A restarted gateway's window ends where the last one's did; a line saying so, None if there was
+        nothing to restore. Not when idle.event_end differs from the end that was extended: the organiser
+        moved the end in the config, or this state dir now serves another event."""
+        extended_s = float(state.get("extended_s") or 0.0)
+        extended_for = {str(a): float(s) for a, s in dict(state.get("extended_for") or {}).items()}
+        p = self.policy
+        if p.window is None or (extended_s == 0 and not extended_for):
+            return None
+        if state.get("event_end") != p.config.event_end:
+            return (f"event window (idle policy): the extension of the end {state.get('event_end')} is not applied "
+                    f"again, idle.event_end is now {p.config.event_end}")
+        p.extended_s, p.extended_for = extended_s, extended_for
+        end = time.strftime("%Y-%m-%d %H:%M", time.localtime(p.window_end()))
+        alone = f" ({len(extended_for)} accounts extended alone)" if extended_for else ""
+        return f"event window (idle policy): ends {end}, as extended before the restart{alone}"
 
     @property
     def end_warnings(self) -> list[float]:

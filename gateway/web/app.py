@@ -30,7 +30,6 @@ from gateway.web.participant import add_participant_routes
 from gateway.web.sessions import PARTICIPANTS, make_participants
 from gateway.web.signup import add_signup_routes
 from gateway.web.terms import load_documents
-from gateway.web.theme import theme_colours
 from gateway.web.transfer import TRANSFER, Transfers, add_transfer_routes
 from gateway.web.wall import WALL, add_wall_routes
 from gateway.web.watch import WATCHING, Watching, add_watch_routes
@@ -68,8 +67,6 @@ def make_app(config: Config, slots: Mapping[str, DesktopSlot], *, novnc: Path,
              cockpit: Cockpit | None = None,
              set_keyboard_layout: SetKeyboardLayout | None = None) -> web.Application:
     app = web.Application(middlewares=[_security_headers])
-    for warning in theme_colours(config.event.primary_color)[1]:
-        log.warning("%s", warning)
     app[SLOTS] = slots
     app[CONFIG] = config
     if config.apache.mode != "none":  # only the X-Forwarded-For of the gateway's Apache is believed

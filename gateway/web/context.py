@@ -14,10 +14,10 @@ from aiohttp import web
 from gateway.common.httpauth import client_address
 from gateway.model.config import PROJECT_ROOT, Config
 from gateway.model.status import DesktopSlot
-from gateway.web.theme import theme_colours
+from gateway.model.theme import text_colours
 
 __all__ = ["CONFIG", "SLOTS", "TEMPLATES", "TEMPLATES_DIR", "render_page", "find_slot", "desktop_links",
-           "client_address_of", "make_templates"]
+           "client_address_of", "make_templates", "noun", "counted"]
 
 TEMPLATES_DIR = PROJECT_ROOT / "web" / "templates"
 
@@ -27,9 +27,23 @@ TEMPLATES = web.AppKey("templates", jinja2.Environment)
 
 
 def make_templates() -> jinja2.Environment:
-    """The pages' templates: undefined names are errors, and every value is escaped."""
-    return jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES_DIR), undefined=jinja2.StrictUndefined,
-                              autoescape=True)
+    """The pages' templates: undefined names are errors, and every value is escaped. Filters ``noun`` and
+    ``counted`` put a count's noun in the singular or plural (``{{ n|counted("item") }}``: "1 item", "2 items")."""
+    environment = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES_DIR), undefined=jinja2.StrictUndefined,
+                                     autoescape=True)
+    environment.filters.update(noun=noun, counted=counted)
+    return environment
+
+
+def noun(n: int, singular: str, plural: str | None = None) -> str:
+    """The noun for ``n`` things: ``singular`` for 1, else ``plural`` (by default singular + "s").
+    web/static/plural.js says it the same way in the pages' scripts."""
+    return singular if n == 1 else plural or f"{singular}s"
+
+
+def counted(n: int, singular: str, plural: str | None = None) -> str:
+    """``n`` with its noun: "1 item", "2 items"."""
+    return f"{n} {noun(n, singular, plural)}"
 
 
 def render_page(request: web.Request, template: str, root: str, **context: object) -> web.Response:
@@ -38,7 +52,7 @@ def render_page(request: web.Request, template: str, root: str, **context: objec
     event = config.event
     theme = {k: v for k, v in (("logo_url", event.logo_url), ("primary_color", event.primary_color),
                                ("accent_color", event.accent_color)) if v}
-    theme.update(theme_colours(event.primary_color)[0])
+    theme.update(text_colours(event.primary_color))  # the config check warned about what is still below AA
     text = request.app[TEMPLATES].get_template(template).render(
         title=event.title, root=root, theme=theme, **context
     )

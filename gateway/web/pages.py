@@ -94,7 +94,9 @@ def viewer_context(request: web.Request, slot: DesktopSlot) -> dict[str, object]
     return {"account": slot.account.id, "websocket_path": slot.account.websocket_path.lstrip("/"),
             "novnc_url": "../novnc/", "keyboard_layout": slot.keyboard_layout, "keyboard_layouts": layouts,
             "defaults": {"quality": config.viewer.quality, "compression": config.viewer.compression},
-            "desktop_state": slot.phase.value, "desktop_reason": slot.reason or ""}
+            "desktop_state": slot.phase.value, "desktop_reason": slot.reason or "",
+            # Why a viewer is refused: the relay says so (builtin); Apache's 429 the page cannot see.
+            "proxy_mode": config.proxy.mode, "max_viewers": config.proxy.max_viewers_per_account}
 
 
 async def viewer(request: web.Request) -> web.Response:

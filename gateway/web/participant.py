@@ -27,7 +27,7 @@ from gateway.model.archive import FORMATS, ArchiveRecord, archive_record, archiv
 from gateway.model.config import Config, parse_moment
 from gateway.model.status import DesktopSlot
 from gateway.model.tokens import ACCOUNT_ID_RE
-from gateway.web.context import CONFIG, SLOTS, desktop_links, find_slot
+from gateway.web.context import CONFIG, SLOTS, counted, desktop_links, find_slot
 from gateway.web.sessions import (
     PARTICIPANTS, SESSION_COOKIE, SIGNUP_COOKIE, Participants, authenticated_slot, control_message,
     fields_with_control_characters, read_form, render_form_page, session_account, session_cookie, set_cookie,
@@ -199,9 +199,9 @@ def _human_size(size: int) -> str:
     value = float(size)
     for unit in ("bytes", "KB", "MB", "GB"):
         if value < 1000 or unit == "GB":
-            return f"{value:.0f} {unit}" if unit == "bytes" else f"{value:.1f} {unit}"
+            return counted(size, "byte") if unit == "bytes" else f"{value:.1f} {unit}"
         value /= 1000
-    return f"{size} bytes"
+    return counted(size, "byte")
 
 
 # -- downloads ------------------------------------------------------------------------------------------

@@ -15,7 +15,8 @@ Every watch, link and use of a link is written to the audit log.
 A share link hands the account's view-only password to the browser (noVNC authenticates itself). So
 that it is not a lasting credential, the view-only password is replaced as soon as a link expires or
 is revoked (:func:`retire_view_only_password`): the account's desktop gets a new password file, which
-Xvnc reads at each authentication, and the old password stops working. Viewers still on a valid link
+Xvnc reads at each authentication, and the old password stops working (at once on local and SSH desktops;
+a Slurm job makes the file from the rewritten secret within seconds). Viewers still on a valid link
 (and the admin's own watch page) get the new one when their page is loaded again.
 """
 

@@ -3,6 +3,8 @@
 // Rows are updated in place (cells change their text, buttons stay the same elements), so keyboard
 // focus and the messages of actions survive the updates every two seconds. While the organiser types
 // in the filter, updates wait until they pause.
+import { counted } from "./plural.js";
+
 const tbody = document.querySelector("#desktops tbody");
 const filter = document.getElementById("admin-filter");
 const summary = document.getElementById("summary");
@@ -16,13 +18,12 @@ let sortDir = 1;
 let lastTyped = 0;
 let pending = null;
 const rendered = new Map();   // account -> {tr, cells, actionsKey}
+// For tests and curious organisers: updates received, and updates applied to the table.
+const live = { get rows() { return rows; }, updates: 0, applied: 0 };
+window.gatewayAdmin = live;
 
 function text(value) {
   return value === null || value === undefined ? "" : String(value);
-}
-
-function plural(n, word) {
-  return `${n} ${word}${n === 1 ? "" : "s"}`;
 }
 
 function uptime(seconds) {
@@ -201,7 +202,7 @@ function render() {
   }
   const ready = rows.filter((r) => r.state === "ready").length;
   const viewers = rows.reduce((n, r) => n + (r.viewers || 0), 0);
-  summary.textContent = `${ready} of ${plural(rows.length, "desktop")} ready, ${plural(viewers, "viewer")} connected`;
+  summary.textContent = `${ready} of ${counted(rows.length, "desktop")} ready, ${counted(viewers, "viewer")} connected`;
 }
 
 function showSort() {
@@ -243,6 +244,7 @@ function apply(data) {
   pending = null;
   liveNote.textContent = "Live";
   rows = data.desktops;
+  live.applied += 1;
   render();
 }
 setInterval(() => { if (pending && !typing()) apply(pending); }, 500);
@@ -250,5 +252,4 @@ setInterval(() => { if (pending && !typing()) apply(pending); }, 500);
 const events = new EventSource("events");
 events.onmessage = (ev) => apply(JSON.parse(ev.data));
 events.onerror = () => { liveNote.textContent = "Connection to the gateway lost; retrying…"; };
-window.gatewayAdmin = { get rows() { return rows; }, updates: 0 };
-events.addEventListener("message", () => { window.gatewayAdmin.updates += 1; });
+events.addEventListener("message", () => { live.updates += 1; });

@@ -1,6 +1,8 @@
 // Files in and out of the desktop (gateway/web/transfer.py): Upload (button or drag and drop onto the
 // desktop) into ~/Uploads with progress, and the Downloads panel listing ~/Downloads.
 // Both need the participant's session; viewer.js signs the browser in when the password is typed there.
+import { counted } from "./plural.js";
+
 const config = JSON.parse(document.getElementById("viewer-config").textContent);
 const root = config.root || "./";
 const base = new URL(`${root}files/${encodeURIComponent(config.account)}/`, location.href);
@@ -15,16 +17,12 @@ const dropHint = $("drop-hint");
 const panel = $("files-panel");
 
 function size(bytes) {
-  if (bytes < 1000) return `${bytes} byte${bytes === 1 ? "" : "s"}`;
+  if (bytes < 1000) return counted(bytes, "byte");
   const units = ["KB", "MB", "GB"];
   let value = bytes / 1000;
   let unit = 0;
   while (value >= 1000 && unit < units.length - 1) { value /= 1000; unit += 1; }
   return `${value.toFixed(value < 10 ? 1 : 0)} ${units[unit]}`;
-}
-
-function count(n, word) {
-  return `${n} ${word}${n === 1 ? "" : "s"}`;
 }
 
 async function refresh() {
@@ -52,7 +50,7 @@ async function refresh() {
       li.textContent = "No files yet.";
       list.append(li);
     }
-    quota.textContent = `${count(body.files.length, "file")} to download. Uploads use ${size(body.used)} of ${size(body.quota)}; at most ${size(body.max_file)} per file.`;
+    quota.textContent = `${counted(body.files.length, "file")} to download. Uploads use ${size(body.used)} of ${size(body.quota)}; at most ${size(body.max_file)} per file.`;
   } catch (err) {
     quota.textContent = `Could not list your files: ${err.message}`;
   }
@@ -90,7 +88,7 @@ async function upload(files) {
   const ok = results.filter((r) => r.ok).length;
   const failed = results.filter((r) => !r.ok).map((r) => r.text);
   message.textContent = (files.length === 1 ? results[0].text
-    : `${count(ok, "file")} uploaded.`) + (failed.length && files.length > 1 ? ` ${failed.join(" ")}` : "");
+    : `${counted(ok, "file")} uploaded.`) + (failed.length && files.length > 1 ? ` ${failed.join(" ")}` : "");
   message.dataset.result = failed.length ? "error" : "ok";
   input.value = "";
   refresh();

@@ -1,5 +1,6 @@
 // Landing page: client-side account search and live desktop states.
 // Polls root + "api/desktops" every 3 s; on failure keeps the last state and shows an "offline" hint.
+import { noun } from "./plural.js";
 
 const POLL_MS = 3000;
 const STATES = new Set(["queued", "starting", "ready", "failed", "stopped"]);
@@ -12,6 +13,7 @@ const noMatch = document.getElementById("no-match");
 const offline = document.getElementById("offline");
 const summaryReady = document.getElementById("summary-ready");
 const summaryTotal = document.getElementById("summary-total");
+const summaryNoun = document.getElementById("summary-noun");
 
 function items() {
   return list ? Array.from(list.querySelectorAll("li.account-item")) : [];
@@ -88,6 +90,7 @@ function updateSummary() {
   const all = items();
   summaryReady.textContent = String(all.filter((li) => li.querySelector(".state")?.dataset.state === "ready").length);
   if (summaryTotal) summaryTotal.textContent = String(all.length);
+  if (summaryNoun) summaryNoun.textContent = noun(all.length, "desktop");
 }
 
 function applyDesktops(data) {

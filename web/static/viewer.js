@@ -7,7 +7,8 @@
 //   window.gatewayViewer = { rfb, state, ... }   rfb: the RFB instance or null; state: the #status data-state
 //   #status[data-state] is one of idle, connecting, connected, wrong-password, reconnecting, disconnected,
 //   unavailable (the desktop is queued, starting, stopped or failed: a message in the page body says what
-//   to do, and the page connects by itself once it is ready; no countdown).
+//   to do, and the page connects by itself once it is ready; no countdown), refused (too many viewers of
+//   this desktop are open: the page body says so, and Reconnect tries again; nothing automatic).
 //
 // The password is kept in memory only (never in a URL, never in localStorage) so that reconnects after a
 // drop don't ask again. Only display settings (quality, compression, scaling) are stored in localStorage.
@@ -37,6 +38,7 @@ const STATUS_TEXT = {
   reconnecting: "Connection lost. Reconnecting…",
   disconnected: "Disconnected",
   unavailable: "Desktop not running",
+  refused: "Too many viewers",
 };
 // What the page body says about a desktop that cannot be reached, and what to do.
 const DESKTOP_MESSAGES = {
@@ -45,6 +47,11 @@ const DESKTOP_MESSAGES = {
   stopped: ["Your desktop is stopped", "The organisers stopped it. Ask them to start it again.", "Desktop stopped"],
   failed: ["Your desktop could not start", "Please ask the organisers for help.", "Desktop failed"],
 };
+
+// A websocket that never opened this many times in a row, while the gateway says the desktop is ready:
+// in the websockify modes that is most likely Apache refusing a viewer over the account's cap (429),
+// which the browser cannot see (a proxy being restarted is back well within these attempts).
+const REFUSED_AFTER_FAILED_OPENS = 3;
 
 // --- configuration ------------------------------------------------------------------------------------
 const config = JSON.parse(document.getElementById("viewer-config").textContent);
@@ -83,6 +90,7 @@ const el = {
   message: $("desktop-message"),
   messageTitle: $("desktop-message-title"),
   messageText: $("desktop-message-text"),
+  messageNext: $("desktop-message-next"),
   messageRetry: $("desktop-message-retry"),
   toggleFiles: $("toggle-files"),
   stage: $("stage"),
@@ -128,6 +136,7 @@ const viewer = {
   reconnectAttempt: 0,
   desktopState: config.desktop_state || "ready",
   signedIn: config.signed_in === config.account,
+  failedOpens: 0,        // websockets in a row that closed before they opened
 };
 window.gatewayViewer = viewer;
 
@@ -211,7 +220,7 @@ function setState(state, text) {
   el.statusText.textContent = text || STATUS_TEXT[state];
   const showForm = state === "idle" || state === "wrong-password" || state === "disconnected";
   el.form.hidden = !showForm;
-  el.message.hidden = state !== "unavailable";
+  el.message.hidden = state !== "unavailable" && state !== "refused";
   el.connect.disabled = false;
   el.toolbar.hidden = state !== "connected";
   el.reconnectNow.hidden = state !== "reconnecting";
@@ -272,14 +281,23 @@ async function connect() {
   detach(viewer.rfb);
   el.screen.replaceChildren();
 
+  // The page opens the websocket itself and hands it to noVNC (both 1.3 and 1.7 take a WebSocket as
+  // their channel), so that it sees how it closed: the builtin relay refuses a viewer over the
+  // account's cap with code 1008 and a reason; a websocket that never opened tells something too.
+  const socket = { opened: false, code: 0, reason: "" };
   let rfb;
+  let channel = null;
   try {
-    rfb = new RFBClass(el.screen, websocketUrl(), {
+    channel = new WebSocket(websocketUrl());
+    channel.addEventListener("open", () => { socket.opened = true; });
+    channel.addEventListener("close", (ev) => { socket.code = ev.code; socket.reason = ev.reason || ""; });
+    rfb = new RFBClass(el.screen, channel, {
       credentials: { password },
       shared: true,
     });
   } catch (err) {
     console.error("gateway: cannot connect", err);
+    if (channel) channel.close();
     scheduleReconnect();
     return;
   }
@@ -294,7 +312,7 @@ async function connect() {
     handler(ev);
   };
   rfb.addEventListener("connect", current(onConnect));
-  rfb.addEventListener("disconnect", current(onDisconnect));
+  rfb.addEventListener("disconnect", current((ev) => onDisconnect(ev, socket)));
   rfb.addEventListener("credentialsrequired", current(onCredentialsRequired));
   rfb.addEventListener("securityfailure", current(onSecurityFailure));
   rfb.addEventListener("desktopname", current(onDesktopName));
@@ -313,6 +331,7 @@ let connectTimer = null;
 
 function onConnect() {
   viewer.reconnectAttempt = 0;
+  viewer.failedOpens = 0;
   viewer.connects = (viewer.connects || 0) + 1;
   viewer.desktopState = "ready";
   restartHint = "";
@@ -325,7 +344,7 @@ function onConnect() {
   signInForFiles();
 }
 
-function onDisconnect(ev) {
+function onDisconnect(ev, socket) {
   const clean = !!(ev.detail && ev.detail.clean);
   const wasConnected = viewer.state === "connected";
   viewer.rfb = null;
@@ -340,10 +359,38 @@ function onDisconnect(ev) {
     el.connect.focus();
     return;
   }
+  // The builtin relay's refusal: too many viewers of this desktop are open. Retrying would only be
+  // refused again until one of them closes: say so and wait for the participant.
+  if (socket.code === 1008 && socket.reason.startsWith("too many viewers")) {
+    console.info("gateway: refused:", socket.reason);
+    showRefused(true);
+    return;
+  }
+  viewer.failedOpens = socket.opened ? 0 : viewer.failedOpens + 1;
   // A drop: the network, the proxy, or the desktop being restarted or stopped. Reconnect with backoff
   // unless the gateway says the desktop is not running (then say so, and wait for it).
-  console.info("gateway: connection dropped", { clean, wasConnected });
+  console.info("gateway: connection dropped", { clean, wasConnected, code: socket.code, opened: socket.opened });
   scheduleReconnect();
+}
+
+// Too many viewers of this desktop: a message in the page body and a Reconnect button, no countdown.
+// ``certain``: the relay said so (builtin mode); else the gateway answers and says the desktop is ready,
+// yet the websocket was refused again and again (websockify modes, where Apache's 429 is invisible here).
+function showRefused(certain) {
+  clearReconnect();
+  stopStatePolling();
+  stopProbing();
+  detach(viewer.rfb);
+  viewer.rfb = null;
+  const most = Number.isInteger(config.max_viewers) ? ` (at most ${config.max_viewers} at once)` : "";
+  el.messageTitle.textContent = certain ? "Too many viewers" : "This connection was refused";
+  el.messageText.textContent = certain
+    ? `Too many viewers are open for this desktop${most}; close another tab or window, then press Reconnect.`
+    : `Your desktop is running, but it did not accept this connection. Probably too many viewers are open for this desktop${most}; close another tab or window, then press Reconnect.`;
+  el.messageNext.hidden = true;
+  el.messageRetry.textContent = "Reconnect";
+  el.message.dataset.desktopState = "too-many-viewers";
+  setState("refused", certain ? STATUS_TEXT.refused : "Connection refused");
 }
 
 function onSecurityFailure(ev) {
@@ -407,6 +454,8 @@ async function scheduleReconnect() {
   }, delay * 1000);
   const state = await desktopState();
   if (state !== null && state !== "ready" && viewer.state === "reconnecting") showUnavailable(state);
+  else if (state === "ready" && viewer.state === "reconnecting" && config.proxy_mode !== "builtin"
+           && viewer.failedOpens >= REFUSED_AFTER_FAILED_OPENS) showRefused(false);
 }
 
 // The desktop's state from the gateway (null: the gateway cannot be reached, e.g. no network).
@@ -436,6 +485,8 @@ function showUnavailable(state) {
   viewer.rfb = null;
   const [title, text, status] = DESKTOP_MESSAGES[state] || DESKTOP_MESSAGES.starting;
   el.messageTitle.textContent = title;
+  el.messageNext.hidden = false;
+  el.messageRetry.textContent = "Check again";
   const reason = state === "failed" && viewer.desktopReason ? ` (${viewer.desktopReason})` : "";
   el.messageText.textContent = text.replace(/\.$/, "") + reason + ".";
   setState("unavailable", status);
@@ -461,7 +512,15 @@ async function pollUntilReady() {
     showUnavailable(state);
   }
 }
-el.messageRetry.addEventListener("click", pollUntilReady);
+el.messageRetry.addEventListener("click", () => {
+  if (viewer.state !== "refused") {
+    pollUntilReady();
+    return;
+  }
+  viewer.reconnectAttempt = 0;
+  viewer.failedOpens = 0;
+  connect();
+});
 
 el.reconnectNow.addEventListener("click", () => {
   if (viewer.state === "reconnecting") connect();

@@ -1,4 +1,6 @@
 // Wall of live thumbnails: every ready desktop's picture, reloaded every few seconds while the page is open.
+import { counted } from "./plural.js";
+
 const wall = document.getElementById("wall");
 const summary = document.getElementById("summary");
 const intervalMs = Math.max(500, 1000 * Number(wall.dataset.intervalS || 5));
@@ -36,7 +38,7 @@ async function refresh() {
       const name = document.createElement("span");
       name.textContent = row.account;
       const state = document.createElement("span");
-      state.textContent = `${row.state}${row.viewers ? ` · ${row.viewers} viewer${row.viewers === 1 ? "" : "s"}` : ""}`;
+      state.textContent = `${row.state}${row.viewers ? ` · ${counted(row.viewers, "viewer")}` : ""}`;
       state.className = `state-${row.state}`;
       caption.append(name, state);
       const img = figure.querySelector("img");
@@ -45,7 +47,7 @@ async function refresh() {
       shown.push(figure);
     }
     wall.replaceChildren(...shown);
-    summary.textContent = `${rows.filter((r) => r.state === "ready").length} of ${rows.length} desktops ready`;
+    summary.textContent = `${rows.filter((r) => r.state === "ready").length} of ${counted(rows.length, "desktop")} ready`;
   } catch (err) {
     summary.textContent = "Connection to the gateway lost; retrying…";
   }
