@@ -245,12 +245,13 @@ class GatewayRun:
 
 @contextlib.contextmanager
 def running_gateway(directory: Path, count: int, config_text: str = "",
-                    files: dict[str, str] | None = None) -> Iterator[GatewayRun]:
-    """A `gateway up` of ``count`` accounts for a whole test module: it must stop cleanly at the end, and
-    whatever happens, nothing it started is left. ``files`` are written beside the config first."""
+                    files: dict[str, str] | None = None, accounts: list[Account] | None = None) -> Iterator[GatewayRun]:
+    """A `gateway up` of ``count`` accounts (or of ``accounts``) for a whole test module: it must stop
+    cleanly at the end, and whatever happens, nothing it started is left. ``files`` are written beside
+    the config first."""
     for program in ("Xvnc", "vncpasswd", "apache2", "openbox", "xterm"):
         require_program(program)
-    gateway = GatewayRun(directory, make_accounts(count), config_text)
+    gateway = GatewayRun(directory, accounts if accounts is not None else make_accounts(count), config_text)
     for name, text in (files or {}).items():
         (directory / name).write_text(text)
     try:

@@ -11,13 +11,14 @@ import os
 import shutil
 import socket
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
 import pytest
 
-__all__ = ["REQUIRE_SYSTEM_ENV", "system_required", "skip_or_fail", "require_program", "require_slurm_cluster",
+__all__ = ["wait_for", "message_windows", "REQUIRE_SYSTEM_ENV", "system_required", "skip_or_fail", "require_program", "require_slurm_cluster",
            "free_port", "free_ports", "chromium_browser", "CHROMIUM_ARGS", "mouse_location"]
 
 #: Flags that let Debian's Chromium run headless as root on a machine without network (see facts.md).
@@ -166,3 +167,21 @@ def mouse_location(x_env: dict[str, str]) -> tuple[int, int]:
                          env=x_env).stdout
     values = dict(line.split("=", 1) for line in out.split())
     return int(values["X"]), int(values["Y"])
+
+
+def wait_for(predicate: Callable[[], Any], timeout_s: float = 20, interval_s: float = 0.2) -> Any:
+    """Call ``predicate`` until it returns something true or ``timeout_s`` passed; returns its last value."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval_s)
+
+
+def message_windows(env: dict[str, str]) -> list[str]:
+    """The xmessage windows (the gateway's notices) on the display of ``env`` (DISPLAY, XAUTHORITY)."""
+    xdotool = require_program("xdotool")
+    result = subprocess.run([xdotool, "search", "--class", "xmessage"], capture_output=True, text=True, timeout=10,
+                            env={**env, "PATH": "/usr/bin:/bin"})
+    return result.stdout.split()

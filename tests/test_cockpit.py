@@ -20,18 +20,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.common import rfb
 from gateway.model.state import StateStore
 from tests.gateway_run import GatewayRun, display_env
-from tests.system import mouse_location
+from tests.system import mouse_location, wait_for
 
 pytestmark = pytest.mark.system
-
-
-def wait_for(predicate, timeout_s: float = 20, interval_s: float = 0.2):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval_s)
 
 
 def get(url: str, user: str, password: str, *, method: str = "GET", body: bytes | None = None,

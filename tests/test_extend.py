@@ -29,7 +29,7 @@ from gateway.model.state import StateStore
 from gateway.model.status import DesktopSlot, Phase
 from gateway.model.tokens import Account
 from tests.gateway_run import GatewayRun
-from tests.system import require_program
+from tests.system import message_windows, require_program, wait_for
 from tests.test_slurm_gateway import (  # noqa: F401 - fixtures
     READY_WITHIN_S,
     auto_accounts,
@@ -42,21 +42,6 @@ from tests.test_slurm_gateway import (  # noqa: F401 - fixtures
 
 def scontrol(*args: str) -> str:
     return subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=30).stdout
-
-
-def xmessage_windows(display: str, xauthority: str) -> int:
-    result = subprocess.run(["xdotool", "search", "--class", "xmessage"], capture_output=True, text=True,
-                            timeout=10, env={"DISPLAY": display, "XAUTHORITY": xauthority, "PATH": "/usr/bin:/bin"})
-    return len(result.stdout.split())
-
-
-def wait_for(condition, timeout_s: float) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.3)
-    return condition()
 
 
 def audit(run: GatewayRun) -> list[tuple[str | None, str, str]]:
@@ -83,7 +68,7 @@ async def test_a_slurm_desktop_is_warned_before_its_time_limit_and_extend_raises
     report = (run.state_dir / "slurm" / "ex01" / f"report-{job_id}").read_text()
     display = ":" + re.search(r"display=(\d+)", report).group(1)
     xauthority = f"/tmp/workshop-desktop-0-{job_id}/Xauthority"  # the job runs as root here (run_as: gateway)
-    assert await asyncio.to_thread(wait_for, lambda: xmessage_windows(display, xauthority) > 0, 20), run.text()
+    assert await asyncio.to_thread(wait_for, lambda: message_windows({"DISPLAY": display, "XAUTHORITY": xauthority}), 20), run.text()
     warned = [d for a, k, d in audit(run) if k == "end:warn" and a == "ex01"]
     assert warned and "time limit" in warned[0]
 

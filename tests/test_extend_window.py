@@ -33,7 +33,7 @@ from gateway.supervisor.extend import EventExtension
 from gateway.supervisor.idle import IdleWatcher
 from tests.gateway_run import GatewayRun, display_env, recorded_desktops
 from tests.ssh_host import SshHost, ssh_accounts, ssh_host  # noqa: F401 - ssh_host is a fixture
-from tests.system import require_program
+from tests.system import message_windows, require_program, wait_for
 
 #: How long a warning that is due at the first check may take to show (a desktop just became ready).
 WARNING_WITHIN_S = 20.0
@@ -56,23 +56,6 @@ def audit(state_dir: Path, kind: str) -> list[tuple[str | None, str]]:
         return [(account, detail) for _, account, k, detail in store.events() if k == kind]
     finally:
         store.close()
-
-
-def message_windows(env: dict[str, str]) -> list[str]:
-    """The xmessage windows on the display of ``env`` (DISPLAY, XAUTHORITY)."""
-    xdotool = require_program("xdotool")
-    result = subprocess.run([xdotool, "search", "--class", "xmessage"], capture_output=True, text=True, timeout=10,
-                            env={**env, "PATH": "/usr/bin:/bin"})
-    return result.stdout.split()
-
-
-def wait_for(condition, timeout_s: float) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.3)
-    return bool(condition())
 
 
 def extend(run: GatewayRun, duration: str) -> subprocess.CompletedProcess[str]:

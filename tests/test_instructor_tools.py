@@ -25,9 +25,9 @@ from gateway.model.state import StateStore
 from gateway.model.status import DesktopSlot, Phase
 from gateway.model.tokens import Account
 from tests.gateway_run import GatewayRun, display_env
-from tests.system import mouse_location, require_program
+from tests.system import message_windows, mouse_location, require_program, wait_for
 from tests.test_browser import browser  # noqa: F401 - the fixture
-from tests.test_cockpit import admin_password, get, wait_for
+from tests.test_cockpit import admin_password, get
 
 
 def _account(name: str = "ws01") -> Account:
@@ -345,13 +345,6 @@ def test_wall_thumbnails_are_grabbed_only_while_the_wall_is_open(gateway_factory
     assert run.terminate() == 0
 
 
-def _xmessage_windows(display: dict[str, str]) -> int:
-    xdotool = require_program("xdotool")
-    result = subprocess.run([xdotool, "search", "--class", "Xmessage"], capture_output=True, text=True, timeout=10,
-                            env=display)
-    return len(result.stdout.split())
-
-
 @pytest.mark.system
 async def test_idle_desktop_is_warned_then_stopped_unless_watched(gateway_factory) -> None:
     import aiohttp
@@ -372,7 +365,7 @@ async def test_idle_desktop_is_warned_then_stopped_unless_watched(gateway_factor
 
         assert await asyncio.to_thread(wait_for, warned, 15)
         # The warning is shown inside the desktop, and the desktop still runs for now.
-        assert await asyncio.to_thread(wait_for, lambda: _xmessage_windows(idle_display) > 0, 3)
+        assert await asyncio.to_thread(wait_for, lambda: message_windows(idle_display), 3)
         assert run.status()[idle.id]["state"] == "ready"
         assert await asyncio.to_thread(wait_for, lambda: run.status()[idle.id]["state"] == "stopped", 15)
         events = [e for e in _events(run, password) if e["account"] == idle.id]

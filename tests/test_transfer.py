@@ -205,17 +205,12 @@ def lab_users(accounts: list[Account]) -> Iterator[None]:
 @pytest.fixture(scope="module")
 def lab_run(tmp_path_factory) -> Iterator[GatewayRun]:
     """`gateway up` with ``desktop.users: existing`` for two lab users (ids unique to this run)."""
-    for program in ("Xvnc", "vncpasswd", "apache2", "openbox", "xterm", "useradd", "setpriv"):
+    for program in ("useradd", "setpriv"):
         require_program(program)
     accounts = make_accounts(2, prefix=f"tx{secrets.token_hex(3)}")
-    with lab_users(accounts):
-        gateway = GatewayRun(tmp_path_factory.mktemp("lab-files"), accounts, LAB_CONFIG)
-        try:
-            gateway.up()
-            yield gateway
-            assert gateway.terminate() == 0
-        finally:
-            gateway.kill_everything()
+    with lab_users(accounts), running_gateway(tmp_path_factory.mktemp("lab-files"), len(accounts), LAB_CONFIG,
+                                              accounts=accounts) as gateway:
+        yield gateway
 
 
 class Viewer:
