@@ -25,7 +25,7 @@ import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from tests.os_check import proc_files
+from tests.os_check import proc_files, proc_stat
 
 __all__ = ["ExecRecorder", "STRACE_OPTIONS"]
 
@@ -146,11 +146,8 @@ class ExecRecorder:
 
 def _is_strace(pid: int) -> bool:
     """Whether ``pid`` is a strace that still runs (an exited one, not yet reaped, is done writing)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.index("(") + 1:stat.rindex(")")] == "strace" and stat[stat.rindex(")") + 2] != "Z"
+    found = proc_stat(pid)
+    return found is not None and found.comm == "strace" and found.state != "Z"
 
 
 def _tracers_writing(logs: Sequence[Path]) -> list[int]:

@@ -8,11 +8,12 @@ boot; a reused pid has another), found by its command line, whichever user it ru
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.common.netstat import parse_proc_net_tcp
 
-__all__ = ["proc_files", "start_time", "xvnc_on_port", "the_xvnc_on_port", "listening_ports", "listening_addresses"]
+__all__ = ["ProcStat", "proc_stat", "processes", "proc_files", "start_time", "xvnc_on_port", "the_xvnc_on_port", "listening_ports", "listening_addresses"]
 
 _LISTEN = "0A"  # the TCP state of a listening socket in /proc/net/tcp
 
@@ -30,14 +31,43 @@ def proc_files(name: str) -> Iterator[tuple[int, bytes]]:
         yield int(entry.name), data
 
 
-def start_time(pid: int) -> int | None:
-    """Field 22 of /proc/PID/stat (starttime), or None when there is no such process."""
+@dataclass(frozen=True, slots=True)
+class ProcStat:
+    """The fields of /proc/PID/stat that the tests look at (proc(5) numbers them from 1)."""
+
+    pid: int
+    comm: str  # field 2, without its parentheses (it may hold spaces and parentheses itself)
+    state: str  # field 3: R, S, Z, ...
+    ppid: int  # field 4
+    pgid: int  # field 5
+    start_time: int  # field 22, clock ticks since boot: a reused pid has another
+
+    @classmethod
+    def parse(cls, pid: int, data: bytes | str) -> "ProcStat":
+        text = data.decode(errors="replace") if isinstance(data, bytes) else data
+        fields = text[text.rindex(")") + 2:].split()  # after "pid (comm) ": field 3 is fields[0]
+        return cls(pid, text[text.index("(") + 1:text.rindex(")")], fields[0], int(fields[1]), int(fields[2]),
+                   int(fields[22 - 3]))
+
+
+def proc_stat(pid: int) -> ProcStat | None:
+    """``pid``'s stat line, or None when there is no such process."""
     try:
-        text = Path(f"/proc/{pid}/stat").read_text()
+        return ProcStat.parse(pid, Path(f"/proc/{pid}/stat").read_bytes())
     except OSError:
         return None
-    fields = text[text.rindex(")") + 2:].split()  # after "pid (comm) ": field 3 is fields[0]
-    return int(fields[22 - 3])
+
+
+def processes() -> Iterator[ProcStat]:
+    """Every process on this machine whose stat line could be read."""
+    for pid, data in proc_files("stat"):
+        yield ProcStat.parse(pid, data)
+
+
+def start_time(pid: int) -> int | None:
+    """Field 22 of /proc/PID/stat (starttime), or None when there is no such process."""
+    found = proc_stat(pid)
+    return found.start_time if found is not None else None
 
 
 def xvnc_on_port(port: int) -> list[tuple[int, int]]:
@@ -48,10 +78,10 @@ def xvnc_on_port(port: int) -> list[tuple[int, int]]:
             continue
         try:
             argv = (entry / "cmdline").read_bytes().split(b"\0")
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
+        except OSError:
             continue
-        if state == "Z" or not argv or Path(argv[0].decode(errors="replace")).name != "Xvnc":
+        found_stat = proc_stat(int(entry.name))
+        if found_stat is None or found_stat.state == "Z" or not argv or Path(argv[0].decode(errors="replace")).name != "Xvnc":
             continue
         if any(a == b"-rfbport" and b == str(port).encode() for a, b in zip(argv, argv[1:])):
             started = start_time(int(entry.name))

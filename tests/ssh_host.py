@@ -22,7 +22,7 @@ import pytest
 
 from gateway.model.tokens import Account, generate_password
 from tests.gateway_run import processes_mentioning
-from tests.os_check import proc_files
+from tests.os_check import processes
 from tests.system import free_port, require_program, skip_or_fail
 
 __all__ = ["HOST", "SshHost", "ssh_host", "ssh_accounts", "free_port_on", "children_of"]
@@ -52,9 +52,8 @@ def free_port_on(address: str) -> int:
 def children_of(pid: int) -> list[int]:
     """Every descendant of ``pid`` (sshd's per-connection processes leave its process group)."""
     parents: dict[int, list[int]] = {}
-    for child, stat in proc_files("stat"):
-        ppid = int(stat[stat.rindex(b")") + 2:].split()[1])
-        parents.setdefault(ppid, []).append(child)
+    for child in processes():
+        parents.setdefault(child.ppid, []).append(child.pid)
     found, todo = [], [pid]
     while todo:
         for child in parents.get(todo.pop(), []):

@@ -25,6 +25,7 @@ from gateway.model.config import parse_config
 from gateway.model.errors import InputError
 from gateway.model.state import StateStore
 from tests.gateway_run import GatewayRun, make_accounts, processes_mentioning
+from tests.os_check import processes
 
 TUNNEL_TIMEOUT_S = 2
 HEARTBEAT_S = 1
@@ -91,15 +92,7 @@ class IdleViewer:
 
 
 def children(pid: int) -> set[int]:
-    found = set()
-    for entry in Path("/proc").iterdir():
-        try:
-            text = (entry / "stat").read_text() if entry.name.isdigit() else ""
-        except OSError:
-            continue
-        if text and int(text[text.rindex(")") + 2:].split()[1]) == pid:
-            found.add(int(entry.name))
-    return found
+    return {p.pid for p in processes() if p.ppid == pid}
 
 
 def proxy_pid(run: GatewayRun) -> int:

@@ -21,7 +21,7 @@ from gateway.common import rfb
 from gateway.common.netstat import established_by_remote
 from gateway.model.state import StateStore
 from tests.gateway_run import GatewayRun
-from tests.os_check import proc_files
+from tests.os_check import processes
 from tests.ssh_host import children_of
 
 pytestmark = pytest.mark.system
@@ -66,7 +66,7 @@ def pss_kb(pids: list[int]) -> int:
 
 def group_members(pgid: int) -> list[int]:
     """The processes of process group ``pgid`` (field 5 of /proc/PID/stat)."""
-    return [pid for pid, stat in proc_files("stat") if int(stat[stat.rindex(b")") + 2:].split()[2]) == pgid]
+    return [p.pid for p in processes() if p.pgid == pgid]
 
 
 def settle(measure: Callable[[], int], limit: int, timeout_s: float = 15) -> int:

@@ -26,6 +26,7 @@ from gateway.model.state import StateStore
 from gateway.model.status import DesktopSlot
 from gateway.model.tokens import parse_tokens
 from tests.gateway_run import GatewayRun, processes_mentioning
+from tests.os_check import processes as all_processes
 from tests.system import require_program, system_required
 
 GOLDEN = Path(__file__).with_name("golden")
@@ -203,12 +204,9 @@ def websockify_listeners(run: GatewayRun) -> list[int]:
     websockify) is not counted."""
     marks = [f"127.0.0.1:{a.websocket_port}".encode() for a in run.accounts] + [str(run.state_dir).encode()]
     processes: dict[int, tuple[bytes, int]] = {}
-    for entry in Path("/proc").iterdir():
+    for process in all_processes():
         try:
-            if entry.name.isdigit():
-                stat_text = (entry / "stat").read_text()
-                processes[int(entry.name)] = ((entry / "cmdline").read_bytes(),
-                                              int(stat_text[stat_text.rindex(")") + 2:].split()[1]))
+            processes[process.pid] = (Path(f"/proc/{process.pid}/cmdline").read_bytes(), process.ppid)
         except OSError:
             continue
 

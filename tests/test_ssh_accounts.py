@@ -26,6 +26,7 @@ from gateway.backends.desktop_users import kill_user_processes
 from gateway.model.errors import InputError
 from gateway.model.tokens import Account, generate_password
 from tests.gateway_run import GatewayRun, recorded_desktops
+from tests.os_check import processes
 from tests.ssh_host import HOST, SshHost, require_sshd, free_port_on
 from tests.system import free_port, require_program
 from tests.test_cockpit import admin_password
@@ -164,14 +165,13 @@ async def test_each_account_logs_in_as_itself_and_owns_its_desktop_and_password_
 def _live_processes_of(uid: int) -> list[str]:
     """Command names of the processes (not zombies) running as ``uid``."""
     found = []
-    for entry in Path("/proc").iterdir():
+    for process in processes():
         try:
-            if entry.name.isdigit() and entry.stat().st_uid == uid:
-                text = (entry / "stat").read_text()
-                if text[text.rindex(")") + 2:].split()[0] != "Z":
-                    found.append(text[text.index("(") + 1:text.rindex(")")])
+            owner = Path(f"/proc/{process.pid}").stat().st_uid
         except OSError:
             continue
+        if owner == uid and process.state != "Z":
+            found.append(process.comm)
     return found
 
 
