@@ -135,7 +135,7 @@ class ProxyConfig:
     #: Tunnels open at once to one account (two tabs and an instructor watching); the next one is
     #: refused at once (by Apache's mod_qos in the websockify modes, by the relay in builtin mode).
     max_viewers_per_account: int = 4
-    #: builtin mode: a websocket that has not finished VNC authentication by then is closed.
+    #: builtin and per-account modes: a websocket that has not finished VNC authentication by then is closed.
     auth_timeout_s: float = 20.0
     #: builtin mode: accept the permessage-deflate a browser offers (zlib level 1 on every frame).
     #: Off by default: VNC's Tight and ZRLE data is compressed already, so deflating it again

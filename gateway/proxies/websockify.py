@@ -61,6 +61,7 @@ class PerAccountWebsockify(ProxyMode):
 
     def __init__(self, config: Config, logs_dir: Path) -> None:
         self.heartbeat_s = config.proxy.heartbeat_s
+        self.auth_timeout_s = config.proxy.auth_timeout_s
         self.logs_dir = logs_dir
         self.server = ForkServer(logs_dir / "websockify-server.log")
         self._starting = 0
@@ -71,7 +72,8 @@ class PerAccountWebsockify(ProxyMode):
     def spec(self, account: Account, endpoint: Endpoint) -> ProxySpec:
         return ProxySpec(account.websocket_port, endpoint.host, endpoint.port, self.heartbeat_s,
                          str(self.logs_dir / f"{account.id}.websockify.log"),
-                         tuple(websockify_argv(account.websocket_port, endpoint, heartbeat_s=self.heartbeat_s)))
+                         tuple(websockify_argv(account.websocket_port, endpoint, heartbeat_s=self.heartbeat_s)),
+                         self.auth_timeout_s)
 
     async def start(self, account: Account, endpoint: Endpoint) -> RunningProxy:
         self._starting += 1

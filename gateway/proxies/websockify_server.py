@@ -67,11 +67,14 @@ class ProxySpec:
     log_path: str
     #: The command line the child shows, as a separate ``python -m websockify`` would.
     title: tuple[str, ...] = ()
+    #: A websocket not VNC-authenticated by then is closed (gateway.proxies.websockify_deadline); 0: never.
+    auth_timeout_s: float = 0.0
 
     @classmethod
     def from_json(cls, data: dict) -> ProxySpec:
         return cls(int(data["listen_port"]), str(data["target_host"]), int(data["target_port"]),
-                   int(data["heartbeat_s"]), str(data["log_path"]), tuple(str(a) for a in data.get("title", ())))
+                   int(data["heartbeat_s"]), str(data["log_path"]), tuple(str(a) for a in data.get("title", ())),
+                   float(data.get("auth_timeout_s", 0.0)))
 
 
 # -- the server process ------------------------------------------------------------------------
@@ -111,6 +114,8 @@ def _run_websockify(spec: ProxySpec) -> int:
 
     from websockify import websocketproxy
 
+    from gateway.proxies.websockify_deadline import deadline_handler
+
     # The command-line websockify logs its messages bare to stderr; so does this one (to its log).
     root = logging.getLogger()
     for handler in list(root.handlers):
@@ -122,8 +127,9 @@ def _run_websockify(spec: ProxySpec) -> int:
     # websockify forks a child per connection with multiprocessing; only "fork" keeps the
     # accepted socket usable in it (websockify issue #643 with forkserver).
     multiprocessing.set_start_method("fork", force=True)
+    handler = deadline_handler(spec.auth_timeout_s) if spec.auth_timeout_s else websocketproxy.ProxyRequestHandler
     server = websocketproxy.WebSocketProxy(
-        listen_host="127.0.0.1", listen_port=spec.listen_port,
+        RequestHandlerClass=handler, listen_host="127.0.0.1", listen_port=spec.listen_port,
         target_host=spec.target_host, target_port=spec.target_port,
         heartbeat=spec.heartbeat_s, cert="self.pem",  # the command line's defaults
         ssl_options=websocketproxy.select_ssl_version("default"))
