@@ -23,6 +23,7 @@ import os
 import pwd
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
 from gateway.backends.base import BackendError
 from gateway.backends.slurm_parse import (
@@ -53,6 +54,8 @@ __all__ = ["SlurmClient", "SlurmUnavailable", "JobQueue", "as_user", "why_failed
            "QUEUE_TTL_S", "STOP_WAIT_S"]
 
 log = logging.getLogger("gateway.slurm")
+
+T = TypeVar("T")
 
 #: How long one squeue snapshot serves every account's poll.
 QUEUE_TTL_S = 1.0
@@ -314,15 +317,20 @@ class SlurmClient:
                     self._node_addresses.update(parse_node_addresses(result.stdout.decode(errors="replace")))
         return self._node_addresses.get(node, node)
 
+    async def _shown(self, what: str, argv: list[str], parse: Callable[[str], T]) -> T:
+        """``argv``'s output, parsed; SlurmUnavailable (naming ``what``) when it fails or can't be read."""
+        result = await self.command(what, argv, attempts=2)
+        if not result.ok:
+            raise SlurmUnavailable(f"{what} failed", why_failed(result))
+        try:
+            return parse(result.stdout.decode(errors="replace"))
+        except ValueError as exc:
+            raise SlurmUnavailable(what, str(exc)) from None
+
     async def job_fields(self, job_id: int) -> dict[str, str]:
         """``scontrol show job -o ID`` as its fields; SlurmUnavailable when Slurm can't say."""
-        result = await self.command("scontrol show job", ["scontrol", "show", "job", "-o", str(job_id)], attempts=2)
-        if not result.ok:
-            raise SlurmUnavailable("scontrol show job failed", why_failed(result))
-        try:
-            return parse_scontrol_job(result.stdout.decode(errors="replace"))
-        except ValueError as exc:
-            raise SlurmUnavailable("scontrol show job", str(exc)) from None
+        return await self._shown("scontrol show job", ["scontrol", "show", "job", "-o", str(job_id)],
+                                 parse_scontrol_job)
 
     async def partition_fields(self, name: str | None) -> dict[str, str]:
         """``scontrol show partition -o NAME`` as its fields (the default partition's for None), kept for
@@ -332,13 +340,7 @@ class SlurmClient:
             if time.monotonic() - taken_at < PARTITION_TTL_S:
                 return fields
             argv = ["scontrol", "show", "partition", "-o"] + ([name] if name else [])
-            result = await self.command("scontrol show partition", argv, attempts=2)
-            if not result.ok:
-                raise SlurmUnavailable("scontrol show partition failed", why_failed(result))
-            try:
-                shown = parse_scontrol_partitions(result.stdout.decode(errors="replace"))
-            except ValueError as exc:
-                raise SlurmUnavailable("scontrol show partition", str(exc)) from None
+            shown = await self._shown("scontrol show partition", argv, parse_scontrol_partitions)
             found = [f for f in shown if (f["PartitionName"] == name if name else f.get("Default") == "YES")]
             if not found:
                 raise SlurmUnavailable("scontrol show partition", f"no partition {name or '(the default)'}")
