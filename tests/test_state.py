@@ -11,14 +11,22 @@ from gateway.common.proc import ProcessIdentity
 from gateway.model.state import MIGRATIONS, StateStore
 
 
-def test_version_one_database_is_migrated_not_discarded(tmp_path: Path) -> None:
-    path = tmp_path / "gateway.db"
+def old_database(path: Path, version: int, *rows: str) -> None:
+    """A state database as a gateway of schema ``version`` left it, holding ``rows`` (INSERT statements)."""
     old = sqlite3.connect(path)
-    old.executescript(MIGRATIONS[0])
-    old.execute("INSERT INTO desktops(account, backend, state, updated_at) VALUES ('ws01', 'local', '{\"x\": 1}', 0)")
-    old.execute("PRAGMA user_version = 1")
+    for script in MIGRATIONS[:version]:
+        old.executescript(script)
+    for row in rows:
+        old.execute(row)
+    old.execute(f"PRAGMA user_version = {version}")
     old.commit()
     old.close()
+
+
+def test_version_one_database_is_migrated_not_discarded(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.db"
+    old_database(path, 1, "INSERT INTO desktops(account, backend, state, updated_at) "
+                          "VALUES ('ws01', 'local', '{\"x\": 1}', 0)")
     store = StateStore(path)
     try:
         assert store.schema_version == len(MIGRATIONS)
@@ -31,14 +39,8 @@ def test_version_one_database_is_migrated_not_discarded(tmp_path: Path) -> None:
 def test_a_database_of_the_last_version_gets_the_event_state_and_keeps_the_rest(tmp_path: Path) -> None:
     """A state dir from before `gateway extend` was kept (schema 3) starts with no extension to take back."""
     path = tmp_path / "gateway.db"
-    old = sqlite3.connect(path)
-    for script in MIGRATIONS[:3]:
-        old.executescript(script)
-    old.execute("INSERT INTO desktops(account, backend, state, updated_at) VALUES ('ws01', 'local', '{}', 0)")
-    old.execute("INSERT INTO events(at, account, kind, detail) VALUES (0, NULL, 'extend', 'by admin: +30 min')")
-    old.execute("PRAGMA user_version = 3")
-    old.commit()
-    old.close()
+    old_database(path, 3, "INSERT INTO desktops(account, backend, state, updated_at) VALUES ('ws01', 'local', '{}', 0)",
+                 "INSERT INTO events(at, account, kind, detail) VALUES (0, NULL, 'extend', 'by admin: +30 min')")
     store = StateStore(path)
     try:
         assert store.schema_version == len(MIGRATIONS) >= 4

@@ -205,31 +205,32 @@ def parse_scontrol_job(stdout: str) -> dict[str, str]:
     return jobs[0]
 
 
-def parse_scontrol_jobs(stdout: str) -> list[dict[str, str]]:
-    """Every job in ``scontrol show job -o`` output, one line per job (array tasks are separate lines)."""
-    jobs = []
+def _scontrol_records(stdout: str, what: str, key: str) -> list[tuple[str, dict[str, str]]]:
+    """The records of ``scontrol show WHAT -o`` output (one line each), as (where, fields); each must have ``key``."""
+    records = []
     for number, line in enumerate(stdout.splitlines(), start=1):
         if not line.strip():
             continue
-        fields = _key_values(line, f"scontrol show job line {number}")
-        if "JobId" not in fields:
-            raise ValueError(f"scontrol show job line {number}: no JobId field: {line[:80]!r}")
-        _job_id(fields["JobId"], f"scontrol show job line {number}")
+        where = f"scontrol show {what} line {number}"
+        fields = _key_values(line, where)
+        if key not in fields:
+            raise ValueError(f"{where}: no {key} field: {line[:80]!r}")
+        records.append((where, fields))
+    return records
+
+
+def parse_scontrol_jobs(stdout: str) -> list[dict[str, str]]:
+    """Every job in ``scontrol show job -o`` output, one line per job (array tasks are separate lines)."""
+    jobs = []
+    for where, fields in _scontrol_records(stdout, "job", "JobId"):
+        _job_id(fields["JobId"], where)
         jobs.append(fields)
     return jobs
 
 
 def parse_scontrol_partitions(stdout: str) -> list[dict[str, str]]:
     """Every partition in ``scontrol show partition -o`` output (one line each), as its fields."""
-    partitions = []
-    for number, line in enumerate(stdout.splitlines(), start=1):
-        if not line.strip():
-            continue
-        fields = _key_values(line, f"scontrol show partition line {number}")
-        if "PartitionName" not in fields:
-            raise ValueError(f"scontrol show partition line {number}: no PartitionName field: {line[:80]!r}")
-        partitions.append(fields)
-    return partitions
+    return [fields for _, fields in _scontrol_records(stdout, "partition", "PartitionName")]
 
 
 def _key_values(line: str, where: str) -> dict[str, str]:
